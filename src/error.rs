@@ -1,0 +1,61 @@
+//! The library's error type. Every variant that concerns a file names it, and where it makes
+//! sense the record or tensor inside it, so a user can find and fix the bad input.
+
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // The cause is part of the message (not a `source`), so that error chains print it once.
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: invalid JSON: {error}", path.display())]
+    Json {
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+    #[error("{}: invalid config: {reason}", path.display())]
+    Config { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Weights { path: PathBuf, reason: String },
+    #[error("{}: tokenizer: {reason}", path.display())]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("{}: image: {reason}", path.display())]
+    Image { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+}
+
+impl Error {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            error: source,
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
+/// an interrupted write never leaves a truncated file behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temporary_sibling(path);
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })
+}
+
+/// `dir/.name.tmp-PID`: a sibling of `path`, so the final rename stays on one filesystem.
+pub fn temporary_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}

@@ -1,0 +1,12 @@
+//! mmke: multimodal knowledge editing on Burn.
+//!
+//! The backend is chosen at run time through a Burn `Device` ([`backend`]); every model and
+//! loop works on whichever device it is given.
+
+pub mod backend;
+pub mod bench;
+pub mod data;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,139 @@
+//! The `mmke` command line: parse arguments, pick the device once, call the library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mmke::backend::{self, Backend};
+use mmke::model::clip::{Clip, ClipConfig};
+
+#[derive(Parser)]
+#[command(name = "mmke", version, about = "Multimodal knowledge editing on Burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// CLIP: embed images and texts, export weights.
+    #[command(subcommand)]
+    Clip(ClipCommand),
+    /// Throughput benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// Compute backend: flex (CPU), wgpu or cuda (each needs its cargo feature).
+    #[arg(long, default_value = "flex")]
+    backend: Backend,
+    /// Device index for wgpu/cuda (default: the backend's default device).
+    #[arg(long)]
+    device: Option<usize>,
+}
+
+impl DeviceArgs {
+    fn device(&self) -> Result<burn::tensor::Device> {
+        Ok(backend::device(self.backend, self.device)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum ClipCommand {
+    /// Print projected, L2-normalised embeddings (and logits) of images and texts as JSON.
+    Embed {
+        /// A CLIP directory in Hugging Face layout (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        #[arg(long = "text")]
+        texts: Vec<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Load a CLIP directory and write it back out (model.safetensors, config.json, tokenizer).
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Images/s of a random-weight CLIP vision tower (plus projection).
+    Clip {
+        /// clip-vit-base-patch32 or clip-vit-large-patch14.
+        #[arg(long, default_value = "clip-vit-base-patch32")]
+        preset: String,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Clip(ClipCommand::Embed {
+            model,
+            images,
+            texts,
+            device,
+        }) => {
+            anyhow::ensure!(
+                !images.is_empty() || !texts.is_empty(),
+                "nothing to embed: give at least one --image or --text"
+            );
+            let clip = Clip::load(&model, &device.device()?)?;
+            let embeddings = clip.embed(&images, &texts)?;
+            println!("{}", serde_json::to_string(&embeddings)?);
+        }
+        Command::Clip(ClipCommand::Export { model, out, device }) => {
+            let clip = Clip::load(&model, &device.device()?)?;
+            clip.model.save_pretrained(&clip.config, &out)?;
+            for file in ["tokenizer.json", "preprocessor_config.json"] {
+                let source = model.join(file);
+                if source.is_file() {
+                    std::fs::copy(&source, out.join(file))
+                        .with_context(|| format!("copying {}", source.display()))?;
+                }
+            }
+            eprintln!("wrote {}", out.display());
+        }
+        Command::Bench(BenchCommand::Clip {
+            preset,
+            batch,
+            iters,
+            device,
+        }) => {
+            let config = ClipConfig::preset(&preset)
+                .with_context(|| format!("unknown preset '{preset}'"))?;
+            let result = mmke::bench::clip_images(
+                &preset,
+                &config,
+                batch,
+                iters,
+                device.backend.name(),
+                &device.device()?,
+            );
+            println!("{}", serde_json::to_string(&result)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The pre-LayerNorm transformer encoder shared by CLIP's text and vision towers.
+//! Field names mirror `transformers`' `CLIPEncoder`, so weights load without remapping.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Tensor};
+
+use super::config::Activation;
+
+/// Sizes of one encoder stack (the text and vision configs both provide them).
+#[derive(Clone, Copy, Debug)]
+pub struct EncoderDims {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    pub num_layers: usize,
+    pub activation: Activation,
+    pub layer_norm_eps: f64,
+}
+
+pub fn layer_norm(dim: usize, eps: f64, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(dim).with_epsilon(eps).init(device)
+}
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out).init(device)
+}
+
+/// Multi-head self-attention with separate q/k/v projections (`self_attn`).
+#[derive(Module, Debug)]
+pub struct ClipAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    num_heads: usize,
+}
+
+impl ClipAttention {
+    pub fn new(dims: &EncoderDims, device: &Device) -> Self {
+        let d = dims.hidden_size;
+        Self {
+            q_proj: linear(d, d, device),
+            k_proj: linear(d, d, device),
+            v_proj: linear(d, d, device),
+            out_proj: linear(d, d, device),
+            num_heads: dims.num_heads,
+        }
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
+    /// `x`: `[batch, seq, hidden]`; `mask`: `[batch, heads, seq, seq]`, true where a query may
+    /// not attend to a key.
+    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+        let [batch, seq, hidden] = x.dims();
+        let head_dim = hidden / self.num_heads;
+        let heads = |t: Tensor<3>| {
+            t.reshape([batch, seq, self.num_heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        let q = heads(self.q_proj.forward(x.clone()));
+        let k = heads(self.k_proj.forward(x.clone()));
+        let v = heads(self.v_proj.forward(x));
+        // softmax(q kᵀ / sqrt(head_dim)) v, the scale `transformers` applies to q.
+        let context = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+        let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
+        self.out_proj.forward(context)
+    }
+}
+
+/// The two-layer MLP of an encoder layer (`mlp`).
+#[derive(Module, Debug)]
+pub struct ClipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    #[module(skip)]
+    activation: Activation,
+}
+
+impl ClipMlp {
+    pub fn new(dims: &EncoderDims, device: &Device) -> Self {
+        Self {
+            fc1: linear(dims.hidden_size, dims.intermediate_size, device),
+            fc2: linear(dims.intermediate_size, dims.hidden_size, device),
+            activation: dims.activation,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.fc1.forward(x);
+        let h = match self.activation {
+            Activation::QuickGelu => h.clone() * sigmoid(h * 1.702),
+            Activation::Gelu => gelu(h),
+        };
+        self.fc2.forward(h)
+    }
+}
+
+/// One pre-LN residual block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer {
+    pub self_attn: ClipAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: ClipMlp,
+    pub layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    pub fn new(dims: &EncoderDims, device: &Device) -> Self {
+        Self {
+            self_attn: ClipAttention::new(dims, device),
+            layer_norm1: layer_norm(dims.hidden_size, dims.layer_norm_eps, device),
+            mlp: ClipMlp::new(dims, device),
+            layer_norm2: layer_norm(dims.hidden_size, dims.layer_norm_eps, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), mask);
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipEncoder {
+    pub layers: Vec<ClipEncoderLayer>,
+}
+
+impl ClipEncoder {
+    pub fn new(dims: &EncoderDims, device: &Device) -> Self {
+        Self {
+            layers: (0..dims.num_layers)
+                .map(|_| ClipEncoderLayer::new(dims, device))
+                .collect(),
+        }
+    }
+
+    pub fn forward(&self, mut x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+        for layer in &self.layers {
+            x = layer.forward(x, mask.clone());
+        }
+        x
+    }
+}

@@ -1,0 +1,140 @@
+//! Loading and saving CLIP weights in Hugging Face's safetensors layout, through burn-store.
+//!
+//! `PyTorchToBurnAdapter` transposes `Linear` weights and maps LayerNorm `weight`/`bias` to
+//! Burn's `gamma`/`beta`; `FloatCastAdapter` turns f16/bf16/f64 files into f32; and
+//! [`ScalarAdapter`] reshapes the rank-0 `logit_scale` to Burn's `[1]` and back. Every
+//! tensor the model needs must be in the file with its shape, and every tensor in the file
+//! must be used (only the `position_ids` buffers older exports carry are ignored): anything
+//! else is an error naming the tensor and the file.
+
+use std::path::Path;
+
+use burn::store::burn_pack::Tensor as PackTensor;
+use burn::store::{
+    BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleContext, ModuleSnapshot,
+    PyTorchToBurnAdapter, SafetensorsStore,
+};
+use burn::tensor::DType;
+
+use super::{ClipConfig, ClipModel};
+use crate::error::{Error, Result, write_atomic};
+
+/// The key of CLIP's temperature, a rank-0 tensor in Hugging Face files.
+const LOGIT_SCALE: &str = "logit_scale";
+
+/// Reshapes `logit_scale` between the file's rank-0 tensor and the module's `[1]`.
+#[derive(Clone, Copy, Debug)]
+struct ScalarAdapter {
+    rank0_in_file: bool,
+}
+
+impl ModuleAdapter for ScalarAdapter {
+    fn adapt(&self, mut tensor: PackTensor, _ctx: ModuleContext<'_>) -> PackTensor {
+        if tensor.name == LOGIT_SCALE && tensor.shape.num_elements() == 1 {
+            // Same bytes, another shape: no byte length changes.
+            tensor.shape = if self.rank0_in_file {
+                [1].into()
+            } else {
+                burn::tensor::Shape::new([]).into()
+            };
+        }
+        tensor
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
+}
+
+impl ClipModel {
+    /// Loads `model.safetensors` (Hugging Face keys) into this model, whose sizes must match.
+    pub fn load_safetensors(mut self, path: &Path) -> Result<Self> {
+        let weights_error = |reason: String| Error::Weights {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if !path.is_file() {
+            return Err(weights_error("no such weights file".into()));
+        }
+        let adapter = PyTorchToBurnAdapter
+            .chain(FloatCastAdapter::to(DType::F32))
+            .chain(ScalarAdapter {
+                rank0_in_file: true,
+            });
+        let mut store = SafetensorsStore::from_file(path)
+            .with_from_adapter(adapter)
+            .allow_partial(true)
+            .validate(false);
+        let result = self
+            .load_from(&mut store)
+            .map_err(|e| weights_error(format!("cannot read safetensors: {e}")))?;
+
+        if let Some(error) = result.errors.first() {
+            return Err(weights_error(format!(
+                "{error} (shapes in Burn's layout, where Linear weights are [in, out]){}",
+                more(result.errors.len())
+            )));
+        }
+        if let Some((missing, container)) = result.missing.first() {
+            return Err(weights_error(format!(
+                "missing tensor '{}'{}",
+                hf_name(missing, container),
+                more(result.missing.len())
+            )));
+        }
+        let unused: Vec<_> = result
+            .unused
+            .iter()
+            .filter(|k| !k.ends_with("position_ids"))
+            .collect();
+        if let Some(key) = unused.first() {
+            return Err(weights_error(format!(
+                "unexpected tensor '{key}': the config describes no such parameter{}",
+                more(unused.len())
+            )));
+        }
+        Ok(self)
+    }
+
+    /// Writes `model.safetensors` and `config.json` into `dir` in the layout `transformers`'
+    /// `CLIPModel.from_pretrained` reads. Both files are written atomically.
+    pub fn save_pretrained(&self, config: &ClipConfig, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let weights = dir.join("model.safetensors");
+        let adapter = BurnToPyTorchAdapter.chain(ScalarAdapter {
+            rank0_in_file: false,
+        });
+        let mut store = SafetensorsStore::from_file(&weights)
+            .with_to_adapter(adapter)
+            // transformers refuses safetensors files whose metadata lacks format "pt".
+            .metadata("format", "pt")
+            .overwrite(true);
+        self.save_into(&mut store).map_err(|e| Error::Weights {
+            path: weights.clone(),
+            reason: format!("cannot write: {e}"),
+        })?;
+        let json = serde_json::to_string_pretty(&config.to_hf_json())
+            .expect("a JSON value always serializes");
+        write_atomic(&dir.join("config.json"), json.as_bytes())
+    }
+}
+
+/// The Hugging Face name of a module path: Burn's LayerNorm `gamma`/`beta` are `weight`/`bias`.
+fn hf_name(path: &str, container: &str) -> String {
+    if container.ends_with("LayerNorm") {
+        if let Some(stem) = path.strip_suffix(".gamma") {
+            return format!("{stem}.weight");
+        }
+        if let Some(stem) = path.strip_suffix(".beta") {
+            return format!("{stem}.bias");
+        }
+    }
+    path.to_string()
+}
+
+fn more(count: usize) -> String {
+    match count {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more)", n - 1),
+    }
+}

@@ -1,0 +1,142 @@
+//! The `mmke` binary as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn mmke(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mmke"))
+        .args(args)
+        .output()
+        .expect("the mmke binary runs")
+}
+
+#[test]
+fn clip_embed_prints_the_reference_embeddings_as_json() {
+    let model = fixtures().join("clip-tiny");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("expected.json")).unwrap())
+            .unwrap();
+    let image = fixtures().join("images/exact32.png");
+    let out = mmke(&[
+        "clip",
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--text",
+        "a photo of a cat",
+        "--text",
+        "zebra",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let close = |got: &serde_json::Value, want: &serde_json::Value, tol: f64| {
+        let (g, w) = (got.as_array().unwrap(), want.as_array().unwrap());
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            let diff = (a.as_f64().unwrap() - b.as_f64().unwrap()).abs();
+            assert!(diff <= tol, "{a} vs {b}");
+        }
+    };
+    // Image 0 of the fixture is exact32.png; texts 0 and 4 are the two given here.
+    close(&got["image_embeds"][0], &expected["image_embeds"][0], 1e-4);
+    close(&got["text_embeds"][0], &expected["text_embeds"][0], 1e-4);
+    close(&got["text_embeds"][1], &expected["text_embeds"][4], 1e-4);
+    let logits = &got["logits_per_image"][0];
+    assert_eq!(logits.as_array().unwrap().len(), 2);
+    let want = serde_json::json!([
+        expected["logits_per_image"][0][0],
+        expected["logits_per_image"][0][4]
+    ]);
+    close(logits, &want, 1e-3);
+}
+
+#[test]
+fn clip_embed_omits_the_absent_modality() {
+    let model = fixtures().join("clip-tiny-gelu");
+    let out = mmke(&[
+        "clip",
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "a red circle",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let object = got.as_object().unwrap();
+    assert_eq!(object.keys().collect::<Vec<_>>(), ["text_embeds"]);
+    assert_eq!(got["text_embeds"][0].as_array().unwrap().len(), 20);
+}
+
+#[test]
+fn errors_go_to_stderr_with_a_nonzero_exit() {
+    let out = mmke(&["clip", "embed", "--model", "/no/such/dir", "--text", "x"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/no/such/dir"), "{stderr}");
+
+    let model = fixtures().join("clip-tiny");
+    let out = mmke(&[
+        "clip",
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        "/no/such/image.png",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/image.png"));
+}
+
+#[test]
+fn a_backend_not_compiled_in_is_refused() {
+    let model = fixtures().join("clip-tiny");
+    for backend in ["wgpu", "cuda"] {
+        if cfg!(feature = "wgpu") && backend == "wgpu"
+            || cfg!(feature = "cuda") && backend == "cuda"
+        {
+            continue;
+        }
+        let out = mmke(&[
+            "clip",
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            "x",
+            "--backend",
+            backend,
+        ]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("not compiled"), "{stderr}");
+    }
+    let out = mmke(&[
+        "clip",
+        "embed",
+        "--model",
+        "m",
+        "--text",
+        "x",
+        "--backend",
+        "tpu",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
+}
