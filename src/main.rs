@@ -105,15 +105,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&embeddings)?);
         }
         Command::Clip(ClipCommand::Export { model, out, device }) => {
-            let clip = Clip::load(&model, &device.device()?)?;
-            clip.model.save_pretrained(&clip.config, &out)?;
-            for file in ["tokenizer.json", "preprocessor_config.json"] {
-                let source = model.join(file);
-                if source.is_file() {
-                    std::fs::copy(&source, out.join(file))
-                        .with_context(|| format!("copying {}", source.display()))?;
-                }
-            }
+            Clip::load(&model, &device.device()?)?.save_pretrained(&out)?;
             eprintln!("wrote {}", out.display());
         }
         Command::Bench(BenchCommand::Clip {

@@ -46,8 +46,11 @@ fn image_paths(e: &Expected) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The device under test: flex unless `MMKE_TEST_BACKEND` names another (e.g. `wgpu` on
+/// lavapipe in CI), with the same tolerances everywhere.
 fn device() -> Device {
-    Device::flex()
+    let backend = std::env::var("MMKE_TEST_BACKEND").unwrap_or_else(|_| "flex".into());
+    mmke::backend::device(backend.parse().unwrap(), None).unwrap()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{ClipConfig, ClipModel, l2_normalize};
 use crate::data::image::ImagePreprocessor;
 use crate::data::text::TextTokenizer;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, write_atomic};
 
 /// A loaded CLIP with the tokenizer and image preprocessing that belong to it.
 pub struct Clip {
@@ -17,6 +17,9 @@ pub struct Clip {
     pub model: ClipModel,
     pub tokenizer: TextTokenizer,
     pub preprocessor: ImagePreprocessor,
+    /// The directory it was loaded from (its tokenizer and preprocessor files are copied
+    /// verbatim on export).
+    dir: PathBuf,
     device: Device,
 }
 
@@ -61,8 +64,24 @@ impl Clip {
             model,
             tokenizer,
             preprocessor,
+            dir: dir.to_path_buf(),
             device: device.clone(),
         })
+    }
+
+    /// Writes the model to `out` in the layout it was loaded from: `model.safetensors`,
+    /// `config.json`, and the source's `tokenizer.json` and `preprocessor_config.json`.
+    /// Every file is written atomically.
+    pub fn save_pretrained(&self, out: &Path) -> Result<()> {
+        self.model.save_pretrained(&self.config, out)?;
+        for file in ["tokenizer.json", "preprocessor_config.json"] {
+            let source = self.dir.join(file);
+            if source.is_file() {
+                let bytes = std::fs::read(&source).map_err(|e| Error::io(&source, e))?;
+                write_atomic(&out.join(file), &bytes)?;
+            }
+        }
+        Ok(())
     }
 
     /// Normalised image embeddings, `[images, projection_dim]`.
