@@ -22,6 +22,13 @@ pub enum Error {
     Config { path: PathBuf, reason: String },
     #[error("{}: {reason}", path.display())]
     Weights { path: PathBuf, reason: String },
+    #[error("{}: record {index}{}: {reason}", path.display(), if key.is_empty() { String::new() } else { format!(": key '{key}'") })]
+    Record {
+        path: PathBuf,
+        index: usize,
+        key: String,
+        reason: String,
+    },
     #[error("{}: tokenizer: {reason}", path.display())]
     Tokenizer { path: PathBuf, reason: String },
     #[error("{}: image: {reason}", path.display())]
@@ -31,6 +38,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// A record that names an image file that does not exist.
+    pub fn is_missing_image(&self) -> bool {
+        matches!(self, Error::Record { reason, .. } if reason.starts_with("image not found"))
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.to_path_buf(),

@@ -182,7 +182,7 @@ impl ImagePreprocessor {
         Ok(Tensor::from_data(TensorData::new(data, shape), device))
     }
 
-    fn load_image(&self, path: &Path) -> Result<DynamicImage> {
+    pub fn load_image(&self, path: &Path) -> Result<DynamicImage> {
         image::ImageReader::open(path)
             .map_err(|e| Error::io(path, e))?
             .with_guessed_format()

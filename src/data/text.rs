@@ -1,19 +1,20 @@
 //! Text to token tensors through a Hugging Face `tokenizer.json` (the `tokenizers` crate).
 //!
-//! Special tokens (CLIP's `<|startoftext|>` / `<|endoftext|>`) come from the tokenizer's own
-//! post-processor; sequences are truncated to the model's maximum positions (keeping the
-//! end-of-text token) and padded to the longest in the batch.
+//! Special tokens (CLIP's `<|startoftext|>` / `<|endoftext|>`, the scenes tokenizer's
+//! `[BOS]` / `[EOS]`) come from the tokenizer's own post-processor; sequences are truncated to
+//! the model's maximum positions (keeping the end token) and padded to the longest in a batch.
 
 use std::path::Path;
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{Error, Result};
 
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
     path: std::path::PathBuf,
+    pad_id: u32,
 }
 
 /// A padded batch of token ids, row-major `[batch, seq]`.
@@ -27,6 +28,28 @@ pub struct TokenBatch {
 }
 
 impl TokenBatch {
+    /// Right-pads `sequences` with `pad_id` to the longest one.
+    pub fn pad(sequences: &[Vec<i64>], pad_id: u32) -> Self {
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut batch = TokenBatch {
+            ids: Vec::with_capacity(sequences.len() * seq),
+            padding: Vec::with_capacity(sequences.len() * seq),
+            batch: sequences.len(),
+            seq,
+        };
+        for s in sequences {
+            batch.ids.extend(s);
+            batch
+                .ids
+                .extend(std::iter::repeat_n(pad_id as i64, seq - s.len()));
+            batch.padding.extend(std::iter::repeat_n(false, s.len()));
+            batch
+                .padding
+                .extend(std::iter::repeat_n(true, seq - s.len()));
+        }
+        batch
+    }
+
     pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>) {
         let shape = [self.batch, self.seq];
         (
@@ -39,29 +62,21 @@ impl TokenBatch {
 impl TextTokenizer {
     /// Reads `tokenizer.json`; sequences are cut to `max_len` tokens. Padding uses the
     /// tokenizer's own pad token when it names one, else `<|endoftext|>` (as CLIP does), else
-    /// `fallback_pad_id`.
+    /// `[PAD]`, else `fallback_pad_id`.
     pub fn from_file(path: &Path, max_len: usize, fallback_pad_id: u32) -> Result<Self> {
         let error = |reason: String| Error::Tokenizer {
             path: path.to_path_buf(),
             reason,
         };
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| error(e.to_string()))?;
-        let (pad_id, pad_token) = match tokenizer.get_padding() {
-            Some(p) => (p.pad_id, p.pad_token.clone()),
-            None => match tokenizer.token_to_id("<|endoftext|>") {
-                Some(id) => (id, "<|endoftext|>".to_string()),
-                None => (
-                    fallback_pad_id,
-                    tokenizer.id_to_token(fallback_pad_id).unwrap_or_default(),
-                ),
-            },
+        let pad_id = match tokenizer.get_padding() {
+            Some(p) => p.pad_id,
+            None => ["<|endoftext|>", "[PAD]"]
+                .iter()
+                .find_map(|t| tokenizer.token_to_id(t))
+                .unwrap_or(fallback_pad_id),
         };
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            pad_id,
-            pad_token,
-            ..PaddingParams::default()
-        }));
+        tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
@@ -71,37 +86,49 @@ impl TextTokenizer {
         Ok(Self {
             tokenizer,
             path: path.to_path_buf(),
+            pad_id,
         })
     }
 
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Token ids of one text, with the tokenizer's special tokens when `special` is set.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                reason: format!("cannot encode {text:?}: {e}"),
+            })?;
+        Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
+    }
+
+    /// Encodes texts with special tokens and pads them into one batch.
     pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S]) -> Result<TokenBatch> {
-        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let encodings =
-            self.tokenizer
-                .encode_batch(inputs, true)
-                .map_err(|e| Error::Tokenizer {
-                    path: self.path.clone(),
-                    reason: e.to_string(),
-                })?;
-        let seq = encodings.first().map_or(0, |e| e.get_ids().len());
-        let mut batch = TokenBatch {
-            ids: Vec::with_capacity(encodings.len() * seq),
-            padding: Vec::with_capacity(encodings.len() * seq),
-            batch: encodings.len(),
-            seq,
-        };
-        for encoding in &encodings {
-            batch
-                .ids
-                .extend(encoding.get_ids().iter().map(|&id| id as i64));
-            batch
-                .padding
-                .extend(encoding.get_attention_mask().iter().map(|&m| m == 0));
-        }
-        Ok(batch)
+        let sequences = texts
+            .iter()
+            .map(|t| self.encode(t.as_ref(), true))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TokenBatch::pad(&sequences, self.pad_id))
     }
 
     pub fn inner(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_to_the_longest_sequence() {
+        let batch = TokenBatch::pad(&[vec![5, 6, 7], vec![8]], 0);
+        assert_eq!(batch.seq, 3);
+        assert_eq!(batch.ids, [5, 6, 7, 8, 0, 0]);
+        assert_eq!(batch.padding, [false, false, false, false, true, true]);
     }
 }
