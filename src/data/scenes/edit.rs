@@ -65,7 +65,7 @@ impl EditCase {
         let template = rng.random_range(0..3);
         let src = query.text(template);
         let rephrase = query.text((template + 1 + rng.random_range(0..2)) % 3);
-        let scope = label_scope(scene, &after, &edit, reference, rng);
+        let scope = label_scope(scene, &after, &edit, reference, template, rng);
         Self {
             edit,
             after,
@@ -97,6 +97,7 @@ fn label_scope(
     after: &Scene,
     edit: &Edit,
     edit_ref: Ref,
+    edit_template: usize,
     rng: &mut impl Rng,
 ) -> Vec<ScopeQuestion> {
     let mut queries = all_queries(&[before, after]);
@@ -125,7 +126,12 @@ fn label_scope(
         let near = matches!(query, Query::Attribute(a, r)
             if a == edit.attribute && r.kind() == edit_ref.kind() && r != edit_ref);
         let question = ScopeQuestion {
-            q: query.random_text(rng),
+            // A near question keeps the edit question's wording but for the expression.
+            q: if near {
+                query.text(edit_template)
+            } else {
+                query.random_text(rng)
+            },
             in_scope: a_before != a_after,
             a_before,
             a_after,

@@ -322,6 +322,7 @@ pub fn vocabulary() -> BTreeSet<String> {
         ],
     };
     texts.push(caption(&scene));
+    texts.push(",".into()); // captions of three or more objects list them with commas
     texts.extend(["yes", "no", CAPTION_PROMPT].map(String::from));
     texts.extend(NUMBER_WORDS.map(String::from));
     for (country, capital) in CAPITALS {
