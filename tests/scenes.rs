@@ -285,3 +285,59 @@ fn the_word_level_tokenizer_covers_every_generated_text() {
         }
     }
 }
+
+#[test]
+fn records_batch_into_image_and_token_tensors() {
+    use std::sync::Arc;
+
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::data::dataset::Dataset;
+    use mmke::data::batch::{VqaBatcher, VqaDataset, VqaItem};
+    use mmke::data::image::ImagePreprocessor;
+    use mmke::data::text::TextTokenizer;
+
+    let dir = tempfile::tempdir().unwrap();
+    scenes::write(
+        dir.path(),
+        &ScenesConfig {
+            train: 3,
+            test: 0,
+            seed: 1,
+            image_size: 40,
+        },
+    )
+    .unwrap();
+    let records = fgvedit::read(&dir.path().join("train.json"), dir.path())
+        .unwrap()
+        .records;
+    let tokenizer =
+        Arc::new(TextTokenizer::from_file(&dir.path().join("tokenizer.json"), 64, 0).unwrap());
+    let preprocessor = ImagePreprocessor::clip(32);
+    let items: Vec<VqaItem> = records.iter().map(VqaItem::edit).collect();
+    let dataset = VqaDataset::new(items.clone(), preprocessor.clone(), tokenizer.clone());
+    assert_eq!(dataset.len(), 3);
+    let encoded: Vec<_> = (0..3).map(|i| dataset.get(i).unwrap()).collect();
+    assert_eq!(
+        encoded[0].pixels,
+        preprocessor.load(&records[0].image).unwrap()
+    );
+    // [BOS] question: ... [EOS]; the answer is one word, without special tokens.
+    assert_eq!(encoded[0].prompt.first(), Some(&2));
+    assert_eq!(encoded[0].prompt.last(), Some(&3));
+    assert_eq!(
+        encoded[0].answer.len(),
+        records[0].target.split(' ').count()
+    );
+
+    let device = burn::tensor::Device::flex();
+    let batch = VqaBatcher {
+        pad_id: tokenizer.pad_id(),
+    }
+    .batch(encoded.clone(), &device);
+    assert_eq!(batch.pixels.dims(), [3, 3, 32, 32]);
+    let longest = encoded.iter().map(|e| e.prompt.len()).max().unwrap();
+    assert_eq!(batch.prompt_ids.dims(), [3, longest]);
+    let padding: Vec<bool> = batch.prompt_padding.into_data().to_vec().unwrap();
+    let padded: usize = encoded.iter().map(|e| longest - e.prompt.len()).sum();
+    assert_eq!(padding.iter().filter(|&&p| p).count(), padded);
+}
