@@ -29,6 +29,15 @@ fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out).init(device)
 }
 
+/// `linear` over the last dimension of `[batch, seq, d_in]`, as one `[batch * seq, d_in]`
+/// matmul: on the CPU backend one large gemm is faster than a broadcast batch of small ones.
+fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [batch, seq, d_in] = x.dims();
+    let y = linear.forward(x.reshape([batch * seq, d_in]));
+    let d_out = y.dims()[1];
+    y.reshape([batch, seq, d_out])
+}
+
 /// Multi-head self-attention with separate q/k/v projections (`self_attn`).
 #[derive(Module, Debug)]
 pub struct ClipAttention {
@@ -64,13 +73,13 @@ impl ClipAttention {
             t.reshape([batch, seq, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = heads(self.q_proj.forward(x.clone()));
-        let k = heads(self.k_proj.forward(x.clone()));
-        let v = heads(self.v_proj.forward(x));
+        let q = heads(apply(&self.q_proj, x.clone()));
+        let k = heads(apply(&self.k_proj, x.clone()));
+        let v = heads(apply(&self.v_proj, x));
         // softmax(q kᵀ / sqrt(head_dim)) v, the scale `transformers` applies to q.
         let context = attention(q, k, v, mask, None, AttentionModuleOptions::default());
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
-        self.out_proj.forward(context)
+        apply(&self.out_proj, context)
     }
 }
 
@@ -93,12 +102,12 @@ impl ClipMlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.fc1.forward(x);
+        let h = apply(&self.fc1, x);
         let h = match self.activation {
             Activation::QuickGelu => h.clone() * sigmoid(h * 1.702),
             Activation::Gelu => gelu(h),
         };
-        self.fc2.forward(h)
+        apply(&self.fc2, h)
     }
 }
 
