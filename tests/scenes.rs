@@ -337,7 +337,7 @@ fn records_batch_into_image_and_token_tensors() {
     assert_eq!(batch.pixels.dims(), [3, 3, 32, 32]);
     let longest = encoded.iter().map(|e| e.prompt.len()).max().unwrap();
     assert_eq!(batch.prompt_ids.dims(), [3, longest]);
-    let padding: Vec<bool> = batch.prompt_padding.into_data().to_vec().unwrap();
+    let padding: Vec<bool> = batch.prompt_padding.into_data().try_to_vec().unwrap();
     let padded: usize = encoded.iter().map(|e| longest - e.prompt.len()).sum();
     assert_eq!(padding.iter().filter(|&&p| p).count(), padded);
 }
