@@ -7,6 +7,8 @@ pub mod backend;
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -9,6 +9,8 @@ use mmke::data::check::CheckSummary;
 use mmke::data::scenes::{self, ScenesConfig};
 use mmke::data::{Format, ImageCheck, ImageRoots, Task, mmedit, reader};
 use mmke::model::clip::{Clip, ClipConfig};
+use mmke::train::clip::ClipTrainConfig;
+use mmke::train::scope::{ScopeRun, ScopeRunConfig};
 
 #[derive(Parser)]
 #[command(name = "mmke", version, about = "Multimodal knowledge editing on Burn")]
@@ -25,9 +27,84 @@ enum Command {
     /// Datasets: generate the scenes benchmark, validate FGVEdit/MMEdit files.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train models: CLIP pre-training, scope classifiers.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Evaluate trained models.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Pre-train a small CLIP from scratch on scenes image-caption pairs (symmetric InfoNCE).
+    Clip {
+        /// clip-tiny or clip-small.
+        #[arg(long, default_value = "clip-tiny")]
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 400)]
+        steps: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// CLIP input size (scenes are rendered at --scene-size and resized to it).
+        #[arg(long, default_value_t = 64)]
+        image_size: usize,
+        #[arg(long, default_value_t = 64)]
+        scene_size: u32,
+        #[arg(long, default_value_t = 100)]
+        checkpoint_every: usize,
+        /// Continue from the checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Train a scope classifier (BCE) from a CLIP directory on a scenes/FGVEdit train.json.
+    Scope {
+        /// A run config (configs/scope-*.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// CLIP directory in Hugging Face layout (e.g. from `mmke train clip`).
+        #[arg(long)]
+        clip: PathBuf,
+        /// Directory with train.json and the images it names.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Accuracy, precision, recall, F1 of a trained scope classifier, overall, per pair kind
+    /// and per task (text vs image samples).
+    Scope {
+        /// A run directory written by `mmke train scope`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// An FGVEdit-schema file (e.g. DIR/test.json).
+        #[arg(long)]
+        data: PathBuf,
+        /// Root of its image paths (default: the file's directory).
+        #[arg(long)]
+        images: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +281,67 @@ fn run(cli: Cli) -> Result<()> {
                 file.display(),
                 summary.invalid
             );
+        }
+        Command::Train(TrainCommand::Clip {
+            preset,
+            out,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            image_size,
+            scene_size,
+            checkpoint_every,
+            resume,
+            device,
+        }) => {
+            let config = ClipTrainConfig {
+                steps,
+                batch_size,
+                lr,
+                seed,
+                scene_size,
+                checkpoint_every,
+            };
+            let device = device.device()?.autodiff();
+            mmke::train::clip::pretrain(&preset, image_size, &config, &out, resume, &device)?;
+            eprintln!("wrote {}", out.display());
+        }
+        Command::Train(TrainCommand::Scope {
+            config,
+            clip,
+            data,
+            out,
+            resume,
+            device,
+        }) => {
+            let config = ScopeRunConfig::from_file(&config)?;
+            let device = device.device()?.autodiff();
+            let report = mmke::train::scope::run(&config, &clip, &data, &out, resume, &device)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Eval(EvalCommand::Scope {
+            checkpoint,
+            data,
+            images,
+            device,
+        }) => {
+            let device = device.device()?;
+            let mut run = ScopeRun::load(&checkpoint, &device)?;
+            let root =
+                images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
+            let pairs = mmke::train::scope::read_pairs(&data, &root)?;
+            let batcher = run.batcher(&pairs)?;
+            let report = mmke::eval::scope::evaluate(&run.model, &pairs, &batcher, &device)?;
+            print!("{}", report.markdown());
+            let out = checkpoint.join(format!(
+                "eval-{}.json",
+                data.file_stem()
+                    .map(|s| s.to_string_lossy())
+                    .unwrap_or_default()
+            ));
+            mmke::error::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            eprintln!("wrote {}", out.display());
         }
         Command::Bench(BenchCommand::Clip {
             preset,

@@ -141,3 +141,107 @@ impl Batcher<EncodedVqa, VqaBatch> for VqaBatcher {
         }
     }
 }
+
+/// Turns scope pairs into the two `ScopeInput`s of the classifier, with every image
+/// preprocessed once and kept in memory.
+pub struct ScopeBatcher {
+    pub tokenizer: TextTokenizer,
+    pub preprocessor: ImagePreprocessor,
+    images: std::collections::HashMap<PathBuf, Vec<f32>>,
+    size: (usize, usize),
+}
+
+impl ScopeBatcher {
+    /// Preprocesses every image the pairs mention.
+    pub fn new(
+        tokenizer: TextTokenizer,
+        preprocessor: ImagePreprocessor,
+        pairs: &[super::pairs::ScopePair],
+    ) -> crate::Result<Self> {
+        let (h, w) = preprocessor
+            .crop
+            .expect("scope batches need a fixed image size (a center crop)");
+        let mut batcher = Self {
+            tokenizer,
+            preprocessor,
+            images: Default::default(),
+            size: (h as usize, w as usize),
+        };
+        for pair in pairs {
+            for path in std::iter::once(&pair.edit_image).chain(&pair.query_image) {
+                if !batcher.images.contains_key(path) {
+                    let pixels = batcher.preprocessor.load(path)?;
+                    batcher.images.insert(path.clone(), pixels);
+                }
+            }
+        }
+        Ok(batcher)
+    }
+
+    fn side<'a>(
+        &self,
+        texts: impl Iterator<Item = &'a str>,
+        images: &[Option<&PathBuf>],
+        device: &Device,
+    ) -> crate::Result<crate::model::scope::ScopeInput> {
+        let texts: Vec<&str> = texts.collect();
+        let (ids, padding) = self.tokenizer.encode_batch(&texts)?.to_tensors(device);
+        let images = if images.iter().all(Option::is_none) {
+            None
+        } else {
+            let (h, w) = self.size;
+            let plane = 3 * h * w;
+            let mut pixels = Vec::with_capacity(images.len() * plane);
+            let mut has = Vec::with_capacity(images.len());
+            for image in images {
+                match image {
+                    Some(path) => {
+                        pixels.extend_from_slice(&self.images[*path]);
+                        has.push(1.0f32);
+                    }
+                    None => {
+                        pixels.extend(std::iter::repeat_n(0.0, plane));
+                        has.push(0.0);
+                    }
+                }
+            }
+            let n = images.len();
+            Some((
+                Tensor::from_data(TensorData::new(pixels, [n, 3, h, w]), device),
+                Tensor::from_data(TensorData::new(has, [n, 1]), device),
+            ))
+        };
+        Ok(crate::model::scope::ScopeInput {
+            ids,
+            padding,
+            images,
+        })
+    }
+
+    /// The edit side of the pairs: edit image with "question + target".
+    pub fn edits(
+        &self,
+        pairs: &[&super::pairs::ScopePair],
+        device: &Device,
+    ) -> crate::Result<crate::model::scope::ScopeInput> {
+        let images: Vec<_> = pairs.iter().map(|p| Some(&p.edit_image)).collect();
+        self.side(pairs.iter().map(|p| p.edit_text.as_str()), &images, device)
+    }
+
+    /// The query side of the pairs: query image (if any) with the question.
+    pub fn queries(
+        &self,
+        pairs: &[&super::pairs::ScopePair],
+        device: &Device,
+    ) -> crate::Result<crate::model::scope::ScopeInput> {
+        let images: Vec<_> = pairs.iter().map(|p| p.query_image.as_ref()).collect();
+        self.side(pairs.iter().map(|p| p.query_text.as_str()), &images, device)
+    }
+
+    /// 0/1 labels, `[batch]`.
+    pub fn labels(pairs: &[&super::pairs::ScopePair], device: &Device) -> Tensor<1> {
+        let labels: Vec<f32> = pairs.iter().map(|p| p.label() as u8 as f32).collect();
+        let n = labels.len();
+        Tensor::from_data(TensorData::new(labels, [n]), device)
+    }
+}

@@ -94,6 +94,20 @@ impl ImagePreprocessor {
         Ok(p)
     }
 
+    /// A `preprocessor_config.json` that `transformers` and [`Self::from_file`] read back
+    /// (resize by shortest edge, bicubic, center crop, CLIP normalization).
+    pub fn clip_json(image_size: u32) -> String {
+        let json = serde_json::json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": true, "size": {"shortest_edge": image_size}, "resample": 3,
+            "do_center_crop": true, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": true, "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+            "do_convert_rgb": true,
+        });
+        serde_json::to_string_pretty(&json).expect("JSON serializes")
+    }
+
     /// The `(height, width)` of a preprocessed image.
     pub fn output_size(&self, height: u32, width: u32) -> (u32, u32) {
         self.crop

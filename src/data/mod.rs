@@ -3,6 +3,7 @@ pub mod check;
 pub mod fgvedit;
 pub mod image;
 pub mod mmedit;
+pub mod pairs;
 pub mod reader;
 pub mod record;
 pub mod scenes;

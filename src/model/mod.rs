@@ -1,1 +1,3 @@
 pub mod clip;
+pub mod fusion;
+pub mod scope;

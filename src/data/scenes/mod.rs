@@ -391,3 +391,11 @@ pub fn word_level_tokenizer() -> tokenizers::Tokenizer {
     tokenizer.add_special_tokens(&SPECIAL_TOKENS.map(|t| tokenizers::AddedToken::from(t, true)));
     tokenizer
 }
+
+/// A fresh scene and its caption, for CLIP pre-training: item `index` of its own stream.
+pub fn captioned_scene(seed: u64, index: u64, size: u32) -> (image::RgbImage, String) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream((2 << 40) | index);
+    let scene = Scene::random(&mut rng);
+    (render::render(&scene, size, &mut rng), caption(&scene))
+}

@@ -169,6 +169,47 @@ impl ClipConfig {
         }
     }
 
+    /// CLIPs sized for the scenes benchmark and trained from scratch in mmke, for its word-level
+    /// tokenizer (`[PAD]` 0, `[BOS]` 2, `[EOS]` 3): `clip-tiny` plays the role of ViT-B/32 in
+    /// MSCKE's Table 2 and `clip-small` that of ViT-L/14.
+    pub fn scenes_preset(name: &str, vocab_size: usize, image_size: usize) -> Option<Self> {
+        let (width, layers, heads, patch) = match name {
+            "clip-tiny" => (64, 2, 4, 8),
+            "clip-small" => (128, 4, 4, 8),
+            _ => return None,
+        };
+        Some(Self {
+            text_config: ClipTextConfig {
+                vocab_size,
+                hidden_size: width,
+                intermediate_size: 4 * width,
+                projection_dim: width,
+                num_hidden_layers: layers,
+                num_attention_heads: heads,
+                max_position_embeddings: 64,
+                hidden_act: Activation::QuickGelu,
+                layer_norm_eps: 1e-5,
+                pad_token_id: Some(0),
+                bos_token_id: Some(2),
+                eos_token_id: 3,
+            },
+            vision_config: ClipVisionConfig {
+                hidden_size: width,
+                intermediate_size: 4 * width,
+                projection_dim: width,
+                num_hidden_layers: layers,
+                num_attention_heads: heads,
+                num_channels: 3,
+                image_size,
+                patch_size: patch,
+                hidden_act: Activation::QuickGelu,
+                layer_norm_eps: 1e-5,
+            },
+            projection_dim: width,
+            logit_scale_init_value: 2.6592,
+        })
+    }
+
     /// Reads a Hugging Face `config.json` and checks that its sizes fit together.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

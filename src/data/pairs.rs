@@ -1,0 +1,130 @@
+//! (edit, query, label) pairs for training and evaluating scope classifiers (MSCKE eq. 9-11).
+//!
+//! Positives: the edit question itself, its rephrase, the edit question on the re-rendered
+//! image, and in-scope questions on the edit image. Negatives: out-of-scope questions on the
+//! edit image (hard and near ones included), the text-only locality question, and the
+//! question on another image.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::record::EditRecord;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairKind {
+    Edit,
+    Rephrase,
+    ImageRephrase,
+    InScope,
+    HardInScope,
+    OutOfScope,
+    HardOutOfScope,
+    Near,
+    TextLocality,
+    OtherImage,
+}
+
+impl PairKind {
+    pub fn in_scope(self) -> bool {
+        matches!(
+            self,
+            PairKind::Edit
+                | PairKind::Rephrase
+                | PairKind::ImageRephrase
+                | PairKind::InScope
+                | PairKind::HardInScope
+        )
+    }
+
+    /// Figure 4's split: queries that differ from the edit in their text only ("text
+    /// samples") versus queries about the image ("image samples").
+    pub fn task(self) -> Task {
+        match self {
+            PairKind::Edit | PairKind::Rephrase | PairKind::TextLocality => Task::Text,
+            _ => Task::Image,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    Text,
+    Image,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScopePair {
+    /// Index of the edit record.
+    pub record: usize,
+    pub edit_image: PathBuf,
+    /// The edit question followed by its target.
+    pub edit_text: String,
+    pub query_image: Option<PathBuf>,
+    pub query_text: String,
+    pub kind: PairKind,
+}
+
+impl ScopePair {
+    pub fn label(&self) -> bool {
+        self.kind.in_scope()
+    }
+}
+
+/// The edit side's text: question and target, as stored in the edit memory.
+pub fn edit_text(record: &EditRecord) -> String {
+    format!("{} {}", record.prompt, record.target)
+}
+
+/// Every labelled pair one record provides.
+pub fn pairs(record: &EditRecord) -> Vec<ScopePair> {
+    let edit = edit_text(record);
+    let pair = |image: Option<&PathBuf>, text: &str, kind| ScopePair {
+        record: record.index,
+        edit_image: record.image.clone(),
+        edit_text: edit.clone(),
+        query_image: image.cloned(),
+        query_text: text.to_string(),
+        kind,
+    };
+    let image = Some(&record.image);
+    let mut out = vec![pair(image, &record.prompt, PairKind::Edit)];
+    if let Some(rephrase) = &record.rephrase {
+        out.push(pair(image, rephrase, PairKind::Rephrase));
+    }
+    if let Some(other) = &record.image_rephrase {
+        out.push(pair(Some(other), &record.prompt, PairKind::ImageRephrase));
+    }
+    if record.scope.is_empty() {
+        // FGVEdit: one in-visual-scope and one out-of-visual-scope question.
+        if let Some(q) = &record.fg_gen {
+            out.push(pair(image, &q.prompt, PairKind::HardInScope));
+        }
+        if let Some(q) = &record.fg_loc {
+            out.push(pair(image, &q.prompt, PairKind::HardOutOfScope));
+        }
+    }
+    for q in &record.scope {
+        let kind = match (q.in_scope, q.hard, q.near) {
+            (true, true, _) => PairKind::HardInScope,
+            (true, false, _) => PairKind::InScope,
+            (false, true, _) => PairKind::HardOutOfScope,
+            (false, false, true) => PairKind::Near,
+            (false, false, false) => PairKind::OutOfScope,
+        };
+        out.push(pair(image, &q.prompt, kind));
+    }
+    if let Some(loc) = &record.loc {
+        out.push(pair(None, &loc.prompt, PairKind::TextLocality));
+    }
+    if let Some(m_loc) = &record.m_loc {
+        out.push(pair(
+            Some(&m_loc.image),
+            &m_loc.prompt,
+            PairKind::OtherImage,
+        ));
+    }
+    out
+}

@@ -1,0 +1,117 @@
+//! Scope-classifier evaluation: accuracy, precision, recall and F1 over all pairs, per pair
+//! kind (hard in-scope, hard out-of-scope, ...) and per task (text vs image samples, the
+//! paper's Figure 4).
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Device;
+use serde::Serialize;
+
+use super::metrics::BinaryMetrics;
+use crate::data::batch::ScopeBatcher;
+use crate::data::pairs::{PairKind, ScopePair, Task};
+use crate::error::Result;
+use crate::model::scope::{ScopeClassifier, THRESHOLD};
+
+const BATCH: usize = 256;
+
+#[derive(Debug, Serialize)]
+pub struct ScopeReport {
+    pub overall: BinaryMetrics,
+    pub by_kind: BTreeMap<PairKind, BinaryMetrics>,
+    pub by_task: BTreeMap<Task, BinaryMetrics>,
+}
+
+impl ScopeReport {
+    /// A Markdown table: one row overall, one per task, one per pair kind.
+    pub fn markdown(&self) -> String {
+        let mut out = String::from(
+            "| subset | pairs | accuracy | precision | recall | F1 |\n| --- | --- | --- | --- | --- | --- |\n",
+        );
+        let mut row = |name: String, m: &BinaryMetrics| {
+            out += &format!(
+                "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                m.n,
+                100.0 * m.accuracy,
+                100.0 * m.precision,
+                100.0 * m.recall,
+                100.0 * m.f1
+            );
+        };
+        row("all".into(), &self.overall);
+        for (task, m) in &self.by_task {
+            row(format!("{task:?} samples").to_lowercase(), m);
+        }
+        for (kind, m) in &self.by_kind {
+            row(
+                serde_json::to_value(kind)
+                    .expect("kinds serialize")
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+                m,
+            );
+        }
+        out
+    }
+
+    /// Accuracy on one kind of pair (0 when there are none).
+    pub fn kind_accuracy(&self, kind: PairKind) -> f64 {
+        self.by_kind.get(&kind).map_or(0.0, |m| m.accuracy)
+    }
+}
+
+/// rho of every pair (in order).
+pub fn scores(
+    model: &ScopeClassifier,
+    pairs: &[ScopePair],
+    batcher: &ScopeBatcher,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let mut rho = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(BATCH) {
+        let chunk: Vec<&ScopePair> = chunk.iter().collect();
+        let z_e = model.encode(&batcher.edits(&chunk, device)?);
+        let z = model.encode(&batcher.queries(&chunk, device)?);
+        let values: Vec<f32> = model
+            .similarity(z_e, z)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32 scores");
+        rho.extend(values);
+    }
+    Ok(rho)
+}
+
+pub fn evaluate(
+    model: &ScopeClassifier,
+    pairs: &[ScopePair],
+    batcher: &ScopeBatcher,
+    device: &Device,
+) -> Result<ScopeReport> {
+    let rho = scores(model, pairs, batcher, device)?;
+    let predicted: Vec<bool> = rho.iter().map(|&r| r >= THRESHOLD).collect();
+    let labels: Vec<bool> = pairs.iter().map(ScopePair::label).collect();
+    let subset = |keep: &dyn Fn(&ScopePair) -> bool| {
+        let (p, l): (Vec<bool>, Vec<bool>) = pairs
+            .iter()
+            .zip(predicted.iter().zip(&labels))
+            .filter(|(pair, _)| keep(pair))
+            .map(|(_, (&p, &l))| (p, l))
+            .unzip();
+        BinaryMetrics::new(&p, &l)
+    };
+    let kinds: std::collections::BTreeSet<PairKind> = pairs.iter().map(|p| p.kind).collect();
+    Ok(ScopeReport {
+        overall: BinaryMetrics::new(&predicted, &labels),
+        by_kind: kinds
+            .into_iter()
+            .map(|k| (k, subset(&|p| p.kind == k)))
+            .collect(),
+        by_task: [Task::Text, Task::Image]
+            .into_iter()
+            .map(|t| (t, subset(&|p| p.kind.task() == t)))
+            .collect(),
+    })
+}

@@ -1,0 +1,219 @@
+//! MSCKE's multimodal scope classifier (and SERAC's text-only one): does a query fall under a
+//! stored edit? rho = Sim(z_e, z_test) in [0, 1]; in scope iff rho >= 0.5 (eq. 1-3, 8).
+//!
+//! Both sides are encoded the same way: CLIP text features (and, in multimodal mode, CLIP
+//! class and patch tokens), aligned into one space by A_t and A_i (eq. 4-5), fused (eq. 6-7).
+//! The edit side reads the edit image with "question + target", the query side the query
+//! image (if any) with the question.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Bool, Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::clip::{ClipConfig, ClipModel};
+use super::fusion::{Fusion, FusionKind};
+
+/// rho >= this: in scope.
+pub const THRESHOLD: f32 = 0.5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScopeMode {
+    /// SERAC: text features only.
+    TextOnly,
+    /// MSCKE: text and image features, fused.
+    Multimodal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Similarity {
+    /// exp(-||z_e - z||^2 * scale), the released default.
+    SquaredL2 { scale: f64 },
+    /// (1 + cos(z_e, z)) / 2.
+    Cosine,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    pub mode: ScopeMode,
+    #[serde(default = "default_fusion")]
+    pub fusion: FusionKind,
+    #[serde(default = "default_similarity")]
+    pub similarity: Similarity,
+    /// Width of the aligned space (A_t, A_i outputs).
+    #[serde(default = "default_dim")]
+    pub dim: usize,
+    /// Width of the cross-attention projections.
+    #[serde(default = "default_dim")]
+    pub attention_dim: usize,
+}
+
+fn default_fusion() -> FusionKind {
+    FusionKind::DotProduct
+}
+fn default_similarity() -> Similarity {
+    Similarity::SquaredL2 { scale: 1.0 }
+}
+fn default_dim() -> usize {
+    128
+}
+
+impl ScopeConfig {
+    pub fn multimodal(fusion: FusionKind) -> Self {
+        Self {
+            mode: ScopeMode::Multimodal,
+            fusion,
+            similarity: default_similarity(),
+            dim: default_dim(),
+            attention_dim: default_dim(),
+        }
+    }
+
+    pub fn text_only() -> Self {
+        Self {
+            mode: ScopeMode::TextOnly,
+            ..Self::multimodal(FusionKind::DotProduct)
+        }
+    }
+}
+
+/// One side of a pair, batched: token ids, and optionally images.
+#[derive(Clone, Debug)]
+pub struct ScopeInput {
+    pub ids: Tensor<2, Int>,
+    pub padding: Tensor<2, Bool>,
+    /// `[batch, 3, h, w]` and `[batch, 1]` (1 where the row really has an image; rows without
+    /// one hold zeros and are encoded as text-only).
+    pub images: Option<(Tensor<4>, Tensor<2>)>,
+}
+
+#[derive(Module, Debug)]
+pub struct ScopeClassifier {
+    pub clip: ClipModel,
+    /// A_t (eq. 4-5).
+    pub align_text: Linear,
+    /// A_i (eq. 4-5).
+    pub align_image: Linear,
+    pub fusion: Fusion,
+    #[module(skip)]
+    config: ScopeConfig,
+}
+
+impl ScopeClassifier {
+    pub fn new(
+        config: &ScopeConfig,
+        clip: ClipModel,
+        clip_config: &ClipConfig,
+        device: &Device,
+    ) -> Self {
+        let p = clip_config.projection_dim;
+        Self {
+            clip,
+            align_text: LinearConfig::new(p, config.dim).init(device),
+            align_image: LinearConfig::new(p, config.dim).init(device),
+            fusion: Fusion::new(config.fusion, config.dim, config.attention_dim, device),
+            config: config.clone(),
+        }
+    }
+
+    pub fn config(&self) -> &ScopeConfig {
+        &self.config
+    }
+
+    /// z for a batch (eq. 6-7): `[batch, dim]` text-only, `[batch, 2 dim]` multimodal.
+    pub fn encode(&self, input: &ScopeInput) -> Tensor<2> {
+        let text = self
+            .clip
+            .text_features(input.ids.clone(), input.padding.clone());
+        let h_t = self.align_text.forward(text);
+        if self.config.mode == ScopeMode::TextOnly {
+            return h_t;
+        }
+        match &input.images {
+            None => self.fusion.text_only(h_t),
+            Some((pixels, has_image)) => {
+                let z = self
+                    .fusion
+                    .forward(h_t.clone(), self.image_tokens(pixels.clone()));
+                let text_only = self.fusion.text_only(h_t);
+                // Rows without an image keep the text-only encoding.
+                let mask = has_image.clone();
+                z * mask.clone() + text_only * (mask.neg() + 1.0)
+            }
+        }
+    }
+
+    /// Aligned class and patch tokens, `[batch, 1 + patches, dim]`: each token through
+    /// `post_layernorm` and `visual_projection` as CLIP treats its class token, then A_i.
+    fn image_tokens(&self, pixels: Tensor<4>) -> Tensor<3> {
+        let hidden = self.clip.vision_model.forward(pixels).last_hidden_state;
+        let [batch, n, d] = hidden.dims();
+        let flat = self
+            .clip
+            .vision_model
+            .post_layernorm
+            .forward(hidden.reshape([batch * n, d]));
+        let projected = self.clip.visual_projection.forward(flat);
+        let aligned = self.align_image.forward(projected);
+        let dim = aligned.dims()[1];
+        aligned.reshape([batch, n, dim])
+    }
+
+    /// log rho for aligned rows, `z_e[i]` against `z[i]`, `[batch]`. For the released
+    /// similarity it is exactly `-scale * d^2`, which training uses so that the loss keeps
+    /// its gradient where rho itself underflows.
+    pub fn log_similarity(&self, z_e: Tensor<2>, z: Tensor<2>) -> Tensor<1> {
+        let batch = z.dims()[0];
+        let log_rho = match self.config.similarity {
+            Similarity::SquaredL2 { scale } => (z_e - z).powi_scalar(2).sum_dim(1) * (-scale),
+            Similarity::Cosine => {
+                let dot = (z_e.clone() * z.clone()).sum_dim(1);
+                let norms = (norm(z_e) * norm(z)).clamp_min(1e-12);
+                ((dot / norms + 1.0) / 2.0).clamp_min(1e-12).log()
+            }
+        };
+        log_rho.reshape([batch])
+    }
+
+    /// rho for aligned rows: `z_e[i]` against `z[i]` (eq. 8), `[batch]`, in [0, 1].
+    pub fn similarity(&self, z_e: Tensor<2>, z: Tensor<2>) -> Tensor<1> {
+        self.log_similarity(z_e, z).exp()
+    }
+
+    /// rho of every query against every stored edit: `[queries, edits]`.
+    pub fn similarity_matrix(&self, z: Tensor<2>, z_e: Tensor<2>) -> Tensor<2> {
+        match self.config.similarity {
+            Similarity::SquaredL2 { scale } => squared_distances(z, z_e).mul_scalar(-scale).exp(),
+            Similarity::Cosine => {
+                let cos =
+                    super::clip::l2_normalize(z).matmul(super::clip::l2_normalize(z_e).transpose());
+                (cos + 1.0) / 2.0
+            }
+        }
+    }
+}
+
+fn norm(x: Tensor<2>) -> Tensor<2> {
+    x.powi_scalar(2).sum_dim(1).sqrt()
+}
+
+/// ||a_i - b_j||^2 for all pairs, `[a, b]`, as |a|^2 + |b|^2 - 2 a.b (one matmul).
+pub fn squared_distances(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+    let a2 = a.clone().powi_scalar(2).sum_dim(1); // [n, 1]
+    let b2 = b.clone().powi_scalar(2).sum_dim(1).transpose(); // [1, m]
+    (a2 + b2 - a.matmul(b.transpose()) * 2.0).clamp_min(0.0)
+}
+
+/// Binary cross-entropy (eq. 11) from log rho against 0/1 labels, averaged:
+/// -[y log rho + (1 - y) log(1 - rho)].
+pub fn bce(log_rho: Tensor<1>, labels: Tensor<1>) -> Tensor<1> {
+    // log(1 - rho) diverges as rho -> 1; keep rho <= 1 - 1e-6 for that term only.
+    let log_rho = log_rho.clamp_max(0.0);
+    let log_not = (log_rho.clone().exp().neg() + 1.0).clamp_min(1e-6).log();
+    let positive = labels.clone() * log_rho;
+    let negative = (labels.neg() + 1.0) * log_not;
+    (positive + negative).mean().neg()
+}

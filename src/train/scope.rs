@@ -1,0 +1,273 @@
+//! Training a scope classifier with binary cross-entropy on (edit, query) pairs (MSCKE
+//! eq. 9-11). Each batch is half in-scope, half out-of-scope pairs; within a label the kind of
+//! pair (rephrase, hard in-scope, near, locality, ...) is drawn uniformly so rare hard pairs
+//! are seen as often as easy ones. Step `s` draws from its own random stream, so a resumed run
+//! sees exactly the batches an uninterrupted one would.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::Device;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, TrainState};
+use crate::data::batch::ScopeBatcher;
+use crate::data::fgvedit;
+use crate::data::image::ImagePreprocessor;
+use crate::data::pairs::pairs;
+use crate::data::pairs::{PairKind, ScopePair};
+use crate::data::text::TextTokenizer;
+use crate::error::{Error, Result, write_atomic};
+use crate::eval::scope::ScopeReport;
+use crate::eval::scope::evaluate;
+use crate::model::clip::{Clip, ClipConfig, ClipModel};
+use crate::model::scope::ScopeConfig;
+use crate::model::scope::{ScopeClassifier, bce};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeTrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Keep CLIP's weights fixed and train only alignment and fusion.
+    #[serde(default)]
+    pub freeze_clip: bool,
+    pub validate_every: usize,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+/// Pairs grouped by label and kind, for stratified sampling.
+struct Strata<'a> {
+    by_label: [Vec<Vec<&'a ScopePair>>; 2],
+}
+
+impl<'a> Strata<'a> {
+    fn new(pairs: &'a [ScopePair]) -> Self {
+        let mut groups: BTreeMap<PairKind, Vec<&ScopePair>> = BTreeMap::new();
+        for pair in pairs {
+            groups.entry(pair.kind).or_default().push(pair);
+        }
+        let mut by_label: [Vec<Vec<&ScopePair>>; 2] = Default::default();
+        for (kind, group) in groups {
+            by_label[kind.in_scope() as usize].push(group);
+        }
+        Self { by_label }
+    }
+
+    fn sample(&self, n: usize, rng: &mut impl Rng) -> Vec<&'a ScopePair> {
+        (0..n)
+            .filter_map(|i| {
+                let kinds = &self.by_label[i % 2];
+                kinds
+                    .choose(rng)
+                    .and_then(|group| group.choose(rng).copied())
+            })
+            .collect()
+    }
+}
+
+/// Trains `model` (on an autodiff device) and returns it. With `resume`, continues from the
+/// checkpoint in `dir` if there is one.
+pub fn train(
+    mut model: ScopeClassifier,
+    train: &[ScopePair],
+    valid: &[ScopePair],
+    batcher: &ScopeBatcher,
+    config: &ScopeTrainConfig,
+    dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<ScopeClassifier> {
+    if config.freeze_clip {
+        model.clip = model.clip.no_grad();
+    }
+    let mut optim = AdamConfig::new().init();
+    let mut state = TrainState::default();
+    if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
+        (model, optim, state) = (m, o, s);
+        eprintln!("resuming {} at step {}", dir.display(), state.step);
+    }
+    let strata = Strata::new(train);
+    let progress =
+        indicatif::ProgressBar::new(config.steps as u64).with_position(state.step as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+            .expect("a valid template"),
+    );
+    let mut recent_loss = Vec::new();
+    while state.step < config.steps {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_stream(state.step as u64);
+        let batch = strata.sample(config.batch_size, &mut rng);
+        let edits = batcher.edits(&batch, device)?;
+        let queries = batcher.queries(&batch, device)?;
+        let labels = ScopeBatcher::labels(&batch, device);
+        let log_rho = model.log_similarity(model.encode(&edits), model.encode(&queries));
+        let loss = bce(log_rho, labels);
+        recent_loss.push(loss.clone().into_scalar::<f32>() as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(config.lr, model, grads);
+        state.step += 1;
+        progress.inc(1);
+
+        if state.step % config.validate_every == 0 || state.step == config.steps {
+            let mean = recent_loss.iter().sum::<f64>() / recent_loss.len().max(1) as f64;
+            recent_loss.clear();
+            let report = evaluate(
+                &model.valid(),
+                valid,
+                batcher,
+                &device.clone().without_autodiff(),
+            )?;
+            let message = format!(
+                "loss {mean:.4}  valid acc {:.3}  hard-in {:.3}  hard-out {:.3}",
+                report.overall.accuracy,
+                report.kind_accuracy(PairKind::HardInScope),
+                report.kind_accuracy(PairKind::HardOutOfScope),
+            );
+            progress.suspend(|| eprintln!("step {}: {message}", state.step));
+            progress.set_message(message);
+        }
+        if state.step % config.checkpoint_every == 0 || state.step == config.steps {
+            checkpoint::save(dir, &model, &optim, &state)?;
+        }
+    }
+    progress.finish();
+    Ok(model)
+}
+
+/// A training run's configuration (`configs/scope-*.toml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeRunConfig {
+    pub model: ScopeConfig,
+    pub train: ScopeTrainConfig,
+}
+
+impl ScopeRunConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Every pair of the records in an FGVEdit-schema file (images relative to `image_root`).
+pub fn read_pairs(file: &Path, image_root: &Path) -> Result<Vec<ScopePair>> {
+    Ok(fgvedit::read(file, image_root)?
+        .records
+        .iter()
+        .flat_map(pairs)
+        .collect())
+}
+
+/// A trained classifier on disk: `run.toml`, `model.bpk` (all weights), and `clip/` (the
+/// fine-tuned CLIP in Hugging Face layout with its tokenizer and preprocessor).
+pub struct ScopeRun {
+    pub config: ScopeRunConfig,
+    pub clip_config: ClipConfig,
+    pub model: ScopeClassifier,
+    tokenizer: Option<TextTokenizer>,
+    pub preprocessor: ImagePreprocessor,
+}
+
+impl ScopeRun {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ScopeRunConfig::from_file(&dir.join("run.toml"))?;
+        let clip = Clip::load(&dir.join("clip"), device)?;
+        let model = ScopeClassifier::new(
+            &config.model,
+            ClipModel::new(&clip.config, device),
+            &clip.config,
+            device,
+        );
+        let weights = dir.join("model.bpk");
+        let model = model.try_load_file(&weights).map_err(|e| Error::Weights {
+            path: weights,
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            config,
+            clip_config: clip.config,
+            model,
+            tokenizer: Some(clip.tokenizer),
+            preprocessor: clip.preprocessor,
+        })
+    }
+
+    /// The batcher for `pairs` (it takes the run's tokenizer: call once).
+    pub fn batcher(&mut self, pairs: &[ScopePair]) -> Result<ScopeBatcher> {
+        let tokenizer = self
+            .tokenizer
+            .take()
+            .expect("ScopeRun::batcher is called once");
+        ScopeBatcher::new(tokenizer, self.preprocessor.clone(), pairs)
+    }
+}
+
+/// Trains a scope classifier from the CLIP in `clip_dir` on `data_dir/train.json` (the last
+/// tenth of its records held out for validation) and writes the run to `out`.
+pub fn run(
+    config: &ScopeRunConfig,
+    clip_dir: &Path,
+    data_dir: &Path,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<ScopeReport> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let run_toml = toml::to_string(config).expect("a run config serializes");
+    write_atomic(&out.join("run.toml"), run_toml.as_bytes())?;
+
+    let records = fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
+    let held_out = records.len() - records.len() / 10;
+    let train_pairs: Vec<ScopePair> = records[..held_out].iter().flat_map(pairs).collect();
+    let valid_pairs: Vec<ScopePair> = records[held_out..].iter().flat_map(pairs).collect();
+
+    let clip = Clip::load(clip_dir, device)?;
+    let all: Vec<ScopePair> = train_pairs.iter().chain(&valid_pairs).cloned().collect();
+    let batcher = ScopeBatcher::new(clip.tokenizer, clip.preprocessor.clone(), &all)?;
+    device.seed(config.train.seed);
+    let model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device);
+    let model = train(
+        model,
+        &train_pairs,
+        &valid_pairs,
+        &batcher,
+        &config.train,
+        out,
+        resume,
+        device,
+    )?
+    .valid();
+
+    let clip_out = out.join("clip");
+    model.clip.save_pretrained(&clip.config, &clip_out)?;
+    for file in ["tokenizer.json", "preprocessor_config.json"] {
+        let bytes =
+            std::fs::read(clip_dir.join(file)).map_err(|e| Error::io(&clip_dir.join(file), e))?;
+        write_atomic(&clip_out.join(file), &bytes)?;
+    }
+    let weights = out.join("model.bpk");
+    let tmp = crate::error::temporary_sibling(&weights);
+    model.clone().save_file(&tmp).map_err(|e| Error::Weights {
+        path: weights.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+    evaluate(
+        &model,
+        &valid_pairs,
+        &batcher,
+        &device.clone().without_autodiff(),
+    )
+}

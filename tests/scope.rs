@@ -1,0 +1,263 @@
+//! The scope classifier and its training loop, on a tiny random CLIP and generated scenes.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use mmke::data::batch::ScopeBatcher;
+use mmke::data::fgvedit;
+use mmke::data::image::ImagePreprocessor;
+use mmke::data::pairs::{PairKind, ScopePair, pairs};
+use mmke::data::scenes::{self, ScenesConfig};
+use mmke::data::text::TextTokenizer;
+use mmke::model::clip::{ClipConfig, ClipModel};
+use mmke::model::fusion::FusionKind;
+use mmke::model::scope::{ScopeClassifier, ScopeConfig, Similarity, bce};
+use mmke::train::scope::{ScopeTrainConfig, train};
+
+const IMAGE: usize = 32;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pairs: Vec<ScopePair>,
+    batcher: ScopeBatcher,
+    clip_config: ClipConfig,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    scenes::write(
+        dir.path(),
+        &ScenesConfig {
+            train: 6,
+            test: 0,
+            seed: 4,
+            image_size: IMAGE as u32,
+        },
+    )
+    .unwrap();
+    let records = fgvedit::read(&dir.path().join("train.json"), dir.path())
+        .unwrap()
+        .records;
+    let pairs: Vec<ScopePair> = records.iter().flat_map(pairs).collect();
+    let tokenizer = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), 64, 0).unwrap();
+    let vocab = tokenizer.inner().get_vocab_size(true);
+    let batcher =
+        ScopeBatcher::new(tokenizer, ImagePreprocessor::clip(IMAGE as u32), &pairs).unwrap();
+    let clip_config = ClipConfig::scenes_preset("clip-tiny", vocab, IMAGE).unwrap();
+    Fixture {
+        _dir: dir,
+        pairs,
+        batcher,
+        clip_config,
+    }
+}
+
+fn classifier(f: &Fixture, config: &ScopeConfig, device: &Device) -> ScopeClassifier {
+    device.seed(1);
+    ScopeClassifier::new(
+        config,
+        ClipModel::new(&f.clip_config, device),
+        &f.clip_config,
+        device,
+    )
+}
+
+/// Two in-scope and two out-of-scope pairs, one of them text-only.
+fn small_batch(f: &Fixture) -> Vec<&ScopePair> {
+    let find = |k: PairKind| f.pairs.iter().find(|p| p.kind == k).unwrap();
+    vec![
+        find(PairKind::Rephrase),
+        find(PairKind::TextLocality),
+        find(PairKind::HardInScope),
+        find(PairKind::HardOutOfScope),
+    ]
+}
+
+#[test]
+fn rho_lies_in_the_unit_interval_for_every_variant() {
+    let f = fixture();
+    let device = Device::flex();
+    let batch: Vec<&ScopePair> = f.pairs.iter().take(40).collect();
+    let mut configs = vec![ScopeConfig::text_only()];
+    configs.extend(FusionKind::ALL.map(ScopeConfig::multimodal));
+    configs.push(ScopeConfig {
+        similarity: Similarity::Cosine,
+        ..ScopeConfig::multimodal(FusionKind::DotProduct)
+    });
+    for config in configs {
+        let model = classifier(&f, &config, &device);
+        let z_e = model.encode(&f.batcher.edits(&batch, &device).unwrap());
+        let z = model.encode(&f.batcher.queries(&batch, &device).unwrap());
+        let width = if config.mode == mmke::model::scope::ScopeMode::TextOnly {
+            config.dim
+        } else {
+            2 * config.dim
+        };
+        assert_eq!(z.dims(), [40, width], "{config:?}");
+        let rho: Vec<f32> = model
+            .similarity(z_e.clone(), z.clone())
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert!(
+            rho.iter().all(|r| (0.0..=1.0).contains(r)),
+            "{config:?}: {rho:?}"
+        );
+        // The matrix form agrees with the row form on its diagonal.
+        let matrix: Vec<f32> = model
+            .similarity_matrix(z, z_e)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        for (i, r) in rho.iter().enumerate() {
+            assert!((matrix[i * 40 + i] - r).abs() < 1e-4, "{config:?}");
+        }
+    }
+}
+
+#[test]
+fn bce_decreases_on_a_small_batch_within_a_few_steps() {
+    use burn::optim::{AdamConfig, GradientsParams};
+    let f = fixture();
+    let device = Device::flex().autodiff();
+    let mut model = classifier(
+        &f,
+        &ScopeConfig::multimodal(FusionKind::DotProduct),
+        &device,
+    );
+    let batch = small_batch(&f);
+    let (edits, queries) = (
+        f.batcher.edits(&batch, &device).unwrap(),
+        f.batcher.queries(&batch, &device).unwrap(),
+    );
+    let labels = ScopeBatcher::labels(&batch, &device);
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..8 {
+        let loss = bce(
+            model.log_similarity(model.encode(&edits), model.encode(&queries)),
+            labels.clone(),
+        );
+        losses.push(loss.clone().into_scalar::<f32>());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-3, model, grads);
+    }
+    assert!(losses[7] < 0.7 * losses[0], "{losses:?}");
+}
+
+#[test]
+fn save_then_load_gives_identical_outputs() {
+    let f = fixture();
+    let device = Device::flex();
+    let config = ScopeConfig::multimodal(FusionKind::CrossAttention);
+    let model = classifier(&f, &config, &device);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scope.bpk");
+    model.clone().save_file(&path).unwrap();
+    device.seed(99); // a differently initialised model, then overwritten by the file
+    let fresh = ScopeClassifier::new(
+        &config,
+        ClipModel::new(&f.clip_config, &device),
+        &f.clip_config,
+        &device,
+    );
+    let loaded = fresh.load_file(&path);
+    let batch: Vec<&ScopePair> = f.pairs.iter().take(10).collect();
+    let input = f.batcher.queries(&batch, &device).unwrap();
+    let a: Vec<f32> = model.encode(&input).into_data().try_to_vec().unwrap();
+    let b: Vec<f32> = loaded.encode(&input).into_data().try_to_vec().unwrap();
+    assert_eq!(a, b);
+}
+
+fn train_config(steps: usize) -> ScopeTrainConfig {
+    ScopeTrainConfig {
+        steps,
+        batch_size: 8,
+        lr: 1e-3,
+        freeze_clip: false,
+        validate_every: 2,
+        checkpoint_every: 2,
+        seed: 5,
+    }
+}
+
+fn state_step(dir: &Path) -> usize {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    state["step"].as_u64().unwrap() as usize
+}
+
+#[test]
+fn resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run() {
+    let f = fixture();
+    let device = Device::flex().autodiff();
+    let config = ScopeConfig::multimodal(FusionKind::DotProduct);
+    let valid: Vec<ScopePair> = f.pairs.iter().take(12).cloned().collect();
+    // Parameters initialise lazily from a device-wide generator that parallel tests share:
+    // clones of one model are the way to start two runs from the same weights.
+    let init = classifier(&f, &config, &device);
+
+    let straight = tempfile::tempdir().unwrap();
+    let full = train(
+        init.clone(),
+        &f.pairs,
+        &valid,
+        &f.batcher,
+        &train_config(4),
+        straight.path(),
+        false,
+        &device,
+    )
+    .unwrap();
+
+    let split = tempfile::tempdir().unwrap();
+    let half = train(
+        init.clone(),
+        &f.pairs,
+        &valid,
+        &f.batcher,
+        &train_config(2),
+        split.path(),
+        false,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(state_step(split.path()), 2);
+    let resumed = train(
+        init,
+        &f.pairs,
+        &valid,
+        &f.batcher,
+        &train_config(4),
+        split.path(),
+        true,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(state_step(split.path()), 4);
+
+    let plain = Device::flex();
+    let batch: Vec<&ScopePair> = f.pairs.iter().take(10).collect();
+    let input = f.batcher.queries(&batch, &plain).unwrap();
+    let encode = |m: &ScopeClassifier| -> Vec<f32> {
+        m.valid().encode(&input).into_data().try_to_vec().unwrap()
+    };
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let (full, half, resumed) = (encode(&full), encode(&half), encode(&resumed));
+    assert!(
+        diff(&full, &half) > 1e-3,
+        "the last two steps change the model"
+    );
+    let d = diff(&full, &resumed);
+    assert!(
+        d < 1e-4,
+        "resumed run differs from the uninterrupted one by {d}"
+    );
+}
