@@ -65,3 +65,60 @@ pub fn clip_images(
         seconds,
     }
 }
+
+#[derive(Debug, Serialize)]
+pub struct RoutingBenchResult {
+    pub edits: usize,
+    pub dim: usize,
+    /// Milliseconds to route one query alone (median).
+    pub single_query_ms: f64,
+    /// Milliseconds per query when `batch` queries are routed together (median).
+    pub batched_query_ms: f64,
+    pub batch: usize,
+}
+
+/// Routing latency of an edit memory holding `edits` random z_e of width `dim`: one query at
+/// a time and `batch` at once, median of `iters` after a warm-up.
+pub fn routing(
+    edits: usize,
+    dim: usize,
+    batch: usize,
+    iters: usize,
+    device: &Device,
+) -> RoutingBenchResult {
+    use crate::edit::memory::EditMemory;
+    use crate::model::scope::Similarity;
+
+    let mut memory = EditMemory::new(Similarity::SquaredL2 { scale: 1.0 }, device);
+    // Filled in chunks, as edits arrive.
+    let chunk = 100_000;
+    for start in (0..edits).step_by(chunk) {
+        let n = chunk.min(edits - start);
+        memory.insert(Tensor::random(
+            [n, dim],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        ));
+    }
+    let median_ms = |queries: usize| {
+        let z = Tensor::<2>::random([queries, dim], Distribution::Normal(0.0, 1.0), device);
+        let _ = memory.route(z.clone());
+        let mut times: Vec<f64> = (0..iters.max(1))
+            .map(|_| {
+                let start = Instant::now();
+                let routes = memory.route(z.clone()).expect("a filled memory");
+                assert_eq!(routes.len(), queries);
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2] / queries as f64
+    };
+    RoutingBenchResult {
+        edits,
+        dim,
+        single_query_ms: median_ms(1),
+        batched_query_ms: median_ms(batch),
+        batch,
+    }
+}

@@ -195,6 +195,21 @@ enum ClipCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Per-query latency of routing queries through an edit memory of stored z_e.
+    Routing {
+        /// Memory sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,100000,1000000")]
+        edits: Vec<usize>,
+        /// Width of z (2 x the aligned width for multimodal classifiers).
+        #[arg(long, default_value_t = 256)]
+        dim: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Images/s of a random-weight CLIP vision tower (plus projection).
     Clip {
         /// clip-vit-base-patch32 or clip-vit-large-patch14.
@@ -342,6 +357,19 @@ fn run(cli: Cli) -> Result<()> {
             ));
             mmke::error::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
             eprintln!("wrote {}", out.display());
+        }
+        Command::Bench(BenchCommand::Routing {
+            edits,
+            dim,
+            batch,
+            iters,
+            device,
+        }) => {
+            let device = device.device()?;
+            for n in edits {
+                let result = mmke::bench::routing(n, dim, batch, iters, &device);
+                println!("{}", serde_json::to_string(&result)?);
+            }
         }
         Command::Bench(BenchCommand::Clip {
             preset,

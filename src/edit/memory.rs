@@ -1,0 +1,146 @@
+//! The multimodal edit memory: every stored edit keeps its fused embedding z_e, so routing a
+//! query is one encoder pass plus one batched similarity against all of them (MSCKE eq. 1-2):
+//! k* = the most similar stored edit, rho its similarity; in scope iff rho >= 0.5.
+
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::model::scope::{ScopeClassifier, Similarity};
+
+/// Where a query goes: the nearest stored edit and its similarity.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Route {
+    pub edit: usize,
+    pub rho: f32,
+}
+
+impl Route {
+    pub fn in_scope(&self) -> bool {
+        self.rho >= crate::model::scope::THRESHOLD
+    }
+}
+
+pub struct EditMemory {
+    similarity: Similarity,
+    /// `[dim, edits]`: z_e as columns (L2-normalised for cosine similarity).
+    z_t: Option<Tensor<2>>,
+    /// `[1, edits]`: |z_e|^2, for squared distances.
+    squared_norms: Option<Tensor<2>>,
+    device: Device,
+}
+
+impl EditMemory {
+    pub fn new(similarity: Similarity, device: &Device) -> Self {
+        Self {
+            similarity,
+            z_t: None,
+            squared_norms: None,
+            device: device.clone(),
+        }
+    }
+
+    /// A memory for `classifier`'s similarity.
+    pub fn for_classifier(classifier: &ScopeClassifier, device: &Device) -> Self {
+        Self::new(classifier.config().similarity, device)
+    }
+
+    pub fn len(&self) -> usize {
+        self.z_t.as_ref().map_or(0, |z| z.dims()[1])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores edits by their fused embeddings z_e, `[n, dim]`; they get the next indices.
+    pub fn insert(&mut self, z_e: Tensor<2>) {
+        let z_e = match self.similarity {
+            Similarity::Cosine => crate::model::clip::l2_normalize(z_e),
+            Similarity::SquaredL2 { .. } => z_e,
+        };
+        let norms = z_e.clone().powi_scalar(2).sum_dim(1).transpose();
+        let columns = z_e.transpose();
+        self.z_t = Some(match self.z_t.take() {
+            Some(z) => Tensor::cat(vec![z, columns], 1),
+            None => columns,
+        });
+        self.squared_norms = Some(match self.squared_norms.take() {
+            Some(n) => Tensor::cat(vec![n, norms], 1),
+            None => norms,
+        });
+    }
+
+    /// Routes each query z, `[queries, dim]`: its nearest stored edit and rho (eq. 1-2).
+    /// `None` when the memory is empty.
+    pub fn route(&self, z: Tensor<2>) -> Option<Vec<Route>> {
+        let (z_t, norms) = (self.z_t.as_ref()?, self.squared_norms.as_ref()?);
+        let z = z.to_device(&self.device);
+        let (best, rho): (Tensor<2, Int>, Tensor<2>) = match self.similarity {
+            Similarity::SquaredL2 { scale } => {
+                // argmin |z|^2 + |z_e|^2 - 2 z.z_e  =  argmax 2 z.z_e - |z_e|^2
+                let score = z.clone().matmul(z_t.clone()) * 2.0 - norms.clone();
+                let (best_score, best) = score.max_dim_with_indices(1);
+                let d2 = (z.powi_scalar(2).sum_dim(1) - best_score).clamp_min(0.0);
+                (best, (d2 * (-scale)).exp())
+            }
+            Similarity::Cosine => {
+                let cos = crate::model::clip::l2_normalize(z).matmul(z_t.clone());
+                let (best_cos, best) = cos.max_dim_with_indices(1);
+                (best, (best_cos + 1.0) / 2.0)
+            }
+        };
+        let best: Vec<i64> = best
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec()
+            .expect("i64 indices");
+        let rho: Vec<f32> = rho
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32 rho");
+        Some(
+            best.into_iter()
+                .zip(rho)
+                .map(|(edit, rho)| Route {
+                    edit: edit as usize,
+                    rho,
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn routes_to_the_nearest_stored_edit_with_its_similarity() {
+        let device = Device::flex();
+        let stored = Tensor::<2>::random([50, 8], Distribution::Normal(0.0, 1.0), &device);
+        for similarity in [Similarity::SquaredL2 { scale: 0.5 }, Similarity::Cosine] {
+            let mut memory = EditMemory::new(similarity, &device);
+            assert!(memory.route(stored.clone()).is_none());
+            memory.insert(stored.clone().narrow(0, 0, 20));
+            memory.insert(stored.clone().narrow(0, 20, 30));
+            assert_eq!(memory.len(), 50);
+            // Each stored edit, slightly perturbed, routes back to itself.
+            let queries =
+                stored.clone() + Tensor::random([50, 8], Distribution::Normal(0.0, 0.01), &device);
+            let routes = memory.route(queries).unwrap();
+            for (i, route) in routes.iter().enumerate() {
+                assert_eq!(route.edit, i, "{similarity:?}");
+                assert!(
+                    route.rho > 0.99 && route.in_scope(),
+                    "{similarity:?}: {route:?}"
+                );
+            }
+        }
+        // A far query is out of scope under the squared distance.
+        let mut memory = EditMemory::new(Similarity::SquaredL2 { scale: 1.0 }, &device);
+        memory.insert(Tensor::zeros([3, 8], &device));
+        let far = memory.route(Tensor::ones([1, 8], &device) * 3.0).unwrap();
+        assert!((far[0].rho - (-72.0f32).exp()).abs() < 1e-6 && !far[0].in_scope());
+    }
+}

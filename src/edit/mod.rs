@@ -1,0 +1,3 @@
+//! Editors and what they share.
+
+pub mod memory;
