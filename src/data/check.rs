@@ -19,8 +19,10 @@ pub struct CheckSummary {
     pub scope: Option<ScopeCounts>,
 }
 
-#[derive(Debug, Default, Serialize)]
+/// Counts of labelled scope questions over a set of edits.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ScopeCounts {
+    pub records: usize,
     pub questions: usize,
     pub in_scope: usize,
     pub hard_in_scope: usize,
@@ -30,22 +32,32 @@ pub struct ScopeCounts {
     pub edits_with_hard_out_of_scope: usize,
 }
 
+impl ScopeCounts {
+    /// Adds one edit's questions, given as `(in_scope, hard, near)` labels.
+    pub fn add(&mut self, labels: impl IntoIterator<Item = (bool, bool, bool)>) {
+        let (mut hard_in, mut hard_out) = (0, 0);
+        self.records += 1;
+        for (in_scope, hard, near) in labels {
+            self.questions += 1;
+            self.in_scope += in_scope as usize;
+            hard_in += (hard && in_scope) as usize;
+            hard_out += (hard && !in_scope) as usize;
+            self.near += near as usize;
+        }
+        self.hard_in_scope += hard_in;
+        self.hard_out_of_scope += hard_out;
+        self.edits_with_hard_in_scope += (hard_in > 0) as usize;
+        self.edits_with_hard_out_of_scope += (hard_out > 0) as usize;
+    }
+}
+
 const SHOWN_ERRORS: usize = 20;
 
 impl CheckSummary {
     pub fn new(report: &ReadReport) -> Self {
         let mut scope = ScopeCounts::default();
         for record in &report.records {
-            let s = &record.scope;
-            scope.questions += s.len();
-            scope.in_scope += s.iter().filter(|q| q.in_scope).count();
-            let hard_in = s.iter().filter(|q| q.hard && q.in_scope).count();
-            let hard_out = s.iter().filter(|q| q.hard && !q.in_scope).count();
-            scope.hard_in_scope += hard_in;
-            scope.hard_out_of_scope += hard_out;
-            scope.near += s.iter().filter(|q| q.near).count();
-            scope.edits_with_hard_in_scope += (hard_in > 0) as usize;
-            scope.edits_with_hard_out_of_scope += (hard_out > 0) as usize;
+            scope.add(record.scope.iter().map(|q| (q.in_scope, q.hard, q.near)));
         }
         Self {
             file: report.path.display().to_string(),

@@ -23,6 +23,7 @@ use serde::Serialize;
 use self::edit::{EditCase, ScopeQuestion};
 use self::language::{Query, Ref, RefKind, all_queries, caption};
 use self::scene::{Attribute, Cell, Color, Scene, Shape, Size, Value};
+use crate::data::check::ScopeCounts;
 use crate::error::{Error, Result, write_atomic};
 
 /// Bumped whenever the same arguments would produce different files.
@@ -80,34 +81,6 @@ pub struct Generated {
     pub case: EditCase,
     /// `(file name under images/, image)`: the edit image, its re-rendering, the M-Locality scene.
     pub images: Vec<(String, image::RgbImage)>,
-}
-
-/// Counts that `meta.json` and `mmke data check` report.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct SplitCounts {
-    pub records: usize,
-    pub scope_questions: usize,
-    pub in_scope: usize,
-    pub hard_in_scope: usize,
-    pub hard_out_of_scope: usize,
-    pub near: usize,
-    pub edits_with_hard_in_scope: usize,
-    pub edits_with_hard_out_of_scope: usize,
-}
-
-impl SplitCounts {
-    pub fn add(&mut self, scope: &[ScopeQuestion]) {
-        self.records += 1;
-        self.scope_questions += scope.len();
-        self.in_scope += scope.iter().filter(|q| q.in_scope).count();
-        let hard_in = scope.iter().filter(|q| q.hard && q.in_scope).count();
-        let hard_out = scope.iter().filter(|q| q.hard && !q.in_scope).count();
-        self.hard_in_scope += hard_in;
-        self.hard_out_of_scope += hard_out;
-        self.near += scope.iter().filter(|q| q.near).count();
-        self.edits_with_hard_in_scope += (hard_in > 0) as usize;
-        self.edits_with_hard_out_of_scope += (hard_out > 0) as usize;
-    }
 }
 
 /// The record `index` of `split`, from its own random stream.
@@ -193,19 +166,25 @@ pub fn generate(split: &str, index: usize, config: &ScenesConfig) -> Generated {
 }
 
 /// Writes `train.json`, `test.json`, `images/`, `tokenizer.json` and `meta.json` into `out`.
-pub fn write(out: &Path, config: &ScenesConfig) -> Result<BTreeMap<String, SplitCounts>> {
+pub fn write(out: &Path, config: &ScenesConfig) -> Result<BTreeMap<String, ScopeCounts>> {
     let images = out.join("images");
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
     let mut counts = BTreeMap::new();
     for (split, n) in [("train", config.train), ("test", config.test)] {
-        let mut split_counts = SplitCounts::default();
+        let mut split_counts = ScopeCounts::default();
         let mut lines = Vec::with_capacity(n);
         for index in 0..n {
             let generated = generate(split, index, config);
             for (name, image) in &generated.images {
                 write_png(&images.join(name), image)?;
             }
-            split_counts.add(&generated.record.scope);
+            split_counts.add(
+                generated
+                    .record
+                    .scope
+                    .iter()
+                    .map(|q| (q.in_scope, q.hard, q.near)),
+            );
             lines.push(serde_json::to_string(&generated.record).expect("records serialize"));
         }
         let json = format!("[\n{}\n]\n", lines.join(",\n"));
