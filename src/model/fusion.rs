@@ -5,12 +5,16 @@
 //! `[h^t ; image part]`, so the text-only case (no image) is the same layout with a zero image
 //! part:
 //! - `Concat`: the image part is the class token.
-//! - `DotProduct` (the released default): softmax(h^t · h^i_j / sqrt(d)) over the tokens, and
-//!   the attention-weighted sum of the tokens - the parts of the image the text asks about.
+//! - `DotProduct` (the released default): softmax(tau * h^t · h^i_j) over the tokens, and the
+//!   attention-weighted sum of the tokens - the parts of the image the text asks about. As in
+//!   the released code the logits are raw dot products (no 1/sqrt(d)), times a learned
+//!   temperature tau (initially 1): with 1/sqrt(d) the attention of a freshly aligned space
+//!   stays near-uniform (measured: max weight 0.019 over 65 tokens after 600 steps), and the
+//!   attended vector degenerates to the image mean, the same for every question.
 //! - `CrossAttention`: the same with learned query/key/value projections to `attention_dim`
 //!   and an output projection back to `d`.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
@@ -53,6 +57,8 @@ pub struct CrossAttention {
 pub struct Fusion {
     /// Present for `CrossAttention` only.
     pub cross: Option<CrossAttention>,
+    /// log tau, the dot-product attention's learned temperature (`DotProduct` only).
+    pub log_temperature: Option<Param<Tensor<1>>>,
     #[module(skip)]
     kind: FusionKind,
 }
@@ -66,7 +72,13 @@ impl Fusion {
             value: linear(dim, attention_dim),
             output: linear(attention_dim, dim),
         });
-        Self { cross, kind }
+        let log_temperature = (kind == FusionKind::DotProduct)
+            .then(|| Param::from_tensor(Tensor::zeros([1], device)));
+        Self {
+            cross,
+            log_temperature,
+            kind,
+        }
     }
 
     pub fn kind(&self) -> FusionKind {

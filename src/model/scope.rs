@@ -148,7 +148,7 @@ impl ScopeClassifier {
 
     /// Aligned class and patch tokens, `[batch, 1 + patches, dim]`: each token through
     /// `post_layernorm` and `visual_projection` as CLIP treats its class token, then A_i.
-    fn image_tokens(&self, pixels: Tensor<4>) -> Tensor<3> {
+    pub fn image_tokens(&self, pixels: Tensor<4>) -> Tensor<3> {
         let hidden = self.clip.vision_model.forward(pixels).last_hidden_state;
         let [batch, n, d] = hidden.dims();
         let flat = self
