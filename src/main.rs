@@ -33,6 +33,14 @@ enum Command {
     /// Evaluate trained models.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Export a trained scope classifier as model.safetensors + config.json + clip/ (HF layout).
+    Export {
+        /// A run directory written by `mmke train scope`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -356,6 +364,11 @@ fn run(cli: Cli) -> Result<()> {
                     .unwrap_or_default()
             ));
             mmke::error::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            eprintln!("wrote {}", out.display());
+        }
+        Command::Export { checkpoint, out } => {
+            let device = backend::device(Backend::Flex, None)?;
+            ScopeRun::load(&checkpoint, &device)?.export(&checkpoint, &out)?;
             eprintln!("wrote {}", out.display());
         }
         Command::Bench(BenchCommand::Routing {

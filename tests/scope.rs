@@ -261,3 +261,66 @@ fn resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run() {
         "resumed run differs from the uninterrupted one by {d}"
     );
 }
+
+#[test]
+fn pretrain_train_export_and_reload_a_classifier() {
+    use mmke::train::clip::{ClipTrainConfig, pretrain};
+    use mmke::train::scope::{ScopeRun, ScopeRunConfig, read_pairs, run};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("scenes");
+    scenes::write(
+        &data,
+        &ScenesConfig {
+            train: 10,
+            test: 3,
+            seed: 8,
+            image_size: IMAGE as u32,
+        },
+    )
+    .unwrap();
+    let device = Device::flex().autodiff();
+    let clip_dir = dir.path().join("clip");
+    let clip_train = ClipTrainConfig {
+        steps: 2,
+        batch_size: 4,
+        lr: 1e-3,
+        seed: 0,
+        scene_size: IMAGE as u32,
+        checkpoint_every: 2,
+    };
+    pretrain("clip-tiny", IMAGE, &clip_train, &clip_dir, false, &device).unwrap();
+    // The pre-trained CLIP is a Hugging Face directory.
+    mmke::model::clip::Clip::load(&clip_dir, &Device::flex()).unwrap();
+
+    let config = ScopeRunConfig {
+        model: ScopeConfig::multimodal(FusionKind::DotProduct),
+        train: train_config(2),
+    };
+    let run_dir = dir.path().join("run");
+    let report = run(&config, &clip_dir, &data, &run_dir, false, &device).unwrap();
+    assert!(report.overall.n > 0);
+
+    let plain = Device::flex();
+    let export_dir = dir.path().join("export");
+    ScopeRun::load(&run_dir, &plain)
+        .unwrap()
+        .export(&run_dir, &export_dir)
+        .unwrap();
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "clip/model.safetensors",
+        "clip/config.json",
+        "clip/tokenizer.json",
+    ] {
+        assert!(export_dir.join(file).is_file(), "{file}");
+    }
+    let pairs = read_pairs(&data.join("test.json"), &data).unwrap();
+    let scores = |dir: &Path| {
+        let mut r = ScopeRun::load(dir, &plain).unwrap();
+        let batcher = r.batcher(&pairs).unwrap();
+        mmke::eval::scope::scores(&r.model, &pairs, &batcher, &plain).unwrap()
+    };
+    assert_eq!(scores(&run_dir), scores(&export_dir));
+}

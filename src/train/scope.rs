@@ -171,7 +171,8 @@ pub fn read_pairs(file: &Path, image_root: &Path) -> Result<Vec<ScopePair>> {
 }
 
 /// A trained classifier on disk: `run.toml`, `model.bpk` (all weights), and `clip/` (the
-/// fine-tuned CLIP in Hugging Face layout with its tokenizer and preprocessor).
+/// fine-tuned CLIP in Hugging Face layout with its tokenizer and preprocessor). An export
+/// (`mmke export`) has `config.json` and `model.safetensors` in place of the first two.
 pub struct ScopeRun {
     pub config: ScopeRunConfig,
     pub clip_config: ClipConfig,
@@ -182,7 +183,14 @@ pub struct ScopeRun {
 
 impl ScopeRun {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let config = ScopeRunConfig::from_file(&dir.join("run.toml"))?;
+        let exported = !dir.join("run.toml").is_file() && dir.join("config.json").is_file();
+        let config = if exported {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::Json { path, error: e })?
+        } else {
+            ScopeRunConfig::from_file(&dir.join("run.toml"))?
+        };
         let clip = Clip::load(&dir.join("clip"), device)?;
         let model = ScopeClassifier::new(
             &config.model,
@@ -190,11 +198,15 @@ impl ScopeRun {
             &clip.config,
             device,
         );
-        let weights = dir.join("model.bpk");
-        let model = model.try_load_file(&weights).map_err(|e| Error::Weights {
-            path: weights,
-            reason: e.to_string(),
-        })?;
+        let model = if exported {
+            crate::model::clip::weights::load_safetensors(model, &dir.join("model.safetensors"))?
+        } else {
+            let weights = dir.join("model.bpk");
+            model.try_load_file(&weights).map_err(|e| Error::Weights {
+                path: weights,
+                reason: e.to_string(),
+            })?
+        };
         Ok(Self {
             config,
             clip_config: clip.config,
@@ -202,6 +214,26 @@ impl ScopeRun {
             tokenizer: Some(clip.tokenizer),
             preprocessor: clip.preprocessor,
         })
+    }
+
+    /// Writes the classifier to `out` for sharing: `model.safetensors` (every weight, PyTorch
+    /// layout), `config.json` (the run config) and `clip/` (the fine-tuned CLIP in Hugging Face
+    /// layout, which `transformers` reads). `ScopeRun::load` reads it back.
+    pub fn export(&self, source: &Path, out: &Path) -> Result<()> {
+        let clip_out = out.join("clip");
+        std::fs::create_dir_all(&clip_out).map_err(|e| Error::io(&clip_out, e))?;
+        crate::model::clip::weights::save_safetensors(&self.model, &out.join("model.safetensors"))?;
+        let json = serde_json::to_string_pretty(&self.config).expect("a run config serializes");
+        write_atomic(&out.join("config.json"), json.as_bytes())?;
+        self.model
+            .clip
+            .save_pretrained(&self.clip_config, &clip_out)?;
+        for file in ["tokenizer.json", "preprocessor_config.json"] {
+            let path = source.join("clip").join(file);
+            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            write_atomic(&clip_out.join(file), &bytes)?;
+        }
+        Ok(())
     }
 
     /// The batcher for `pairs` (it takes the run's tokenizer: call once).

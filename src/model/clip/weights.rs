@@ -30,7 +30,8 @@ struct ScalarAdapter {
 
 impl ModuleAdapter for ScalarAdapter {
     fn adapt(&self, mut tensor: PackTensor, _ctx: ModuleContext<'_>) -> PackTensor {
-        if tensor.name == LOGIT_SCALE && tensor.shape.num_elements() == 1 {
+        let is_logit_scale = tensor.name == LOGIT_SCALE || tensor.name.ends_with(".logit_scale");
+        if is_logit_scale && tensor.shape.num_elements() == 1 {
             // Same bytes, another shape: no byte length changes.
             tensor.shape = if self.rank0_in_file {
                 [1].into()
@@ -48,75 +49,87 @@ impl ModuleAdapter for ScalarAdapter {
 
 impl ClipModel {
     /// Loads `model.safetensors` (Hugging Face keys) into this model, whose sizes must match.
-    pub fn load_safetensors(mut self, path: &Path) -> Result<Self> {
-        let weights_error = |reason: String| Error::Weights {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if !path.is_file() {
-            return Err(weights_error("no such weights file".into()));
-        }
-        let adapter = PyTorchToBurnAdapter
-            .chain(FloatCastAdapter::to(DType::F32))
-            .chain(ScalarAdapter {
-                rank0_in_file: true,
-            });
-        let mut store = SafetensorsStore::from_file(path)
-            .with_from_adapter(adapter)
-            .allow_partial(true)
-            .validate(false);
-        let result = self
-            .load_from(&mut store)
-            .map_err(|e| weights_error(format!("cannot read safetensors: {e}")))?;
-
-        if let Some(error) = result.errors.first() {
-            return Err(weights_error(format!(
-                "{error} (shapes in Burn's layout, where Linear weights are [in, out]){}",
-                more(result.errors.len())
-            )));
-        }
-        if let Some((missing, container)) = result.missing.first() {
-            return Err(weights_error(format!(
-                "missing tensor '{}'{}",
-                hf_name(missing, container),
-                more(result.missing.len())
-            )));
-        }
-        let unused: Vec<_> = result
-            .unused
-            .iter()
-            .filter(|k| !k.ends_with("position_ids"))
-            .collect();
-        if let Some(key) = unused.first() {
-            return Err(weights_error(format!(
-                "unexpected tensor '{key}': the config describes no such parameter{}",
-                more(unused.len())
-            )));
-        }
-        Ok(self)
+    pub fn load_safetensors(self, path: &Path) -> Result<Self> {
+        load_safetensors(self, path)
     }
 
     /// Writes `model.safetensors` and `config.json` into `dir` in the layout `transformers`'
     /// `CLIPModel.from_pretrained` reads. Both files are written atomically.
     pub fn save_pretrained(&self, config: &ClipConfig, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let weights = dir.join("model.safetensors");
-        let adapter = BurnToPyTorchAdapter.chain(ScalarAdapter {
-            rank0_in_file: false,
-        });
-        let mut store = SafetensorsStore::from_file(&weights)
-            .with_to_adapter(adapter)
-            // transformers refuses safetensors files whose metadata lacks format "pt".
-            .metadata("format", "pt")
-            .overwrite(true);
-        self.save_into(&mut store).map_err(|e| Error::Weights {
-            path: weights.clone(),
-            reason: format!("cannot write: {e}"),
-        })?;
+        save_safetensors(self, &dir.join("model.safetensors"))?;
         let json = serde_json::to_string_pretty(&config.to_hf_json())
             .expect("a JSON value always serializes");
         write_atomic(&dir.join("config.json"), json.as_bytes())
     }
+}
+
+/// Loads a safetensors file in PyTorch layout into `module`: every parameter must be present
+/// with its shape and every tensor in the file must be used (old `position_ids` buffers
+/// aside), else an error names the tensor and the file.
+pub fn load_safetensors<M: ModuleSnapshot>(mut module: M, path: &Path) -> Result<M> {
+    let weights_error = |reason: String| Error::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(weights_error("no such weights file".into()));
+    }
+    let adapter = PyTorchToBurnAdapter
+        .chain(FloatCastAdapter::to(DType::F32))
+        .chain(ScalarAdapter {
+            rank0_in_file: true,
+        });
+    let mut store = SafetensorsStore::from_file(path)
+        .with_from_adapter(adapter)
+        .allow_partial(true)
+        .validate(false);
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| weights_error(format!("cannot read safetensors: {e}")))?;
+
+    if let Some(error) = result.errors.first() {
+        return Err(weights_error(format!(
+            "{error} (shapes in Burn's layout, where Linear weights are [in, out]){}",
+            more(result.errors.len())
+        )));
+    }
+    if let Some((missing, container)) = result.missing.first() {
+        return Err(weights_error(format!(
+            "missing tensor '{}'{}",
+            hf_name(missing, container),
+            more(result.missing.len())
+        )));
+    }
+    let unused: Vec<_> = result
+        .unused
+        .iter()
+        .filter(|k| !k.ends_with("position_ids"))
+        .collect();
+    if let Some(key) = unused.first() {
+        return Err(weights_error(format!(
+            "unexpected tensor '{key}': the config describes no such parameter{}",
+            more(unused.len())
+        )));
+    }
+    Ok(module)
+}
+
+/// Writes `module` as safetensors in PyTorch layout (Linear weights `[out, in]`, LayerNorm
+/// `weight`/`bias`, rank-0 `logit_scale`), atomically, with the `format=pt` metadata
+/// `transformers` requires.
+pub fn save_safetensors<M: ModuleSnapshot>(module: &M, path: &Path) -> Result<()> {
+    let adapter = BurnToPyTorchAdapter.chain(ScalarAdapter {
+        rank0_in_file: false,
+    });
+    let mut store = SafetensorsStore::from_file(path)
+        .with_to_adapter(adapter)
+        .metadata("format", "pt")
+        .overwrite(true);
+    module.save_into(&mut store).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        reason: format!("cannot write: {e}"),
+    })
 }
 
 /// The Hugging Face name of a module path: Burn's LayerNorm `gamma`/`beta` are `weight`/`bias`.
