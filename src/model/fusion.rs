@@ -92,7 +92,16 @@ impl Fusion {
         let image = match (self.kind, &self.cross) {
             (FusionKind::Concat, _) => tokens.narrow(1, 0, 1).reshape([batch, d]),
             (FusionKind::DotProduct, _) => {
-                attend(text.clone().reshape([batch, 1, d]), tokens.clone(), tokens)
+                let tau = self
+                    .log_temperature
+                    .as_ref()
+                    .expect("built with its temperature")
+                    .val()
+                    .exp()
+                    .reshape([1, 1, 1]);
+                // Raw dot products times tau: undo attend's 1/sqrt(d).
+                let q = text.clone().reshape([batch, 1, d]) * tau * (d as f64).sqrt();
+                attend(q, tokens.clone(), tokens)
             }
             (FusionKind::CrossAttention, Some(c)) => {
                 let a = c.query.weight.dims()[1];
@@ -141,6 +150,27 @@ mod tests {
             assert_eq!(head, want, "{kind:?}");
             assert_eq!(fusion.text_only(text.clone()).dims(), [3, 16]);
         }
+    }
+
+    #[test]
+    fn the_learned_temperature_sharpens_dot_product_attention() {
+        let device = Device::flex();
+        let tokens = Tensor::<3>::from_floats([[[1.0, 0.0], [0.0, 1.0]]], &device);
+        let text = Tensor::<2>::from_floats([[0.0, 1.0]], &device);
+        let mut fusion = Fusion::new(FusionKind::DotProduct, 2, 2, &device);
+        let image_part = |f: &Fusion| -> Vec<f32> {
+            f.forward(text.clone(), tokens.clone())
+                .narrow(1, 2, 2)
+                .into_data()
+                .try_to_vec()
+                .unwrap()
+        };
+        // tau = 1: softmax([0, 1]) = [0.269, 0.731].
+        let soft = image_part(&fusion);
+        assert!((soft[1] - 0.7311).abs() < 1e-3, "{soft:?}");
+        fusion.log_temperature = Some(Param::from_tensor(Tensor::from_floats([3.0], &device)));
+        let sharp = image_part(&fusion);
+        assert!(sharp[1] > 0.99, "{sharp:?}");
     }
 
     #[test]
