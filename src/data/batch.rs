@@ -158,9 +158,16 @@ impl ScopeBatcher {
         preprocessor: ImagePreprocessor,
         pairs: &[super::pairs::ScopePair],
     ) -> crate::Result<Self> {
-        let (h, w) = preprocessor
-            .crop
-            .expect("scope batches need a fixed image size (a center crop)");
+        let Some((h, w)) = preprocessor.crop else {
+            return Err(crate::Error::Config {
+                path: pairs
+                    .first()
+                    .map(|p| p.edit_image.clone())
+                    .unwrap_or_default(),
+                reason: "scope batches need one image size: the preprocessor must center-crop"
+                    .into(),
+            });
+        };
         let mut batcher = Self {
             tokenizer,
             preprocessor,
