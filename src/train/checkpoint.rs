@@ -40,12 +40,7 @@ pub fn save<M: Module>(
         path: path.to_path_buf(),
         reason: e,
     };
-    let tmp = temporary_sibling(&model_path);
-    model
-        .clone()
-        .save_file(&tmp)
-        .map_err(|e| weights_error(&model_path, e.to_string()))?;
-    std::fs::rename(&tmp, &model_path).map_err(|e| Error::io(&model_path, e))?;
+    save_module(model, &model_path)?;
     let tmp = temporary_sibling(&optim_path);
     optim
         .save(&tmp)
@@ -81,4 +76,14 @@ pub fn load<M: Module>(
         reason: e.to_string(),
     })?;
     Ok(Some((model, optim, state)))
+}
+
+/// Writes `module` as a burnpack file through a temporary sibling and a rename.
+pub fn save_module<M: Module>(module: &M, path: &Path) -> Result<()> {
+    let tmp = temporary_sibling(path);
+    module.clone().save_file(&tmp).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

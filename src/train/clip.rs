@@ -84,12 +84,7 @@ pub fn train(
         (model, optim, state) = (m, o, s);
         eprintln!("resuming {} at step {}", dir.display(), state.step);
     }
-    let progress =
-        indicatif::ProgressBar::new(config.steps as u64).with_position(state.step as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
-            .expect("a valid template"),
-    );
+    let progress = super::progress_bar(config.steps, state.step);
     while state.step < config.steps {
         let (pixels, ids, padding) = batch(state.step, config, tokenizer, preprocessor, device)?;
         let loss = info_nce(

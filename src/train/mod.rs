@@ -3,3 +3,13 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod scope;
+
+/// The progress display of a training loop: `steps` in all, `done` already.
+pub fn progress_bar(steps: usize, done: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps as u64).with_position(done as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+            .expect("a valid template"),
+    );
+    bar
+}

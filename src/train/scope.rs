@@ -95,12 +95,7 @@ pub fn train(
         eprintln!("resuming {} at step {}", dir.display(), state.step);
     }
     let strata = Strata::new(train);
-    let progress =
-        indicatif::ProgressBar::new(config.steps as u64).with_position(state.step as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
-            .expect("a valid template"),
-    );
+    let progress = super::progress_bar(config.steps, state.step);
     let mut recent_loss = Vec::new();
     while state.step < config.steps {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -289,13 +284,7 @@ pub fn run(
             std::fs::read(clip_dir.join(file)).map_err(|e| Error::io(&clip_dir.join(file), e))?;
         write_atomic(&clip_out.join(file), &bytes)?;
     }
-    let weights = out.join("model.bpk");
-    let tmp = crate::error::temporary_sibling(&weights);
-    model.clone().save_file(&tmp).map_err(|e| Error::Weights {
-        path: weights.clone(),
-        reason: e.to_string(),
-    })?;
-    std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+    checkpoint::save_module(&model, &out.join("model.bpk"))?;
     evaluate(
         &model,
         &valid_pairs,
