@@ -70,38 +70,56 @@ pub fn clip_images(
 pub struct RoutingBenchResult {
     pub edits: usize,
     pub dim: usize,
-    /// Milliseconds to route one query alone (median).
+    /// Exact scan: milliseconds to route one query alone (median).
     pub single_query_ms: f64,
-    /// Milliseconds per query when `batch` queries are routed together (median).
+    /// Exact scan: milliseconds per query when `batch` queries are routed together (median).
     pub batched_query_ms: f64,
     pub batch: usize,
+    /// The inverted-file index on the same memory.
+    pub ivf: IvfBenchResult,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IvfBenchResult {
+    pub lists: usize,
+    pub probes: usize,
+    pub build_seconds: f64,
+    /// Milliseconds to route one query (median).
+    pub single_query_ms: f64,
+    /// Share of near-duplicate queries (a stored z_e plus N(0, 0.05^2) noise per component,
+    /// rho around 0.5 against their source) routed to the same edit as the exact scan.
+    pub recall_at_1: f64,
+    /// Share of random queries with the same in/out-of-scope decision as the exact scan.
+    pub decision_agreement: f64,
 }
 
 /// Routing latency of an edit memory holding `edits` random z_e of width `dim`: one query at
-/// a time and `batch` at once, median of `iters` after a warm-up.
+/// a time and `batch` at once with the exact scan, then with an inverted-file index of
+/// `lists` cells (default sqrt(edits)) probing `probes`; medians of `iters` after a warm-up.
 pub fn routing(
     edits: usize,
     dim: usize,
     batch: usize,
     iters: usize,
+    lists: Option<usize>,
+    probes: usize,
     device: &Device,
 ) -> RoutingBenchResult {
     use crate::edit::memory::EditMemory;
     use crate::model::scope::Similarity;
 
     let mut memory = EditMemory::new(Similarity::SquaredL2 { scale: 1.0 }, device);
-    // Filled in chunks, as edits arrive.
+    // Filled in chunks, as edits arrive; the first chunk is kept to make near-duplicates.
     let chunk = 100_000;
+    let mut first = None;
     for start in (0..edits).step_by(chunk) {
         let n = chunk.min(edits - start);
-        memory.insert(Tensor::random(
-            [n, dim],
-            Distribution::Normal(0.0, 1.0),
-            device,
-        ));
+        let z = Tensor::<2>::random([n, dim], Distribution::Normal(0.0, 1.0), device);
+        first.get_or_insert_with(|| z.clone());
+        memory.insert(z);
     }
-    let median_ms = |queries: usize| {
-        let z = Tensor::<2>::random([queries, dim], Distribution::Normal(0.0, 1.0), device);
+    let median_ms = |memory: &EditMemory, z: &Tensor<2>| {
+        let queries = z.dims()[0];
         let _ = memory.route(z.clone());
         let mut times: Vec<f64> = (0..iters.max(1))
             .map(|_| {
@@ -114,11 +132,52 @@ pub fn routing(
         times.sort_by(f64::total_cmp);
         times[times.len() / 2] / queries as f64
     };
+    let random = |n| Tensor::<2>::random([n, dim], Distribution::Normal(0.0, 1.0), device);
+    let single = random(1);
+    let batched = random(batch);
+    let single_query_ms = median_ms(&memory, &single);
+    let batched_query_ms = median_ms(&memory, &batched);
+
+    let probe_n = 200.min(edits);
+    let first = first.expect("at least one edit");
+    let near = first.clone().narrow(0, 0, probe_n)
+        + Tensor::random([probe_n, dim], Distribution::Normal(0.0, 0.05), device);
+    let far = random(probe_n);
+    let exact_near = memory.route(near.clone()).expect("a filled memory");
+    let exact_far = memory.route(far.clone()).expect("a filled memory");
+
+    let lists = lists.unwrap_or_else(|| (edits as f64).sqrt().round().max(1.0) as usize);
+    let start = Instant::now();
+    memory.build_index(lists, probes, 0);
+    let build_seconds = start.elapsed().as_secs_f64();
+    let ivf_near = memory.route(near).expect("a filled memory");
+    let ivf_far = memory.route(far).expect("a filled memory");
+    let share = |hits: usize| hits as f64 / probe_n as f64;
     RoutingBenchResult {
         edits,
         dim,
-        single_query_ms: median_ms(1),
-        batched_query_ms: median_ms(batch),
+        single_query_ms,
+        batched_query_ms,
         batch,
+        ivf: IvfBenchResult {
+            lists,
+            probes,
+            build_seconds,
+            single_query_ms: median_ms(&memory, &single),
+            recall_at_1: share(
+                exact_near
+                    .iter()
+                    .zip(&ivf_near)
+                    .filter(|(a, b)| a.edit == b.edit)
+                    .count(),
+            ),
+            decision_agreement: share(
+                exact_far
+                    .iter()
+                    .zip(&ivf_far)
+                    .filter(|(a, b)| a.in_scope() == b.in_scope())
+                    .count(),
+            ),
+        },
     }
 }

@@ -9,7 +9,9 @@ pub mod data;
 pub mod edit;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod model;
+pub mod report;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -44,6 +44,43 @@ enum Command {
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Reproduce a table or figure of the papers (defined by experiments/NAME.toml).
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
+}
+
+/// What every experiment takes.
+#[derive(Args)]
+struct ExperimentArgs {
+    /// Preset of the experiment file: quick (minutes on a CPU) or full (README's numbers).
+    #[arg(long, default_value = "quick")]
+    preset: String,
+    /// Experiment file (default: experiments/NAME.toml, else the copy built into mmke).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// A directory with train.json and test.json (FGVEdit schema, images relative to it)
+    /// instead of the preset's scenes split.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output directory; what it already holds is reused (default: runs/NAME/PRESET).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+impl ExperimentArgs {
+    fn out(&self, name: &str) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(name).join(&self.preset))
+    }
+}
+
+#[derive(Subcommand)]
+enum ExperimentCommand {
+    /// MSCKE Table 2: concat / cross-attention / dot-product fusion x two CLIP sizes.
+    FusionAblation(ExperimentArgs),
 }
 
 #[derive(Subcommand)]
@@ -70,6 +107,9 @@ enum TrainCommand {
         scene_size: u32,
         #[arg(long, default_value_t = 100)]
         checkpoint_every: usize,
+        /// Weight of the phrase-grounding loss next to InfoNCE (0 = InfoNCE only).
+        #[arg(long, default_value_t = 1.0)]
+        grounding_weight: f64,
         /// Continue from the checkpoint in --out.
         #[arg(long)]
         resume: bool,
@@ -215,6 +255,12 @@ enum BenchCommand {
         batch: usize,
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        /// Cells of the inverted-file index (default: sqrt of the memory size).
+        #[arg(long)]
+        lists: Option<usize>,
+        /// Cells the index probes per query.
+        #[arg(long, default_value_t = 16)]
+        probes: usize,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -315,6 +361,7 @@ fn run(cli: Cli) -> Result<()> {
             image_size,
             scene_size,
             checkpoint_every,
+            grounding_weight,
             resume,
             device,
         }) => {
@@ -325,6 +372,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 scene_size,
                 checkpoint_every,
+                grounding_weight,
             };
             let device = device.device()?.autodiff();
             mmke::train::clip::pretrain(&preset, image_size, &config, &out, resume, &device)?;
@@ -350,37 +398,50 @@ fn run(cli: Cli) -> Result<()> {
             device,
         }) => {
             let device = device.device()?;
-            let mut run = ScopeRun::load(&checkpoint, &device)?;
             let root =
                 images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
-            let pairs = mmke::train::scope::read_pairs(&data, &root)?;
-            let batcher = run.batcher(&pairs)?;
-            let report = mmke::eval::scope::evaluate(&run.model, &pairs, &batcher, &device)?;
+            let report = mmke::eval::scope::evaluate_run(&checkpoint, &data, &root, &device)?;
             print!("{}", report.markdown());
-            let out = checkpoint.join(format!(
-                "eval-{}.json",
-                data.file_stem()
-                    .map(|s| s.to_string_lossy())
-                    .unwrap_or_default()
-            ));
-            mmke::error::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
-            eprintln!("wrote {}", out.display());
         }
         Command::Export { checkpoint, out } => {
             let device = backend::device(Backend::Flex, None)?;
             ScopeRun::load(&checkpoint, &device)?.export(&checkpoint, &out)?;
             eprintln!("wrote {}", out.display());
         }
+        Command::Experiment(ExperimentCommand::FusionAblation(args)) => {
+            let name = "fusion-ablation";
+            let preset: mmke::experiment::fusion_ablation::Preset =
+                mmke::experiment::load_preset(name, args.file.as_deref(), &args.preset)?;
+            let out = args.out(name);
+            let device = args.device.device()?;
+            let (table, results) = mmke::experiment::fusion_ablation::run(
+                &preset,
+                args.data.as_deref(),
+                &out,
+                &device,
+            )?;
+            println!("{}", table.markdown());
+            println!(
+                "{}",
+                mmke::experiment::fusion_ablation::details_markdown(&results)
+            );
+            eprintln!(
+                "wrote {}/fusion-ablation.{{md,csv,json,png}}",
+                out.display()
+            );
+        }
         Command::Bench(BenchCommand::Routing {
             edits,
             dim,
             batch,
             iters,
+            lists,
+            probes,
             device,
         }) => {
             let device = device.device()?;
             for n in edits {
-                let result = mmke::bench::routing(n, dim, batch, iters, &device);
+                let result = mmke::bench::routing(n, dim, batch, iters, lists, probes, &device);
                 println!("{}", serde_json::to_string(&result)?);
             }
         }

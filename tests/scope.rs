@@ -288,6 +288,7 @@ fn pretrain_train_export_and_reload_a_classifier() {
         seed: 0,
         scene_size: IMAGE as u32,
         checkpoint_every: 2,
+        grounding_weight: 1.0,
     };
     pretrain("clip-tiny", IMAGE, &clip_train, &clip_dir, false, &device).unwrap();
     // The pre-trained CLIP is a Hugging Face directory.

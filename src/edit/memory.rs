@@ -4,6 +4,7 @@
 
 use burn::tensor::{Device, Int, Tensor};
 
+use super::index::IvfIndex;
 use crate::model::scope::{ScopeClassifier, Similarity};
 
 /// Where a query goes: the nearest stored edit and its similarity.
@@ -25,6 +26,8 @@ pub struct EditMemory {
     z_t: Option<Tensor<2>>,
     /// `[1, edits]`: |z_e|^2, for squared distances.
     squared_norms: Option<Tensor<2>>,
+    /// Approximate search for large memories ([`EditMemory::build_index`]).
+    index: Option<IvfIndex>,
     device: Device,
 }
 
@@ -34,6 +37,7 @@ impl EditMemory {
             similarity,
             z_t: None,
             squared_norms: None,
+            index: None,
             device: device.clone(),
         }
     }
@@ -57,6 +61,10 @@ impl EditMemory {
             Similarity::Cosine => crate::model::clip::l2_normalize(z_e),
             Similarity::SquaredL2 { .. } => z_e,
         };
+        if let Some(index) = &mut self.index {
+            let first = self.z_t.as_ref().map_or(0, |z| z.dims()[1]);
+            index.add(&host_rows(z_e.clone()), first, &self.device);
+        }
         let norms = z_e.clone().powi_scalar(2).sum_dim(1).transpose();
         let columns = z_e.transpose();
         self.z_t = Some(match self.z_t.take() {
@@ -69,11 +77,24 @@ impl EditMemory {
         });
     }
 
+    /// From now on, route through an inverted-file index of `lists` cells probing `probes`
+    /// of them (approximate; see [`IvfIndex`]); edits inserted later join it.
+    pub fn build_index(&mut self, lists: usize, probes: usize, seed: u64) {
+        self.index = self.z_t.as_ref().map(|z_t| {
+            let dim = z_t.dims()[0];
+            let rows = host_rows(z_t.clone().transpose());
+            IvfIndex::build(&rows, dim, lists, probes, seed, &self.device)
+        });
+    }
+
     /// Routes each query z, `[queries, dim]`: its nearest stored edit and rho (eq. 1-2).
     /// `None` when the memory is empty.
     pub fn route(&self, z: Tensor<2>) -> Option<Vec<Route>> {
         let (z_t, norms) = (self.z_t.as_ref()?, self.squared_norms.as_ref()?);
         let z = z.to_device(&self.device);
+        if let Some(index) = &self.index {
+            return self.route_indexed(index, z);
+        }
         let (best, rho): (Tensor<2, Int>, Tensor<2>) = match self.similarity {
             Similarity::SquaredL2 { scale } => {
                 // argmin |z|^2 + |z_e|^2 - 2 z.z_e  =  argmax 2 z.z_e - |z_e|^2
@@ -110,6 +131,36 @@ impl EditMemory {
     }
 }
 
+impl EditMemory {
+    fn route_indexed(&self, index: &IvfIndex, z: Tensor<2>) -> Option<Vec<Route>> {
+        let dim = z.dims()[1];
+        let z = match self.similarity {
+            Similarity::Cosine => crate::model::clip::l2_normalize(z),
+            Similarity::SquaredL2 { .. } => z,
+        };
+        host_rows(z)
+            .chunks(dim)
+            .map(|q| {
+                let (edit, d2) = index.nearest(q)?;
+                let rho = match self.similarity {
+                    Similarity::SquaredL2 { scale } => (-(scale as f32) * d2).exp(),
+                    // Unit vectors: cos = 1 - d^2 / 2.
+                    Similarity::Cosine => (2.0 - d2 / 2.0) / 2.0,
+                };
+                Some(Route { edit, rho })
+            })
+            .collect()
+    }
+}
+
+/// A `[n, d]` tensor's values, row-major, on the host.
+fn host_rows(x: Tensor<2>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .expect("f32 values")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +186,32 @@ mod tests {
                     route.rho > 0.99 && route.in_scope(),
                     "{similarity:?}: {route:?}"
                 );
+            }
+        }
+        // With an index probing every cell, routes are the exact ones.
+        for similarity in [Similarity::SquaredL2 { scale: 0.5 }, Similarity::Cosine] {
+            let mut memory = EditMemory::new(similarity, &device);
+            memory.insert(stored.clone().narrow(0, 0, 40));
+            let queries = Tensor::<2>::random([20, 8], Distribution::Normal(0.0, 1.0), &device);
+            let exact = memory.route(queries.clone()).unwrap();
+            memory.build_index(4, 4, 0);
+            memory.insert(stored.clone().narrow(0, 40, 10));
+            let stored_last = memory.route(stored.clone().narrow(0, 45, 1)).unwrap();
+            assert_eq!(
+                stored_last[0].edit, 45,
+                "inserted after the index was built"
+            );
+            let indexed = memory.route(queries).unwrap();
+            for (a, b) in exact.iter().zip(&indexed) {
+                if a.edit != b.edit {
+                    // Only a later insert can be nearer than the exact route of the first 40.
+                    assert!(
+                        b.edit >= 40 && b.rho >= a.rho,
+                        "{similarity:?}: {a:?} {b:?}"
+                    );
+                } else {
+                    assert!((a.rho - b.rho).abs() < 1e-4, "{similarity:?}: {a:?} {b:?}");
+                }
             }
         }
         // A far query is out of scope under the squared distance.

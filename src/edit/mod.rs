@@ -1,3 +1,4 @@
 //! Editors and what they share.
 
+pub mod index;
 pub mod memory;

@@ -6,9 +6,9 @@
 //! The edit side reads the edit image with "question + target", the query side the query
 //! image (if any) with the question.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipConfig, ClipModel};
@@ -112,8 +112,8 @@ impl ScopeClassifier {
         let p = clip_config.projection_dim;
         Self {
             clip,
-            align_text: LinearConfig::new(p, config.dim).init(device),
-            align_image: LinearConfig::new(p, config.dim).init(device),
+            align_text: identity_linear(p, config.dim, device),
+            align_image: identity_linear(p, config.dim, device),
             fusion: Fusion::new(config.fusion, config.dim, config.attention_dim, device),
             config: config.clone(),
         }
@@ -146,18 +146,12 @@ impl ScopeClassifier {
         }
     }
 
-    /// Aligned class and patch tokens, `[batch, 1 + patches, dim]`: each token through
-    /// `post_layernorm` and `visual_projection` as CLIP treats its class token, then A_i.
+    /// Aligned class and patch tokens, `[batch, 1 + patches, dim]`: CLIP's projected tokens
+    /// through A_i.
     pub fn image_tokens(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let hidden = self.clip.vision_model.forward(pixels).last_hidden_state;
-        let [batch, n, d] = hidden.dims();
-        let flat = self
-            .clip
-            .vision_model
-            .post_layernorm
-            .forward(hidden.reshape([batch * n, d]));
-        let projected = self.clip.visual_projection.forward(flat);
-        let aligned = self.align_image.forward(projected);
+        let tokens = self.clip.image_tokens(pixels);
+        let [batch, n, p] = tokens.dims();
+        let aligned = self.align_image.forward(tokens.reshape([batch * n, p]));
         let dim = aligned.dims()[1];
         aligned.reshape([batch, n, dim])
     }
@@ -194,6 +188,22 @@ impl ScopeClassifier {
             }
         }
     }
+}
+
+/// A linear map `d_in -> d_out` that starts as the (zero-padded or truncated) identity, so
+/// the aligned space starts as CLIP's own: text-over-patch dot products are then CLIP's, which
+/// grounding pre-training (`mmke train clip --grounding-weight`) has taught where to look.
+fn identity_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    let mut linear = LinearConfig::new(d_in, d_out).init(device);
+    let eye: Vec<f32> = (0..d_in * d_out)
+        .map(|k| if k / d_out == k % d_out { 1.0 } else { 0.0 })
+        .collect();
+    let weight = Tensor::from_data(TensorData::new(eye, [d_in, d_out]), device);
+    linear.weight = Param::from_tensor(weight);
+    linear.bias = linear
+        .bias
+        .map(|b| Param::from_tensor(b.val().zeros_like()));
+    linear
 }
 
 fn norm(x: Tensor<2>) -> Tensor<2> {

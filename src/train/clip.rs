@@ -8,7 +8,8 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
@@ -29,6 +30,9 @@ pub struct ClipTrainConfig {
     /// Side of the rendered scenes, before CLIP preprocessing.
     pub scene_size: u32,
     pub checkpoint_every: usize,
+    /// Weight of the grounding loss next to InfoNCE (0: InfoNCE only).
+    #[serde(default)]
+    pub grounding_weight: f64,
 }
 
 /// Symmetric InfoNCE over a batch of matching (image, text) embeddings: cross-entropy of
@@ -42,30 +46,78 @@ pub fn info_nce(model: &ClipModel, image_embeds: Tensor<2>, text_embeds: Tensor<
     (ce.forward(logits.clone(), targets.clone()) + ce.forward(logits.transpose(), targets)) / 2.0
 }
 
-/// One batch of fresh scenes and their captions, as tensors.
+/// Phrase grounding: cross-entropy between the softmax over image tokens of the raw dot
+/// products `question · token` and the uniform distribution over the patches of the object the
+/// question refers to. This is exactly the attention of the dot-product fusion, so it teaches
+/// CLIP where "the cross" or "the shape in the top left" is; InfoNCE alone supervises only the
+/// class token.
+pub fn grounding_loss(question: Tensor<2>, tokens: Tensor<3>, target: Tensor<2>) -> Tensor<1> {
+    let [batch, n, p] = tokens.dims();
+    let scores = question
+        .reshape([batch, 1, p])
+        .matmul(tokens.swap_dims(1, 2))
+        .reshape([batch, n]);
+    (log_softmax(scores, 1) * target).sum_dim(1).mean().neg()
+}
+
+/// The target of [`grounding_loss`]: over `[class, patches...]` of a `grid x grid` patch
+/// grid, uniform on the patches whose centre lies in `cell` of the scene's 3x3 grid.
+pub fn cell_target(cell: scenes::scene::Cell, grid: usize) -> Vec<f32> {
+    let third = |i: usize| ((3 * (2 * i + 1)) / (2 * grid)) as u8;
+    let inside: Vec<bool> = std::iter::once(false)
+        .chain(
+            (0..grid * grid)
+                .map(|k| third(k / grid) == cell.row() && third(k % grid) == cell.col()),
+        )
+        .collect();
+    let count = inside.iter().filter(|&&b| b).count().max(1) as f32;
+    inside
+        .iter()
+        .map(|&b| if b { 1.0 / count } else { 0.0 })
+        .collect()
+}
+
+/// One batch of fresh scenes as tensors: pixels, captions then questions (one text batch),
+/// and the grounding targets.
+struct Batch {
+    pixels: Tensor<4>,
+    ids: Tensor<2, Int>,
+    padding: Tensor<2, Bool>,
+    target: Tensor<2>,
+}
+
 fn batch(
     step: usize,
     config: &ClipTrainConfig,
     tokenizer: &TextTokenizer,
     preprocessor: &ImagePreprocessor,
+    grid: usize,
     device: &Device,
-) -> Result<(Tensor<4>, Tensor<2, Int>, Tensor<2, burn::tensor::Bool>)> {
+) -> Result<Batch> {
+    let n = config.batch_size;
     let mut pixels = Vec::new();
-    let mut captions = Vec::new();
-    for i in 0..config.batch_size {
-        let (image, caption) = scenes::captioned_scene(
-            config.seed,
-            (step * config.batch_size + i) as u64,
-            config.scene_size,
-        );
-        pixels.extend(preprocessor.apply(&image::DynamicImage::ImageRgb8(image)));
-        captions.push(caption);
+    let mut texts = vec![String::new(); 2 * n];
+    let mut target = Vec::new();
+    for i in 0..n {
+        let scene = scenes::pretrain_scene(config.seed, (step * n + i) as u64, config.scene_size);
+        pixels.extend(preprocessor.apply(&image::DynamicImage::ImageRgb8(scene.image)));
+        texts[i] = scene.caption;
+        texts[n + i] = scene.question;
+        target.extend(cell_target(scene.cell, grid));
     }
     let (h, w) = preprocessor.output_size(config.scene_size, config.scene_size);
-    let shape = [config.batch_size, 3, h as usize, w as usize];
-    let pixels = Tensor::from_data(TensorData::new(pixels, shape), device);
-    let (ids, padding) = tokenizer.encode_batch(&captions)?.to_tensors(device);
-    Ok((pixels, ids, padding))
+    let pixels = Tensor::from_data(
+        TensorData::new(pixels, [n, 3, h as usize, w as usize]),
+        device,
+    );
+    let (ids, padding) = tokenizer.encode_batch(&texts)?.to_tensors(device);
+    let target = Tensor::from_data(TensorData::new(target, [n, 1 + grid * grid]), device);
+    Ok(Batch {
+        pixels,
+        ids,
+        padding,
+        target,
+    })
 }
 
 /// Trains `model` (on an autodiff device); with `resume`, continues from `dir`'s checkpoint.
@@ -85,14 +137,36 @@ pub fn train(
         eprintln!("resuming {} at step {}", dir.display(), state.step);
     }
     let progress = super::progress_bar(config.steps, state.step);
+    let grid = grid_side(
+        model
+            .vision_model
+            .embeddings
+            .position_embedding
+            .weight
+            .dims()[0]
+            - 1,
+    );
+    let mut grounding_value = f64::NAN;
     while state.step < config.steps {
-        let (pixels, ids, padding) = batch(state.step, config, tokenizer, preprocessor, device)?;
-        let loss = info_nce(
+        let b = batch(state.step, config, tokenizer, preprocessor, grid, device)?;
+        let n = config.batch_size;
+        let tokens = model.image_tokens(b.pixels);
+        let [_, t, p] = tokens.dims();
+        let texts = model.text_features(b.ids, b.padding);
+        let contrastive = info_nce(
             &model,
-            model.image_features(pixels),
-            model.text_features(ids, padding),
+            tokens.clone().narrow(1, 0, 1).reshape([n, p]),
+            texts.clone().narrow(0, 0, n),
         );
-        let value = loss.clone().into_scalar::<f32>() as f64;
+        let value = contrastive.clone().into_scalar::<f32>() as f64;
+        let loss = if config.grounding_weight > 0.0 {
+            let grounding = grounding_loss(texts.narrow(0, n, n), tokens, b.target);
+            debug_assert_eq!(t, 1 + grid * grid);
+            grounding_value = grounding.clone().into_scalar::<f32>() as f64;
+            contrastive + grounding * config.grounding_weight
+        } else {
+            contrastive
+        };
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(config.lr, model, grads);
         // Keep the temperature in CLIP's range: exp(s) <= 100.
@@ -101,14 +175,28 @@ pub fn train(
             .map(|s| s.clamp_max(100f32.ln()).detach().require_grad());
         state.step += 1;
         progress.inc(1);
-        progress.set_message(format!("InfoNCE {value:.4}"));
+        progress.set_message(format!(
+            "InfoNCE {value:.4}  grounding {grounding_value:.4}"
+        ));
         if state.step % config.checkpoint_every == 0 || state.step == config.steps {
             checkpoint::save(dir, &model, &optim, &state)?;
-            progress.suspend(|| eprintln!("step {}: InfoNCE {value:.4}", state.step));
+            progress.suspend(|| {
+                eprintln!(
+                    "step {}: InfoNCE {value:.4}  grounding {grounding_value:.4}",
+                    state.step
+                )
+            });
         }
     }
     progress.finish();
     Ok(model)
+}
+
+/// The side of a square patch grid of `patches` patches.
+fn grid_side(patches: usize) -> usize {
+    let side = (patches as f64).sqrt().round() as usize;
+    assert_eq!(side * side, patches, "a square patch grid");
+    side
 }
 
 /// Pre-trains CLIP preset `preset` (`clip-tiny`, `clip-small`) on scenes and writes it to `out`
@@ -164,4 +252,41 @@ pub fn pretrain(
         device,
     )?;
     model.valid().save_pretrained(&clip_config, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::scenes::scene::Cell;
+
+    #[test]
+    fn cell_targets_cover_the_cells_patches() {
+        // 8x8 patches over a 3x3 grid: patch centres 0-2 | 3-4 | 5-7 in each direction.
+        for (cell, patches) in [
+            (0u8, vec![0, 1, 2, 8, 9, 10, 16, 17, 18]),
+            (4, vec![27, 28, 35, 36]),
+        ] {
+            let target = cell_target(Cell(cell), 8);
+            assert_eq!(target.len(), 65);
+            assert_eq!(target[0], 0.0, "never the class token");
+            let hot: Vec<usize> = (0..64).filter(|&k| target[1 + k] > 0.0).collect();
+            assert_eq!(hot, patches, "cell {cell}");
+        }
+        for cell in Cell::ALL {
+            let sum: f32 = cell_target(cell, 8).iter().sum();
+            assert!((sum - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn grounding_loss_is_the_cross_entropy_of_the_attention() {
+        let device = Device::flex();
+        let question = Tensor::<2>::from_floats([[1.0, 0.0]], &device);
+        let tokens = Tensor::<3>::from_floats([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], &device);
+        let target = Tensor::<2>::from_floats([[0.0, 1.0, 0.0]], &device);
+        // Scores [0, 1, 0]: -log(e / (2 + e)) = log(2 + e) - 1.
+        let loss = grounding_loss(question, tokens, target).into_scalar::<f32>();
+        let want = (2.0f32 + std::f32::consts::E).ln() - 1.0;
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+    }
 }

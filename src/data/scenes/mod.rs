@@ -32,7 +32,8 @@ pub const GENERATOR_VERSION: u32 = 1;
 /// The prompt of the captioning task (E-IC style): the target is the caption.
 pub const CAPTION_PROMPT: &str = "a photo of";
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScenesConfig {
     pub train: usize,
     pub test: usize,
@@ -371,10 +372,45 @@ pub fn word_level_tokenizer() -> tokenizers::Tokenizer {
     tokenizer
 }
 
-/// A fresh scene and its caption, for CLIP pre-training: item `index` of its own stream.
-pub fn captioned_scene(seed: u64, index: u64, size: u32) -> (image::RgbImage, String) {
+/// A fresh scene for CLIP pre-training: its caption, and a grounding question about one of
+/// its objects (VQA prompt, half of the time followed by a candidate answer, as the edit side
+/// of a scope pair reads) with the cell that object occupies.
+pub struct PretrainScene {
+    pub image: image::RgbImage,
+    pub caption: String,
+    pub question: String,
+    pub cell: Cell,
+}
+
+/// Item `index` of the pre-training stream of `seed`.
+pub fn pretrain_scene(seed: u64, index: u64, size: u32) -> PretrainScene {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream((2 << 40) | index);
     let scene = Scene::random(&mut rng);
-    (render::render(&scene, size, &mut rng), caption(&scene))
+    let image = render::render(&scene, size, &mut rng);
+    let object = rng.random_range(0..scene.objects.len());
+    let kinds: Vec<RefKind> = RefKind::ALL
+        .into_iter()
+        .filter(|&k| Ref::of(k, &scene, object).resolve(&scene) == Some(object))
+        .collect();
+    let kind = *kinds
+        .choose(&mut rng)
+        .expect("shape and position expressions always resolve (objects keep them distinct)");
+    let attribute = *Attribute::ALL
+        .choose(&mut rng)
+        .expect("attributes are not empty");
+    let query = Query::Attribute(attribute, Ref::of(kind, &scene, object));
+    let mut question = crate::data::record::vqa_prompt(&query.random_text(&mut rng));
+    if rng.random_bool(0.5) {
+        let values = scene.edit_values(object, attribute);
+        if let Some(value) = values.choose(&mut rng) {
+            question = format!("{question} {}", value.name());
+        }
+    }
+    PretrainScene {
+        caption: caption(&scene),
+        image,
+        question,
+        cell: scene.objects[object].cell,
+    }
 }

@@ -60,6 +60,21 @@ impl ClipModel {
         self.visual_projection.forward(pooled)
     }
 
+    /// Every output token through `post_layernorm` and `visual_projection`, as CLIP treats
+    /// its class token: `[batch, 1 + patches, projection_dim]`, class token first (so row 0
+    /// is `image_features`).
+    pub fn image_tokens(&self, pixel_values: Tensor<4>) -> Tensor<3> {
+        let hidden = self.vision_model.forward(pixel_values).last_hidden_state;
+        let [batch, n, d] = hidden.dims();
+        let flat = self
+            .vision_model
+            .post_layernorm
+            .forward(hidden.reshape([batch * n, d]));
+        let projected = self.visual_projection.forward(flat);
+        let p = projected.dims()[1];
+        projected.reshape([batch, n, p])
+    }
+
     /// `exp(logit_scale) * cos(image i, text j)` for L2-normalised embeddings.
     pub fn logits_per_image(&self, image_embeds: Tensor<2>, text_embeds: Tensor<2>) -> Tensor<2> {
         let scale = self.logit_scale.val().exp().reshape([1, 1]);

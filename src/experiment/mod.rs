@@ -1,0 +1,87 @@
+//! Runnable experiments: each reproduces a table or figure of the papers from a file under
+//! `experiments/` that names its presets (`quick`: minutes on a 2-core CPU; `full`: the
+//! numbers in README). Everything an experiment trains is cached in its output directory, so
+//! a second run (or one resumed after a kill) redoes only what is missing.
+
+pub mod fusion_ablation;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::data::scenes::{self, ScenesConfig};
+use crate::error::{Error, Result};
+
+/// An experiment file: a description and named presets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentFile<P> {
+    pub description: String,
+    pub presets: BTreeMap<String, P>,
+}
+
+/// The experiment files shipped with mmke, used when `experiments/{name}.toml` is not in the
+/// working directory.
+const BUILTIN: [(&str, &str); 1] = [(
+    "fusion-ablation",
+    include_str!("../../experiments/fusion-ablation.toml"),
+)];
+
+/// Reads preset `preset` of experiment `name`: from `file` if given, else from
+/// `experiments/{name}.toml` if present, else from the copy built into mmke.
+pub fn load_preset<P: DeserializeOwned>(
+    name: &str,
+    file: Option<&Path>,
+    preset: &str,
+) -> Result<P> {
+    let default = PathBuf::from(format!("experiments/{name}.toml"));
+    let (path, text) = match file {
+        Some(path) => (path.to_path_buf(), read(path)?),
+        None if default.is_file() => (default.clone(), read(&default)?),
+        None => {
+            let text = BUILTIN
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| t.to_string())
+                .ok_or_else(|| Error::Config {
+                    path: default.clone(),
+                    reason: format!("no experiment '{name}'"),
+                })?;
+            (PathBuf::from(format!("<built-in>/{name}.toml")), text)
+        }
+    };
+    let mut file: ExperimentFile<P> = toml::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let names: Vec<String> = file.presets.keys().cloned().collect();
+    file.presets.remove(preset).ok_or_else(|| Error::Config {
+        path,
+        reason: format!("no preset '{preset}' (it has: {})", names.join(", ")),
+    })
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// The scenes split of `config` under `cache` (generated once, reused while its `meta.json`
+/// records the same config).
+pub fn scenes_data(cache: &Path, config: &ScenesConfig) -> Result<PathBuf> {
+    let dir = cache.join(format!(
+        "scenes-seed{}-train{}-test{}-{}px",
+        config.seed, config.train, config.test, config.image_size
+    ));
+    let meta = dir.join("meta.json");
+    let cached = std::fs::read_to_string(&meta)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|meta| serde_json::from_value::<ScenesConfig>(meta["config"].clone()).ok());
+    if cached.as_ref() != Some(config) {
+        eprintln!("generating {}", dir.display());
+        scenes::write(&dir, config)?;
+    }
+    Ok(dir)
+}

@@ -1,0 +1,258 @@
+//! Results tables of the experiments: Markdown for the terminal and README, CSV and JSON for
+//! analysis, and a grouped bar chart (PNG, drawn with plotters). Every file is written
+//! atomically.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result, write_atomic};
+
+/// A table of numbers (percentages): one row per configuration, one column per setting.
+#[derive(Clone, Debug, Serialize)]
+pub struct Table {
+    pub title: String,
+    /// Header of the first column (the row names).
+    pub row_header: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Row>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub values: Vec<f64>,
+}
+
+impl Table {
+    pub fn new(title: &str, row_header: &str, columns: &[&str]) -> Self {
+        Self {
+            title: title.to_string(),
+            row_header: row_header.to_string(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, name: &str, values: Vec<f64>) {
+        assert_eq!(values.len(), self.columns.len(), "one value per column");
+        self.rows.push(Row {
+            name: name.to_string(),
+            values,
+        });
+    }
+
+    /// The table in Markdown, values with two decimals.
+    pub fn markdown(&self) -> String {
+        let mut out = format!("| {} | {} |\n", self.row_header, self.columns.join(" | "));
+        out += &format!("|{}\n", " --- |".repeat(self.columns.len() + 1));
+        for row in &self.rows {
+            let cells: Vec<String> = row.values.iter().map(|v| format!("{v:.2}")).collect();
+            out += &format!("| {} | {} |\n", row.name, cells.join(" | "));
+        }
+        out
+    }
+
+    /// The table as CSV (full precision).
+    pub fn csv(&self) -> String {
+        let quote = |s: &str| {
+            if s.contains([',', '"', '\n']) {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            } else {
+                s.to_string()
+            }
+        };
+        let mut out = std::iter::once(quote(&self.row_header))
+            .chain(self.columns.iter().map(|c| quote(c)))
+            .collect::<Vec<_>>()
+            .join(",");
+        out.push('\n');
+        for row in &self.rows {
+            let line = std::iter::once(quote(&row.name))
+                .chain(row.values.iter().map(|v| v.to_string()))
+                .collect::<Vec<_>>()
+                .join(",");
+            out += &line;
+            out.push('\n');
+        }
+        out
+    }
+
+    /// A grouped bar chart: one group per row, one bar per column, y from 0 to 100.
+    pub fn bar_chart_png(&self, path: &Path) -> Result<()> {
+        let (width, height) = (900u32, 540u32);
+        let mut pixels = vec![255u8; (width * height * 3) as usize];
+        draw_bars(self, &mut pixels, (width, height)).map_err(|e| Error::Chart {
+            path: path.to_path_buf(),
+            reason: e,
+        })?;
+        let image = image::RgbImage::from_raw(width, height, pixels).expect("a full buffer");
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgb8(image)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(|e| Error::Chart {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        write_atomic(path, &png)
+    }
+
+    /// Writes `{stem}.md`, `{stem}.csv`, `{stem}.json` (the table and `details`) and
+    /// `{stem}.png` into `dir`.
+    pub fn write(&self, dir: &Path, stem: &str, details: &serde_json::Value) -> Result<()> {
+        write_atomic(&dir.join(format!("{stem}.md")), self.markdown().as_bytes())?;
+        write_atomic(&dir.join(format!("{stem}.csv")), self.csv().as_bytes())?;
+        let json = serde_json::json!({ "table": self, "details": details });
+        let text = serde_json::to_string_pretty(&json).expect("JSON serializes");
+        write_atomic(&dir.join(format!("{stem}.json")), text.as_bytes())?;
+        self.bar_chart_png(&dir.join(format!("{stem}.png")))
+    }
+}
+
+/// Font files tried in order for chart text; `MMKE_FONT` overrides.
+const FONT_CANDIDATES: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+];
+
+/// Registers a system TrueType font as plotters' "sans-serif" (once per process).
+fn register_font() -> std::result::Result<(), String> {
+    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let candidates: Vec<String> = std::env::var("MMKE_FONT")
+                .into_iter()
+                .chain(FONT_CANDIDATES.iter().map(|s| s.to_string()))
+                .collect();
+            let bytes = candidates
+                .iter()
+                .find_map(|p| std::fs::read(p).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "no TrueType font for chart labels (tried {}); install fonts-dejavu-core \
+                         or set MMKE_FONT",
+                        candidates.join(", ")
+                    )
+                })?;
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes.leak())
+                .map_err(|_| "the chart font is not a valid TrueType font".to_string())
+        })
+        .clone()
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn draw_bars(
+    table: &Table,
+    pixels: &mut [u8],
+    size: (u32, u32),
+) -> std::result::Result<(), String> {
+    register_font()?;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let root = BitMapBackend::with_buffer(pixels, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let groups = table.rows.len().max(1);
+    let bars = table.columns.len().max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&table.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..groups as f64, 0f64..100f64)
+        .map_err(|e| err(&e))?;
+    let names: Vec<String> = table.rows.iter().map(|r| r.name.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            let centred = (x - i as f64 - 0.5).abs() < 1e-6;
+            match names.get(i) {
+                Some(name) if centred => name.clone(),
+                _ => String::new(),
+            }
+        })
+        .y_desc("%")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    let width = 0.8 / bars as f64;
+    for (c, column) in table.columns.iter().enumerate() {
+        let color = PALETTE[c % PALETTE.len()];
+        let rects = table.rows.iter().enumerate().map(move |(g, row)| {
+            let x0 = g as f64 + 0.1 + c as f64 * width;
+            Rectangle::new([(x0, 0.0), (x0 + width, row.values[c])], color.filled())
+        });
+        chart
+            .draw_series(rects)
+            .map_err(|e| err(&e))?
+            .label(column.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table {
+        let mut t = Table::new("Scope accuracy", "fusion", &["clip-tiny", "clip-small"]);
+        t.push("concat", vec![63.7, 63.8]);
+        t.push("dot, product", vec![64.73, 64.85]);
+        t
+    }
+
+    #[test]
+    fn markdown_and_csv_hold_every_value() {
+        let t = table();
+        assert_eq!(
+            t.markdown(),
+            "| fusion | clip-tiny | clip-small |\n| --- | --- | --- |\n\
+             | concat | 63.70 | 63.80 |\n| dot, product | 64.73 | 64.85 |\n"
+        );
+        assert_eq!(
+            t.csv(),
+            "fusion,clip-tiny,clip-small\nconcat,63.7,63.8\n\"dot, product\",64.73,64.85\n"
+        );
+    }
+
+    #[test]
+    fn the_chart_is_a_png_of_the_requested_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chart.png");
+        match table().bar_chart_png(&path) {
+            Ok(()) => {
+                let image = image::open(&path).unwrap().to_rgb8();
+                assert_eq!(image.dimensions(), (900, 540));
+                // Bars are drawn in the palette's first colour somewhere.
+                assert!(image.pixels().any(|p| p.0 == [31, 119, 180]));
+            }
+            // Machines without a font get a clear error and no file.
+            Err(e) => {
+                assert!(e.to_string().contains("font"), "{e}");
+                assert!(!path.exists());
+            }
+        }
+    }
+}
