@@ -1,0 +1,69 @@
+//! The experiment runner, end to end on a tiny preset: files, cache reuse, determinism.
+
+use burn::tensor::Device;
+use mmke::experiment::fusion_ablation::{Preset, run};
+use mmke::experiment::load_preset;
+
+const TINY: &str = r#"
+description = "a tiny fusion ablation for tests"
+[presets.tiny]
+clips = ["clip-tiny"]
+clip_image_size = 32
+fusions = ["concat", "cross-attention", "dot-product"]
+data = { train = 8, test = 3, seed = 2, image_size = 32 }
+clip = { steps = 2, batch_size = 4, lr = 1e-3, seed = 0, scene_size = 32, checkpoint_every = 2, grounding_weight = 1.0 }
+model = { mode = "multimodal", fusion = "dot-product", dim = 16, attention_dim = 16, similarity = { kind = "squared-l2", scale = 1.0 } }
+train = { steps = 2, batch_size = 8, lr = 1e-3, validate_every = 2, checkpoint_every = 2, seed = 0 }
+"#;
+
+#[test]
+fn shipped_experiment_files_parse_with_both_presets() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let file = std::path::Path::new(dir).join("experiments/fusion-ablation.toml");
+    for preset in ["quick", "full"] {
+        let p: Preset = load_preset("fusion-ablation", Some(&file), preset).unwrap();
+        assert_eq!(p.fusions.len(), 3, "{preset}");
+        assert_eq!(p.clips, ["clip-tiny", "clip-small"], "{preset}");
+    }
+    // The built-in copy is the same file.
+    let builtin: Preset = load_preset("fusion-ablation", None, "quick").unwrap();
+    assert_eq!(builtin.train.steps, 150);
+    let err = load_preset::<Preset>("fusion-ablation", Some(&file), "huge").unwrap_err();
+    assert!(err.to_string().contains("no preset 'huge'"), "{err}");
+}
+
+#[test]
+fn fusion_ablation_writes_table_2_and_reuses_its_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, TINY).unwrap();
+    let preset: Preset = load_preset("fusion-ablation", Some(&file), "tiny").unwrap();
+    let out = dir.path().join("out");
+    let device = Device::flex();
+    let (table, results) = run(&preset, None, &out, &device).unwrap();
+    assert_eq!(table.columns, ["clip-tiny"]);
+    let rows: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(rows, ["concat", "cross-attention", "dot-product"]);
+    for (row, result) in table.rows.iter().zip(&results) {
+        assert!((0.0..=100.0).contains(&row.values[0]), "{row:?}");
+        assert_eq!(row.values[0], result.accuracy);
+    }
+    for ext in ["md", "csv", "json", "png"] {
+        let path = out.join(format!("fusion-ablation.{ext}"));
+        assert!(path.is_file(), "{}", path.display());
+    }
+    let markdown = std::fs::read_to_string(out.join("fusion-ablation.md")).unwrap();
+    assert!(markdown.starts_with("| fusion | clip-tiny |"), "{markdown}");
+
+    // A second run trains nothing (the runs are cached) and reports the same numbers.
+    let weights = out.join("clip-tiny-dot-product/model.bpk");
+    let modified = std::fs::metadata(&weights).unwrap().modified().unwrap();
+    let (again, _) = run(&preset, None, &out, &device).unwrap();
+    assert_eq!(
+        std::fs::metadata(&weights).unwrap().modified().unwrap(),
+        modified
+    );
+    let values =
+        |t: &mmke::report::Table| t.rows.iter().map(|r| r.values.clone()).collect::<Vec<_>>();
+    assert_eq!(values(&again), values(&table));
+}
