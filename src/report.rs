@@ -80,7 +80,8 @@ impl Table {
         out
     }
 
-    /// A grouped bar chart: one group per row, one bar per column, y from 0 to 100.
+    /// A grouped bar chart: one group per row, one bar per column, y in % (headroom for the
+    /// legend).
     pub fn bar_chart_png(&self, path: &Path) -> Result<()> {
         let (width, height) = (900u32, 540u32);
         let mut pixels = vec![255u8; (width * height * 3) as usize];
@@ -168,7 +169,7 @@ fn draw_bars(
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..groups as f64, 0f64..100f64)
+        .build_cartesian_2d(0f64..groups as f64, 0f64..115f64)
         .map_err(|e| err(&e))?;
     let names: Vec<String> = table.rows.iter().map(|r| r.name.clone()).collect();
     chart
@@ -202,7 +203,7 @@ fn draw_bars(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 15))

@@ -210,7 +210,8 @@ fn resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run() {
         false,
         &device,
     )
-    .unwrap();
+    .unwrap()
+    .0;
 
     let split = tempfile::tempdir().unwrap();
     let half = train(
@@ -223,7 +224,8 @@ fn resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run() {
         false,
         &device,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     assert_eq!(state_step(split.path()), 2);
     let resumed = train(
         init,
@@ -235,7 +237,8 @@ fn resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run() {
         true,
         &device,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     assert_eq!(state_step(split.path()), 4);
 
     let plain = Device::flex();
@@ -324,4 +327,24 @@ fn pretrain_train_export_and_reload_a_classifier() {
         mmke::eval::scope::scores(&r.model, &pairs, &batcher, &plain).unwrap()
     };
     assert_eq!(scores(&run_dir), scores(&export_dir));
+}
+
+#[test]
+fn scores_encode_each_edit_once_and_match_pairwise_similarity() {
+    let f = fixture();
+    let device = Device::flex();
+    let model = classifier(
+        &f,
+        &ScopeConfig::multimodal(FusionKind::CrossAttention),
+        &device,
+    );
+    let rho = mmke::eval::scope::scores(&model, &f.pairs, &f.batcher, &device).unwrap();
+    let all: Vec<&ScopePair> = f.pairs.iter().collect();
+    let z_e = model.encode(&f.batcher.edits(&all, &device).unwrap());
+    let z = model.encode(&f.batcher.queries(&all, &device).unwrap());
+    let want: Vec<f32> = model.similarity(z_e, z).into_data().try_to_vec().unwrap();
+    assert_eq!(rho.len(), want.len());
+    for (i, (a, b)) in rho.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-5, "pair {i}: {a} vs {b}");
+    }
 }

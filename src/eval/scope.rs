@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
 
 use super::metrics::BinaryMetrics;
@@ -63,20 +63,43 @@ impl ScopeReport {
     }
 }
 
-/// rho of every pair (in order).
+/// rho of every pair (in order). Each distinct edit side (image and text) is encoded once,
+/// as the edit memory stores z_e once per edit.
 pub fn scores(
     model: &ScopeClassifier,
     pairs: &[ScopePair],
     batcher: &ScopeBatcher,
     device: &Device,
 ) -> Result<Vec<f32>> {
+    let mut edit_index: BTreeMap<(&Path, &str), usize> = BTreeMap::new();
+    let mut edits: Vec<&ScopePair> = Vec::new();
+    let slots: Vec<usize> = pairs
+        .iter()
+        .map(|p| {
+            *edit_index
+                .entry((p.edit_image.as_path(), p.edit_text.as_str()))
+                .or_insert_with(|| {
+                    edits.push(p);
+                    edits.len() - 1
+                })
+        })
+        .collect();
+    let mut z_e = Vec::new();
+    for chunk in edits.chunks(BATCH) {
+        z_e.push(model.encode(&batcher.edits(chunk, device)?));
+    }
+    let Some(z_e) = (!z_e.is_empty()).then(|| Tensor::cat(z_e, 0)) else {
+        return Ok(Vec::new());
+    };
     let mut rho = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(BATCH) {
+    for (chunk, slots) in pairs.chunks(BATCH).zip(slots.chunks(BATCH)) {
         let chunk: Vec<&ScopePair> = chunk.iter().collect();
-        let z_e = model.encode(&batcher.edits(&chunk, device)?);
         let z = model.encode(&batcher.queries(&chunk, device)?);
+        let slots: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        let n = slots.len();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(slots, [n]), device);
         let values: Vec<f32> = model
-            .similarity(z_e, z)
+            .similarity(z_e.clone().select(0, index), z)
             .into_data()
             .convert::<f32>()
             .try_into_vec()

@@ -73,8 +73,9 @@ impl<'a> Strata<'a> {
     }
 }
 
-/// Trains `model` (on an autodiff device) and returns it. With `resume`, continues from the
-/// checkpoint in `dir` if there is one.
+/// Trains `model` (on an autodiff device) and returns it with its last validation report
+/// (none when `valid` is empty or the run had already finished). With `resume`, continues
+/// from the checkpoint in `dir` if there is one.
 pub fn train(
     mut model: ScopeClassifier,
     train: &[ScopePair],
@@ -84,7 +85,7 @@ pub fn train(
     dir: &Path,
     resume: bool,
     device: &Device,
-) -> Result<ScopeClassifier> {
+) -> Result<(ScopeClassifier, Option<ScopeReport>)> {
     if config.freeze_clip {
         model.clip = model.clip.no_grad();
     }
@@ -97,6 +98,7 @@ pub fn train(
     let strata = Strata::new(train);
     let progress = super::progress_bar(config.steps, state.step);
     let mut recent_loss = Vec::new();
+    let mut last_report = None;
     while state.step < config.steps {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(state.step as u64);
@@ -112,7 +114,8 @@ pub fn train(
         state.step += 1;
         progress.inc(1);
 
-        if state.step % config.validate_every == 0 || state.step == config.steps {
+        let validate = state.step % config.validate_every == 0 || state.step == config.steps;
+        if validate && !valid.is_empty() {
             let mean = recent_loss.iter().sum::<f64>() / recent_loss.len().max(1) as f64;
             recent_loss.clear();
             let report = evaluate(
@@ -129,13 +132,14 @@ pub fn train(
             );
             progress.suspend(|| eprintln!("step {}: {message}", state.step));
             progress.set_message(message);
+            last_report = Some(report);
         }
         if state.step % config.checkpoint_every == 0 || state.step == config.steps {
             checkpoint::save(dir, &model, &optim, &state)?;
         }
     }
     progress.finish();
-    Ok(model)
+    Ok((model, last_report))
 }
 
 /// A training run's configuration (`configs/scope-*.toml`).
@@ -265,7 +269,7 @@ pub fn run(
     let batcher = ScopeBatcher::new(clip.tokenizer, clip.preprocessor.clone(), &all)?;
     device.seed(config.train.seed);
     let model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device);
-    let model = train(
+    let (model, report) = train(
         model,
         &train_pairs,
         &valid_pairs,
@@ -274,8 +278,8 @@ pub fn run(
         out,
         resume,
         device,
-    )?
-    .valid();
+    )?;
+    let model = model.valid();
 
     let clip_out = out.join("clip");
     model.clip.save_pretrained(&clip.config, &clip_out)?;
@@ -285,10 +289,13 @@ pub fn run(
         write_atomic(&clip_out.join(file), &bytes)?;
     }
     checkpoint::save_module(&model, &out.join("model.bpk"))?;
-    evaluate(
-        &model,
-        &valid_pairs,
-        &batcher,
-        &device.clone().without_autodiff(),
-    )
+    match report {
+        Some(report) => Ok(report),
+        None => evaluate(
+            &model,
+            &valid_pairs,
+            &batcher,
+            &device.clone().without_autodiff(),
+        ),
+    }
 }
