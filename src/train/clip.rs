@@ -60,6 +60,19 @@ pub fn grounding_loss(question: Tensor<2>, tokens: Tensor<3>, target: Tensor<2>)
     (log_softmax(scores, 1) * target).sum_dim(1).mean().neg()
 }
 
+/// Share of questions whose highest-scoring image token lies on their object (the target's
+/// support): 1 for perfect grounding, about 0.1 for a random pick.
+pub fn pointing_accuracy(question: Tensor<2>, tokens: Tensor<3>, target: Tensor<2>) -> f64 {
+    let [batch, n, p] = tokens.dims();
+    let best = question
+        .reshape([batch, 1, p])
+        .matmul(tokens.swap_dims(1, 2))
+        .reshape([batch, n])
+        .argmax(1);
+    let hit = target.gather(1, best).greater_elem(0.0).float().mean();
+    hit.into_scalar::<f32>() as f64
+}
+
 /// The target of [`grounding_loss`]: over `[class, patches...]` of a `grid x grid` patch
 /// grid, uniform on the patches whose centre lies in `cell` of the scene's 3x3 grid.
 pub fn cell_target(cell: scenes::scene::Cell, grid: usize) -> Vec<f32> {
@@ -147,6 +160,7 @@ pub fn train(
             - 1,
     );
     let mut grounding_value = f64::NAN;
+    let mut pointing = f64::NAN;
     while state.step < config.steps {
         let b = batch(state.step, config, tokenizer, preprocessor, grid, device)?;
         let n = config.batch_size;
@@ -160,8 +174,14 @@ pub fn train(
         );
         let value = contrastive.clone().into_scalar::<f32>() as f64;
         let loss = if config.grounding_weight > 0.0 {
-            let grounding = grounding_loss(texts.narrow(0, n, n), tokens, b.target);
+            let questions = texts.narrow(0, n, n);
             debug_assert_eq!(t, 1 + grid * grid);
+            pointing = pointing_accuracy(
+                questions.clone().detach(),
+                tokens.clone().detach(),
+                b.target.clone(),
+            );
+            let grounding = grounding_loss(questions, tokens, b.target);
             grounding_value = grounding.clone().into_scalar::<f32>() as f64;
             contrastive + grounding * config.grounding_weight
         } else {
@@ -176,13 +196,13 @@ pub fn train(
         state.step += 1;
         progress.inc(1);
         progress.set_message(format!(
-            "InfoNCE {value:.4}  grounding {grounding_value:.4}"
+            "InfoNCE {value:.4}  grounding {grounding_value:.4}  pointing {pointing:.3}"
         ));
         if state.step % config.checkpoint_every == 0 || state.step == config.steps {
             checkpoint::save(dir, &model, &optim, &state)?;
             progress.suspend(|| {
                 eprintln!(
-                    "step {}: InfoNCE {value:.4}  grounding {grounding_value:.4}",
+                    "step {}: InfoNCE {value:.4}  grounding {grounding_value:.4}  pointing {pointing:.3}",
                     state.step
                 )
             });
@@ -285,7 +305,10 @@ mod tests {
         let tokens = Tensor::<3>::from_floats([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], &device);
         let target = Tensor::<2>::from_floats([[0.0, 1.0, 0.0]], &device);
         // Scores [0, 1, 0]: -log(e / (2 + e)) = log(2 + e) - 1.
-        let loss = grounding_loss(question, tokens, target).into_scalar::<f32>();
+        let loss = grounding_loss(question.clone(), tokens.clone(), target.clone());
+        let loss = loss.into_scalar::<f32>();
+        // The best token (1) is on the object.
+        assert_eq!(pointing_accuracy(question, tokens, target), 1.0);
         let want = (2.0f32 + std::f32::consts::E).ln() - 1.0;
         assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
     }
