@@ -176,6 +176,8 @@ fn train_config(steps: usize) -> ScopeTrainConfig {
         batch_size: 8,
         lr: 1e-3,
         freeze_clip: false,
+        // CLIP on its own learning rate: the resume test covers the two-group update.
+        clip_lr: Some(5e-4),
         validate_every: 2,
         checkpoint_every: 2,
         seed: 5,

@@ -38,6 +38,9 @@ pub struct ScopeTrainConfig {
     /// Keep CLIP's weights fixed and train only alignment and fusion.
     #[serde(default)]
     pub freeze_clip: bool,
+    /// Learning rate of CLIP's weights when fine-tuned (default: `lr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_lr: Option<f64>,
     pub validate_every: usize,
     pub checkpoint_every: usize,
     pub seed: u64,
@@ -109,7 +112,12 @@ pub fn train(
         let log_rho = model.log_similarity(model.encode(&edits), model.encode(&queries));
         let loss = bce(log_rho, labels);
         recent_loss.push(loss.clone().into_scalar::<f32>() as f64);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut grads = loss.backward();
+        if let Some(clip_lr) = config.clip_lr.filter(|_| !config.freeze_clip) {
+            let clip_grads = GradientsParams::from_module(&mut grads, &model.clip);
+            model = optim.step(clip_lr, model, clip_grads);
+        }
+        let grads = GradientsParams::from_grads(grads, &model);
         model = optim.step(config.lr, model, grads);
         state.step += 1;
         progress.inc(1);
