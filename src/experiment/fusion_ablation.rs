@@ -86,7 +86,7 @@ pub fn run(
     let train_device = device.clone().autodiff();
     let mut results = Vec::new();
     for clip in &preset.clips {
-        let clip_dir = out.join(format!("clip-{clip}"));
+        let clip_dir = out.join(clip);
         let start = Instant::now();
         if !clip_dir.join("model.safetensors").is_file() {
             eprintln!("pre-training {clip} -> {}", clip_dir.display());
