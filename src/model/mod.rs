@@ -1,3 +1,4 @@
 pub mod clip;
 pub mod fusion;
+pub mod lm;
 pub mod scope;

@@ -38,9 +38,10 @@ fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
     y.reshape([batch, seq, d_out])
 }
 
-/// Multi-head self-attention with separate q/k/v projections (`self_attn`).
+/// Multi-head self-attention with separate q/k/v projections (`self_attn`), as CLIP and OPT
+/// name them.
 #[derive(Module, Debug)]
-pub struct ClipAttention {
+pub struct SelfAttention {
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
@@ -48,15 +49,19 @@ pub struct ClipAttention {
     num_heads: usize,
 }
 
-impl ClipAttention {
-    pub fn new(dims: &EncoderDims, device: &Device) -> Self {
-        let d = dims.hidden_size;
+impl SelfAttention {
+    pub fn new(hidden: usize, num_heads: usize, bias: bool, device: &Device) -> Self {
+        let linear = || {
+            LinearConfig::new(hidden, hidden)
+                .with_bias(bias)
+                .init(device)
+        };
         Self {
-            q_proj: linear(d, d, device),
-            k_proj: linear(d, d, device),
-            v_proj: linear(d, d, device),
-            out_proj: linear(d, d, device),
-            num_heads: dims.num_heads,
+            q_proj: linear(),
+            k_proj: linear(),
+            v_proj: linear(),
+            out_proj: linear(),
+            num_heads,
         }
     }
 
@@ -114,7 +119,7 @@ impl ClipMlp {
 /// One pre-LN residual block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
 #[derive(Module, Debug)]
 pub struct ClipEncoderLayer {
-    pub self_attn: ClipAttention,
+    pub self_attn: SelfAttention,
     pub layer_norm1: LayerNorm,
     pub mlp: ClipMlp,
     pub layer_norm2: LayerNorm,
@@ -123,7 +128,7 @@ pub struct ClipEncoderLayer {
 impl ClipEncoderLayer {
     pub fn new(dims: &EncoderDims, device: &Device) -> Self {
         Self {
-            self_attn: ClipAttention::new(dims, device),
+            self_attn: SelfAttention::new(dims.hidden_size, dims.num_heads, true, device),
             layer_norm1: layer_norm(dims.hidden_size, dims.layer_norm_eps, device),
             mlp: ClipMlp::new(dims, device),
             layer_norm2: layer_norm(dims.hidden_size, dims.layer_norm_eps, device),

@@ -67,7 +67,17 @@ impl ClipModel {
 /// Loads a safetensors file in PyTorch layout into `module`: every parameter must be present
 /// with its shape and every tensor in the file must be used (old `position_ids` buffers
 /// aside), else an error names the tensor and the file.
-pub fn load_safetensors<M: ModuleSnapshot>(mut module: M, path: &Path) -> Result<M> {
+pub fn load_safetensors<M: ModuleSnapshot>(module: M, path: &Path) -> Result<M> {
+    load_safetensors_ignoring(module, path, &[])
+}
+
+/// [`load_safetensors`], where the tensors named in `ignored` may be in the file unused (a
+/// tied LM head's stored copy, for instance).
+pub fn load_safetensors_ignoring<M: ModuleSnapshot>(
+    mut module: M,
+    path: &Path,
+    ignored: &[&str],
+) -> Result<M> {
     let weights_error = |reason: String| Error::Weights {
         path: path.to_path_buf(),
         reason,
@@ -104,7 +114,7 @@ pub fn load_safetensors<M: ModuleSnapshot>(mut module: M, path: &Path) -> Result
     let unused: Vec<_> = result
         .unused
         .iter()
-        .filter(|k| !k.ends_with("position_ids"))
+        .filter(|k| !k.ends_with("position_ids") && !ignored.contains(&k.as_str()))
         .collect();
     if let Some(key) = unused.first() {
         return Err(weights_error(format!(

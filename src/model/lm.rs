@@ -1,0 +1,375 @@
+//! A decoder-only language model following OPT (`transformers`' `OPTForCausalLM`): learned
+//! positions with OPT's offset of 2, pre-LayerNorm blocks, a ReLU FFN `fc1`/`fc2`, a final
+//! LayerNorm, and an LM head tied to the token embeddings. The module tree mirrors the
+//! Hugging Face key names (`model.decoder.layers.0.self_attn.q_proj.weight`, ...), so real OPT
+//! weights load without a remapping table.
+//!
+//! The hooks editing needs live here too: every layer's output can be captured, a layer's FFN
+//! can carry extra key-value pairs (UniKE eq. 3, T-Patcher's neurons), a shift can be added
+//! after a layer's self-attention (UniKE eq. 2/7), and training can be restricted to chosen
+//! layers.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Bool, Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::clip::encoder::{SelfAttention, layer_norm};
+use crate::error::{Error, Result};
+
+/// OPT's learned positions start at index 2 (`OPTLearnedPositionalEmbedding.offset`).
+pub const POSITION_OFFSET: usize = 2;
+
+/// The fields of a Hugging Face OPT `config.json` that define the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub ffn_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub word_embed_proj_dim: Option<usize>,
+    #[serde(default = "yes")]
+    pub do_layer_norm_before: bool,
+    #[serde(default = "relu_name")]
+    pub activation_function: String,
+    #[serde(default = "yes")]
+    pub enable_bias: bool,
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "one")]
+    pub pad_token_id: u32,
+    #[serde(default = "two")]
+    pub bos_token_id: u32,
+    #[serde(default = "two")]
+    pub eos_token_id: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn relu_name() -> String {
+    "relu".into()
+}
+fn one() -> u32 {
+    1
+}
+fn two() -> u32 {
+    2
+}
+
+impl OptConfig {
+    /// Reads and checks a Hugging Face `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            error: e,
+        })?;
+        config.check().map_err(|reason| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// The sizes fit together and the variant is the one implemented.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !self.do_layer_norm_before {
+            return Err(
+                "post-LayerNorm OPT (do_layer_norm_before = false, OPT-350m) is not \
+                        supported"
+                    .into(),
+            );
+        }
+        if self.activation_function != "relu" {
+            return Err(format!(
+                "activation_function '{}': only relu is supported",
+                self.activation_function
+            ));
+        }
+        if !self.tie_word_embeddings {
+            return Err("an untied LM head is not supported".into());
+        }
+        if self
+            .word_embed_proj_dim
+            .is_some_and(|d| d != self.hidden_size)
+        {
+            return Err(
+                "word_embed_proj_dim != hidden_size (project_in/out) is not supported".into(),
+            );
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Extra FFN key-value pairs appended to a layer (UniKE eq. 3; T-Patcher's patch neurons):
+/// `FFN(x) + relu(x K + b) V`.
+#[derive(Module, Debug)]
+pub struct ExtraNeurons {
+    /// `[hidden, n]`.
+    pub keys: Param<Tensor<2>>,
+    /// `[n]`.
+    pub key_bias: Param<Tensor<1>>,
+    /// `[n, hidden]`.
+    pub values: Param<Tensor<2>>,
+}
+
+impl ExtraNeurons {
+    /// `n` neurons with small random keys and zero values: the layer's output is unchanged
+    /// until they are trained.
+    pub fn new(hidden: usize, n: usize, device: &Device) -> Self {
+        use burn::tensor::Distribution;
+        let std = 1.0 / (hidden as f64).sqrt();
+        Self {
+            keys: Param::from_tensor(Tensor::random(
+                [hidden, n],
+                Distribution::Normal(0.0, std),
+                device,
+            )),
+            key_bias: Param::from_tensor(Tensor::zeros([n], device)),
+            values: Param::from_tensor(Tensor::zeros([n, hidden], device)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.dims()[1]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The neurons' activations `relu(x K + b)`, `[rows, n]`, for `x`: `[rows, hidden]`.
+    pub fn activations(&self, x: Tensor<2>) -> Tensor<2> {
+        let n = self.len();
+        relu(x.matmul(self.keys.val()) + self.key_bias.val().reshape([1, n]))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct OptDecoderLayer {
+    pub self_attn: SelfAttention,
+    pub self_attn_layer_norm: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub final_layer_norm: LayerNorm,
+    /// Extra key-value pairs, absent in pre-trained weights.
+    pub extra: Option<ExtraNeurons>,
+}
+
+/// What a forward pass adds to or reads from the layers.
+#[derive(Clone, Debug, Default)]
+pub struct Hooks {
+    /// Per layer, a shift added to the self-attention output before the residual,
+    /// broadcastable to `[batch, seq, hidden]` (UniKE eq. 2/7).
+    pub attention_shift: Vec<Option<Tensor<3>>>,
+    /// Keep every layer's input and output (`hidden_states` of the output).
+    pub capture: bool,
+}
+
+impl OptDecoderLayer {
+    fn new(config: &OptConfig, device: &Device) -> Self {
+        let d = config.hidden_size;
+        let eps = 1e-5;
+        let linear = |i, o| {
+            LinearConfig::new(i, o)
+                .with_bias(config.enable_bias)
+                .init(device)
+        };
+        Self {
+            self_attn: SelfAttention::new(
+                d,
+                config.num_attention_heads,
+                config.enable_bias,
+                device,
+            ),
+            self_attn_layer_norm: layer_norm(d, eps, device),
+            fc1: linear(d, config.ffn_dim),
+            fc2: linear(config.ffn_dim, d),
+            final_layer_norm: layer_norm(d, eps, device),
+            extra: None,
+        }
+    }
+
+    /// The FFN on normalised `x`, `[rows, hidden]`: `fc2(relu(fc1 x))` plus the extra pairs.
+    pub fn ffn(&self, x: Tensor<2>) -> Tensor<2> {
+        let out = self.fc2.forward(relu(self.fc1.forward(x.clone())));
+        match &self.extra {
+            Some(extra) => out + extra.activations(x).matmul(extra.values.val()),
+            None => out,
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, mask: Tensor<4, Bool>, shift: Option<&Tensor<3>>) -> Tensor<3> {
+        let [batch, seq, d] = x.dims();
+        let mut attn = self
+            .self_attn
+            .forward(self.self_attn_layer_norm.forward(x.clone()), Some(mask));
+        if let Some(shift) = shift {
+            attn = attn + shift.clone();
+        }
+        let x = x + attn;
+        let normed = self
+            .final_layer_norm
+            .forward(x.clone())
+            .reshape([batch * seq, d]);
+        x + self.ffn(normed).reshape([batch, seq, d])
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct OptDecoder {
+    pub embed_tokens: Embedding,
+    pub embed_positions: Embedding,
+    pub final_layer_norm: LayerNorm,
+    pub layers: Vec<OptDecoderLayer>,
+}
+
+#[derive(Module, Debug)]
+pub struct OptModel {
+    pub decoder: OptDecoder,
+}
+
+/// `OPTForCausalLM`; the LM head is the token embedding matrix (tied).
+#[derive(Module, Debug)]
+pub struct OptForCausalLM {
+    pub model: OptModel,
+}
+
+/// Logits and, when captured, the hidden states: `hidden_states[0]` is the embedding output,
+/// `hidden_states[i + 1]` layer i's output (the last after the final LayerNorm), as in
+/// `transformers`.
+#[derive(Debug, Clone)]
+pub struct LmOutput {
+    /// `[batch, seq, vocab]`.
+    pub logits: Tensor<3>,
+    pub hidden_states: Vec<Tensor<3>>,
+    /// `[batch, seq, hidden]` after the final LayerNorm.
+    pub last_hidden_state: Tensor<3>,
+}
+
+impl OptForCausalLM {
+    pub fn new(config: &OptConfig, device: &Device) -> Self {
+        let d = config.hidden_size;
+        Self {
+            model: OptModel {
+                decoder: OptDecoder {
+                    embed_tokens: EmbeddingConfig::new(config.vocab_size, d).init(device),
+                    embed_positions: EmbeddingConfig::new(
+                        config.max_position_embeddings + POSITION_OFFSET,
+                        d,
+                    )
+                    .init(device),
+                    final_layer_norm: layer_norm(d, 1e-5, device),
+                    layers: (0..config.num_hidden_layers)
+                        .map(|_| OptDecoderLayer::new(config, device))
+                        .collect(),
+                },
+            },
+        }
+    }
+
+    /// Loads `model.safetensors` (Hugging Face keys; a stored `lm_head.weight`, the tied copy
+    /// of the embeddings, is ignored).
+    pub fn load_safetensors(self, path: &Path) -> Result<Self> {
+        super::clip::weights::load_safetensors_ignoring(self, path, &["lm_head.weight"])
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.decoder.layers.len()
+    }
+
+    /// Only the given layers train; every other parameter (embeddings included) is frozen.
+    pub fn train_only_layers(mut self, layers: &[usize]) -> Self {
+        self = self.set_require_grad(false);
+        let decoder = &mut self.model.decoder;
+        decoder.layers = std::mem::take(&mut decoder.layers)
+            .into_iter()
+            .enumerate()
+            .map(|(i, layer)| layer.set_require_grad(layers.contains(&i)))
+            .collect();
+        self
+    }
+
+    /// `ids`: `[batch, seq]`; `attention_mask`: `[batch, seq]`, 1 for tokens and 0 for padding
+    /// (positions count the tokens, as OPT's do).
+    pub fn forward(&self, ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> LmOutput {
+        self.forward_with(ids, attention_mask, &Hooks::default())
+    }
+
+    pub fn forward_with(
+        &self,
+        ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput {
+        let decoder = &self.model.decoder;
+        let [batch, seq] = ids.dims();
+        let heads = decoder
+            .layers
+            .first()
+            .map_or(1, |l| l.self_attn.num_heads());
+        // OPT: position = (number of tokens up to here) - 1, padding at -1; plus the offset.
+        let positions = (attention_mask.clone().cumsum(1) * attention_mask.clone() - 1)
+            + POSITION_OFFSET as i64;
+        let mut x = decoder.embed_tokens.forward(ids) + decoder.embed_positions.forward(positions);
+
+        let device = x.device();
+        // Masked (true): a later key, or a padding key.
+        let causal = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &device)
+            .reshape([1, 1, seq, seq])
+            .expand([batch, heads, seq, seq]);
+        // Padding keys are masked except on the diagonal, so no row is entirely masked.
+        let off_diagonal = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &device)
+            .bool_or(Tensor::<2, Bool>::triu_mask([seq, seq], 0, &device))
+            .reshape([1, 1, seq, seq])
+            .expand([batch, heads, seq, seq]);
+        let padding = attention_mask
+            .equal_elem(0)
+            .reshape([batch, 1, 1, seq])
+            .expand([batch, heads, seq, seq])
+            .bool_and(off_diagonal);
+        let mask = causal.bool_or(padding);
+
+        let mut hidden_states = Vec::new();
+        for (i, layer) in decoder.layers.iter().enumerate() {
+            if hooks.capture {
+                hidden_states.push(x.clone());
+            }
+            let shift = hooks.attention_shift.get(i).and_then(Option::as_ref);
+            x = layer.forward(x, mask.clone(), shift);
+        }
+        let last_hidden_state = decoder.final_layer_norm.forward(x);
+        if hooks.capture {
+            hidden_states.push(last_hidden_state.clone());
+        }
+        LmOutput {
+            logits: self.lm_head(last_hidden_state.clone()),
+            hidden_states,
+            last_hidden_state,
+        }
+    }
+
+    /// Logits from final hidden states through the tied embedding matrix.
+    pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, d] = hidden.dims();
+        let embeddings = self.model.decoder.embed_tokens.weight.val(); // [vocab, d]
+        let vocab = embeddings.dims()[0];
+        hidden
+            .reshape([batch * seq, d])
+            .matmul(embeddings.transpose())
+            .reshape([batch, seq, vocab])
+    }
+}
