@@ -1,2 +1,3 @@
+pub mod editing;
 pub mod metrics;
 pub mod scope;
