@@ -315,8 +315,25 @@ impl OptForCausalLM {
         attention_mask: Tensor<2, Int>,
         hooks: &Hooks,
     ) -> LmOutput {
+        let embeds = self.embed_tokens(ids);
+        self.forward_embeds(embeds, attention_mask, hooks)
+    }
+
+    /// Token embeddings, `[batch, seq, hidden]`.
+    pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.model.decoder.embed_tokens.forward(ids)
+    }
+
+    /// The forward pass from input embeddings (token embeddings, or a visual prefix followed
+    /// by them): positions are added here.
+    pub fn forward_embeds(
+        &self,
+        embeds: Tensor<3>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput {
         let decoder = &self.model.decoder;
-        let [batch, seq] = ids.dims();
+        let [batch, seq, _] = embeds.dims();
         let heads = decoder
             .layers
             .first()
@@ -324,7 +341,7 @@ impl OptForCausalLM {
         // OPT: position = (number of tokens up to here) - 1, padding at -1; plus the offset.
         let positions = (attention_mask.clone().cumsum(1) * attention_mask.clone() - 1)
             + POSITION_OFFSET as i64;
-        let mut x = decoder.embed_tokens.forward(ids) + decoder.embed_positions.forward(positions);
+        let mut x = embeds + decoder.embed_positions.forward(positions);
 
         let device = x.device();
         // Masked (true): a later key, or a padding key.

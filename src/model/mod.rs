@@ -2,3 +2,4 @@ pub mod clip;
 pub mod fusion;
 pub mod lm;
 pub mod scope;
+pub mod vlm;

@@ -1,0 +1,242 @@
+//! The multimodal LLM that gets edited: CLIP's vision tower, a projector (linear or MLP), and
+//! the OPT-style LM reading the projected vision tokens as a visual prefix (LLaVA style: each
+//! class or patch token becomes one prefix token). Text-only inputs (T-Locality) have no
+//! prefix. VQA prompts are `Question: {q} Short answer:`; captions a plain prefix.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::clip::{ClipVisionConfig, ClipVisionTransformer};
+use super::lm::{Hooks, LmOutput, OptConfig, OptForCausalLM};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProjectorKind {
+    Linear,
+    /// Linear, GELU, Linear.
+    Mlp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VlmConfig {
+    pub vision: ClipVisionConfig,
+    pub lm: OptConfig,
+    pub projector: ProjectorKind,
+}
+
+impl VlmConfig {
+    /// `vlm-tiny` (trains in minutes on a CPU) and `vlm-small`, for a vocabulary of
+    /// `vocab_size` words and `image_size` inputs.
+    pub fn preset(name: &str, vocab_size: usize, image_size: usize) -> Option<Self> {
+        // The vision tower is a scenes CLIP preset's; the LM is sized per preset.
+        let (clip, width, layers, heads) = match name {
+            "vlm-tiny" => ("clip-tiny", 128, 4, 4),
+            "vlm-small" => ("clip-small", 256, 6, 8),
+            _ => return None,
+        };
+        let clip = super::clip::ClipConfig::scenes_preset(clip, vocab_size, image_size)?;
+        Some(Self {
+            vision: clip.vision_config,
+            lm: OptConfig {
+                vocab_size,
+                hidden_size: width,
+                ffn_dim: 4 * width,
+                num_hidden_layers: layers,
+                num_attention_heads: heads,
+                max_position_embeddings: 160,
+                word_embed_proj_dim: Some(width),
+                do_layer_norm_before: true,
+                activation_function: "relu".into(),
+                enable_bias: true,
+                tie_word_embeddings: true,
+                pad_token_id: 0,
+                bos_token_id: 2,
+                eos_token_id: 3,
+            },
+            projector: ProjectorKind::Mlp,
+        })
+    }
+
+    /// Visual prefix length: the class token and every patch.
+    pub fn prefix_len(&self) -> usize {
+        self.vision.num_positions()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Projector {
+    pub first: Linear,
+    /// Present for the MLP projector.
+    pub second: Option<Linear>,
+}
+
+impl Projector {
+    fn new(kind: ProjectorKind, d_in: usize, d_out: usize, device: &Device) -> Self {
+        Self {
+            first: LinearConfig::new(d_in, d_out).init(device),
+            second: (kind == ProjectorKind::Mlp)
+                .then(|| LinearConfig::new(d_out, d_out).init(device)),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let h = self.first.forward(x);
+        match &self.second {
+            Some(second) => second.forward(gelu(h)),
+            None => h,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Vlm {
+    pub vision_model: ClipVisionTransformer,
+    pub projector: Projector,
+    pub lm: OptForCausalLM,
+}
+
+impl Vlm {
+    pub fn new(config: &VlmConfig, device: &Device) -> Self {
+        Self {
+            vision_model: ClipVisionTransformer::new(&config.vision, device),
+            projector: Projector::new(
+                config.projector,
+                config.vision.hidden_size,
+                config.lm.hidden_size,
+                device,
+            ),
+            lm: OptForCausalLM::new(&config.lm, device),
+        }
+    }
+
+    /// The visual prefix, `[batch, prefix_len, lm hidden]`.
+    pub fn visual_prefix(&self, pixels: Tensor<4>) -> Tensor<3> {
+        let hidden = self.vision_model.forward(pixels).last_hidden_state;
+        let [batch, n, d] = hidden.dims();
+        let normed = self
+            .vision_model
+            .post_layernorm
+            .forward(hidden.reshape([batch * n, d]));
+        let projected = self.projector.forward(normed);
+        let width = projected.dims()[1];
+        projected.reshape([batch, n, width])
+    }
+
+    /// The LM over `[visual prefix; text]` (or the text alone without `pixels`). The output's
+    /// `logits` cover the text positions only: `logits[:, t]` predicts text token `t + 1`.
+    /// `hidden_states`, when captured, span the whole sequence.
+    pub fn forward(
+        &self,
+        pixels: Option<Tensor<4>>,
+        ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput {
+        let [batch, seq] = ids.dims();
+        let text = self.lm.embed_tokens(ids);
+        let Some(pixels) = pixels else {
+            return self.lm.forward_embeds(text, attention_mask, hooks);
+        };
+        let prefix = self.visual_prefix(pixels);
+        let prefix_len = prefix.dims()[1];
+        let device = text.device();
+        let ones = Tensor::<2, Int>::ones([batch, prefix_len], &device);
+        let mut out = self.lm.forward_embeds(
+            Tensor::cat(vec![prefix, text], 1),
+            Tensor::cat(vec![ones, attention_mask], 1),
+            hooks,
+        );
+        out.logits = out.logits.narrow(1, prefix_len, seq);
+        out
+    }
+
+    /// Greedy decoding of one prompt: up to `max_new` tokens, stopping after `eos`.
+    pub fn generate(
+        &self,
+        pixels: Option<Tensor<4>>,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+    ) -> Vec<u32> {
+        let device = self.lm.model.decoder.embed_tokens.weight.device();
+        let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let mut generated = Vec::new();
+        for _ in 0..max_new {
+            let n = ids.len();
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
+            let mask = Tensor::<2, Int>::ones([1, n], &device);
+            let logits = self
+                .forward(pixels.clone(), input, mask, &Hooks::default())
+                .logits;
+            let vocab = logits.dims()[2];
+            let next = logits
+                .narrow(1, n - 1, 1)
+                .reshape([1, vocab])
+                .argmax(1)
+                .into_scalar::<i64>() as u32;
+            generated.push(next);
+            if next == eos {
+                break;
+            }
+            ids.push(next as i64);
+        }
+        generated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn tiny() -> VlmConfig {
+        let mut config = VlmConfig::preset("vlm-tiny", 40, 32).unwrap();
+        config.lm.hidden_size = 32;
+        config.lm.ffn_dim = 64;
+        config.lm.num_hidden_layers = 2;
+        config.lm.word_embed_proj_dim = Some(32);
+        config
+    }
+
+    #[test]
+    fn text_logits_follow_the_visual_prefix_and_depend_on_the_image() {
+        let device = Device::flex();
+        let config = tiny();
+        let model = Vlm::new(&config, &device);
+        assert_eq!(config.prefix_len(), 1 + 16);
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![2i64, 5, 7, 9], [1, 4]), &device);
+        let mask = Tensor::<2, Int>::ones([1, 4], &device);
+        let image = |seed| {
+            device.seed(seed);
+            Tensor::<4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device)
+        };
+        let hooks = Hooks {
+            capture: true,
+            ..Hooks::default()
+        };
+        let a = model.forward(Some(image(1)), ids.clone(), mask.clone(), &hooks);
+        assert_eq!(a.logits.dims(), [1, 4, 40]);
+        assert_eq!(a.hidden_states[0].dims(), [1, 17 + 4, 32]);
+        let b = model.forward(Some(image(2)), ids.clone(), mask.clone(), &Hooks::default());
+        let text_only = model.forward(None, ids, mask, &Hooks::default());
+        assert_eq!(text_only.logits.dims(), [1, 4, 40]);
+        let diff = (a.logits - b.logits).abs().max().into_scalar::<f32>();
+        assert!(diff > 1e-4, "the image must matter: {diff}");
+    }
+
+    #[test]
+    fn greedy_decoding_stops_at_the_end_token_or_the_limit() {
+        let device = Device::flex();
+        let model = Vlm::new(&tiny(), &device);
+        let out = model.generate(None, &[2, 5, 7], 6, 3);
+        assert!(!out.is_empty() && out.len() <= 6);
+        assert!(out[..out.len() - 1].iter().all(|&t| t != 3));
+        // Greedy is deterministic.
+        assert_eq!(model.generate(None, &[2, 5, 7], 6, 3), out);
+    }
+}
