@@ -85,6 +85,10 @@ fn rho_lies_in_the_unit_interval_for_every_variant() {
         similarity: Similarity::Cosine,
         ..ScopeConfig::multimodal(FusionKind::DotProduct)
     });
+    configs.push(ScopeConfig {
+        learned_metric: true,
+        ..ScopeConfig::multimodal(FusionKind::DotProduct)
+    });
     for config in configs {
         let model = classifier(&f, &config, &device);
         let z_e = model.encode(&f.batcher.edits(&batch, &device).unwrap());

@@ -49,6 +49,11 @@ pub struct ScopeConfig {
     /// Width of the cross-attention projections.
     #[serde(default = "default_dim")]
     pub attention_dim: usize,
+    /// Learn a diagonal metric: z is scaled per dimension by learned weights before the
+    /// similarity, so that Sim compares `W^(1/2) z_e` and `W^(1/2) z` (a learned metric in
+    /// the sense of eq. 8).
+    #[serde(default)]
+    pub learned_metric: bool,
 }
 
 fn default_fusion() -> FusionKind {
@@ -69,6 +74,7 @@ impl ScopeConfig {
             similarity: default_similarity(),
             dim: default_dim(),
             attention_dim: default_dim(),
+            learned_metric: false,
         }
     }
 
@@ -98,6 +104,8 @@ pub struct ScopeClassifier {
     /// A_i (eq. 4-5).
     pub align_image: Linear,
     pub fusion: Fusion,
+    /// log of the per-dimension metric scale (with `learned_metric`).
+    pub metric_log_scale: Option<Param<Tensor<1>>>,
     #[module(skip)]
     config: ScopeConfig,
 }
@@ -115,6 +123,13 @@ impl ScopeClassifier {
             align_text: identity_linear(p, config.dim, device),
             align_image: identity_linear(p, config.dim, device),
             fusion: Fusion::new(config.fusion, config.dim, config.attention_dim, device),
+            metric_log_scale: config.learned_metric.then(|| {
+                let width = match config.mode {
+                    ScopeMode::TextOnly => config.dim,
+                    ScopeMode::Multimodal => 2 * config.dim,
+                };
+                Param::from_tensor(Tensor::zeros([width], device))
+            }),
             config: config.clone(),
         }
     }
@@ -125,6 +140,17 @@ impl ScopeClassifier {
 
     /// z for a batch (eq. 6-7): `[batch, dim]` text-only, `[batch, 2 dim]` multimodal.
     pub fn encode(&self, input: &ScopeInput) -> Tensor<2> {
+        let z = self.encode_unscaled(input);
+        match &self.metric_log_scale {
+            Some(log_scale) => {
+                let width = log_scale.dims()[0];
+                z * log_scale.val().exp().reshape([1, width])
+            }
+            None => z,
+        }
+    }
+
+    fn encode_unscaled(&self, input: &ScopeInput) -> Tensor<2> {
         let text = self
             .clip
             .text_features(input.ids.clone(), input.padding.clone());
@@ -226,4 +252,49 @@ pub fn bce(log_rho: Tensor<1>, labels: Tensor<1>) -> Tensor<1> {
     let positive = labels.clone() * log_rho;
     let negative = (labels.neg() + 1.0) * log_not;
     (positive + negative).mean().neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::clip::ClipConfig;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn the_learned_metric_scales_each_dimension_of_z() {
+        let device = Device::flex();
+        let clip_config = ClipConfig::scenes_preset("clip-tiny", 20, 16).unwrap();
+        let config = ScopeConfig {
+            learned_metric: true,
+            ..ScopeConfig::text_only()
+        };
+        let mut model = ScopeClassifier::new(
+            &config,
+            ClipModel::new(&clip_config, &device),
+            &clip_config,
+            &device,
+        );
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![2i64, 5, 3], [1, 3]), &device);
+        let input = ScopeInput {
+            ids,
+            padding: Tensor::<2, Bool>::from_data(TensorData::new(vec![false; 3], [1, 3]), &device),
+            images: None,
+        };
+        // Starts as the identity metric.
+        let plain: Vec<f32> = model
+            .encode_unscaled(&input)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let scaled: Vec<f32> = model.encode(&input).into_data().try_to_vec().unwrap();
+        assert_eq!(plain, scaled);
+        // exp(log scale) multiplies each dimension.
+        let log_scale = Tensor::<1>::random([config.dim], Distribution::Normal(0.0, 1.0), &device);
+        let factors: Vec<f32> = log_scale.clone().exp().into_data().try_to_vec().unwrap();
+        model.metric_log_scale = Some(Param::from_tensor(log_scale));
+        let scaled: Vec<f32> = model.encode(&input).into_data().try_to_vec().unwrap();
+        for ((s, p), f) in scaled.iter().zip(&plain).zip(&factors) {
+            assert!((s - p * f).abs() < 1e-5 * (1.0 + s.abs()));
+        }
+    }
 }
