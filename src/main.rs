@@ -134,6 +134,40 @@ enum TrainCommand {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Train the base VLM (LM cross-entropy) on the pre-edit knowledge of a scenes/FGVEdit
+    /// train.json; prints the teacher-forced exact match on test.json's pre-edit questions.
+    Vlm {
+        /// vlm-tiny or vlm-small.
+        #[arg(long, default_value = "vlm-tiny")]
+        preset: String,
+        /// Directory with train.json, test.json, tokenizer.json and the images.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A CLIP directory (e.g. from `mmke train clip`) whose vision tower starts the VLM's.
+        #[arg(long)]
+        clip: Option<PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        steps: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Every Nth batch is text-only (T-Locality facts).
+        #[arg(long, default_value_t = 8)]
+        text_every: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 64)]
+        image_size: usize,
+        #[arg(long, default_value_t = 200)]
+        checkpoint_every: usize,
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -390,6 +424,46 @@ fn run(cli: Cli) -> Result<()> {
             let device = device.device()?.autodiff();
             let report = mmke::train::scope::run(&config, &clip, &data, &out, resume, &device)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Train(TrainCommand::Vlm {
+            preset,
+            data,
+            out,
+            clip,
+            steps,
+            batch_size,
+            lr,
+            text_every,
+            seed,
+            image_size,
+            checkpoint_every,
+            resume,
+            device,
+        }) => {
+            let config = mmke::train::vlm::VlmTrainConfig {
+                steps,
+                batch_size,
+                lr,
+                text_every,
+                checkpoint_every,
+                seed,
+            };
+            let device = device.device()?.autodiff();
+            let exact = mmke::train::vlm::run(
+                &preset,
+                image_size,
+                clip.as_deref(),
+                &data,
+                &config,
+                &out,
+                resume,
+                &device,
+            )?;
+            println!(
+                "test pre-edit exact match (teacher-forced): {:.2}%",
+                100.0 * exact
+            );
+            eprintln!("wrote {}", out.display());
         }
         Command::Eval(EvalCommand::Scope {
             checkpoint,

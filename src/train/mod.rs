@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod scope;
+pub mod vlm;
 
 /// The progress display of a training loop: `steps` in all, `done` already.
 pub fn progress_bar(steps: usize, done: usize) -> indicatif::ProgressBar {

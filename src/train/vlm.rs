@@ -1,0 +1,411 @@
+//! Training the base VLM with LM cross-entropy on what it should know before any edit: every
+//! question about the unedited scene with its answer under S (the scope questions, the edit
+//! question and its rephrase with the original answer), the question on another image, and
+//! the text-only T-Locality facts. Teacher-forced: the loss and the exact-match score cover the
+//! answer tokens and the end token.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::IndexedRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, TrainState};
+use crate::data::image::ImagePreprocessor;
+use crate::data::record::EditRecord;
+use crate::data::text::TextTokenizer;
+use crate::error::Result;
+use crate::model::lm::Hooks;
+use crate::model::vlm::Vlm;
+
+/// A prompt and the answer the model should give, on an image or on text alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LmExample {
+    pub image: Option<PathBuf>,
+    pub prompt: String,
+    pub answer: String,
+}
+
+/// What the unedited model should answer about `record`: everything true of S.
+pub fn pre_edit_examples(record: &EditRecord) -> Vec<LmExample> {
+    let on = |image: &Path, prompt: &str, answer: &str| LmExample {
+        image: Some(image.to_path_buf()),
+        prompt: prompt.to_string(),
+        answer: answer.to_string(),
+    };
+    let mut out: Vec<LmExample> = record
+        .scope
+        .iter()
+        .map(|q| on(&record.image, &q.prompt, &q.answer_before))
+        .collect();
+    if let Some(original) = &record.original {
+        out.push(on(&record.image, &record.prompt, original));
+        if let Some(rephrase) = &record.rephrase {
+            out.push(on(&record.image, rephrase, original));
+        }
+    }
+    if record.scope.is_empty()
+        && let Some(q) = &record.fg_loc
+    {
+        out.push(on(&q.image, &q.prompt, &q.answer));
+    }
+    if let Some(q) = &record.m_loc {
+        out.push(on(&q.image, &q.prompt, &q.answer));
+    }
+    if let Some(q) = &record.loc {
+        out.push(LmExample {
+            image: None,
+            prompt: q.prompt.clone(),
+            answer: q.answer.clone(),
+        });
+    }
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VlmTrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Every `text_every`-th batch holds text-only examples (when there are any).
+    pub text_every: usize,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+/// Examples as tensors: `[BOS] prompt answer [EOS]`, right-padded, and per position the
+/// token it should predict (the next one) where that token is part of the answer or the end.
+pub struct LmBatch {
+    pub pixels: Option<Tensor<4>>,
+    pub ids: Tensor<2, Int>,
+    pub mask: Tensor<2, Int>,
+    /// `[batch, seq]`: the next token at answer positions, 0 elsewhere.
+    pub targets: Tensor<2, Int>,
+    /// `[batch, seq]`: 1 at answer positions.
+    pub weights: Tensor<2>,
+}
+
+/// Tokenizes examples and keeps preprocessed images in memory.
+pub struct LmBatcher {
+    tokenizer: TextTokenizer,
+    preprocessor: ImagePreprocessor,
+    images: HashMap<PathBuf, Vec<f32>>,
+    bos: i64,
+    eos: i64,
+}
+
+impl LmBatcher {
+    pub fn new(
+        tokenizer: TextTokenizer,
+        preprocessor: ImagePreprocessor,
+        bos: u32,
+        eos: u32,
+    ) -> Self {
+        Self {
+            tokenizer,
+            preprocessor,
+            images: HashMap::new(),
+            bos: bos as i64,
+            eos: eos as i64,
+        }
+    }
+
+    /// All examples must either have an image or not.
+    pub fn batch(&mut self, examples: &[&LmExample], device: &Device) -> Result<LmBatch> {
+        let with_image = examples.first().is_some_and(|e| e.image.is_some());
+        assert!(
+            examples.iter().all(|e| e.image.is_some() == with_image),
+            "a batch is all image or all text-only examples"
+        );
+        let mut sequences = Vec::with_capacity(examples.len());
+        let mut answer_spans = Vec::with_capacity(examples.len());
+        for e in examples {
+            let prompt = self.tokenizer.encode(&e.prompt, false)?;
+            let answer = self.tokenizer.encode(&e.answer, false)?;
+            let mut ids = vec![self.bos];
+            ids.extend(prompt);
+            let start = ids.len();
+            ids.extend(answer);
+            ids.push(self.eos);
+            answer_spans.push((start, ids.len()));
+            sequences.push(ids);
+        }
+        let n = examples.len();
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = vec![self.tokenizer.pad_id() as i64; n * seq];
+        let mut mask = vec![0i64; n * seq];
+        let mut targets = vec![0i64; n * seq];
+        let mut weights = vec![0f32; n * seq];
+        for (b, (tokens, &(start, end))) in sequences.iter().zip(&answer_spans).enumerate() {
+            for (t, &id) in tokens.iter().enumerate() {
+                ids[b * seq + t] = id;
+                mask[b * seq + t] = 1;
+            }
+            // Position t predicts token t + 1: the answer and the end token.
+            for t in start - 1..end - 1 {
+                targets[b * seq + t] = tokens[t + 1];
+                weights[b * seq + t] = 1.0;
+            }
+        }
+        let pixels = if with_image {
+            let mut flat = Vec::new();
+            for e in examples {
+                let path = e.image.as_ref().expect("checked above");
+                if !self.images.contains_key(path) {
+                    let pixels = self.preprocessor.load(path)?;
+                    self.images.insert(path.clone(), pixels);
+                }
+                flat.extend_from_slice(&self.images[path]);
+            }
+            let (h, w) = self.preprocessor.crop.ok_or_else(|| crate::Error::Config {
+                path: examples[0].image.clone().unwrap_or_default(),
+                reason: "VLM batches need one image size: the preprocessor must center-crop".into(),
+            })?;
+            Some(Tensor::from_data(
+                TensorData::new(flat, [n, 3, h as usize, w as usize]),
+                device,
+            ))
+        } else {
+            None
+        };
+        let int = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [n, seq]), device);
+        Ok(LmBatch {
+            pixels,
+            ids: int(ids),
+            mask: int(mask),
+            targets: int(targets),
+            weights: Tensor::from_data(TensorData::new(weights, [n, seq]), device),
+        })
+    }
+}
+
+/// Teacher-forced cross-entropy over the answer positions (mean per answer token), and per
+/// example whether every answer token (and the end) is the argmax.
+pub fn answer_loss(model: &Vlm, batch: &LmBatch) -> (Tensor<1>, Vec<bool>) {
+    let logits = model
+        .forward(
+            batch.pixels.clone(),
+            batch.ids.clone(),
+            batch.mask.clone(),
+            &Hooks::default(),
+        )
+        .logits;
+    let [n, seq, _] = logits.dims();
+    let log_p = log_softmax(logits.clone(), 2)
+        .gather(2, batch.targets.clone().reshape([n, seq, 1]))
+        .reshape([n, seq]);
+    let weights = batch.weights.clone();
+    let loss = (log_p * weights.clone()).sum().neg() / weights.clone().sum().clamp_min(1.0);
+
+    let correct = logits
+        .argmax(2)
+        .reshape([n, seq])
+        .equal(batch.targets.clone())
+        .float();
+    // An example is right when no weighted position is wrong.
+    let wrong = ((correct.neg() + 1.0) * weights).sum_dim(1).reshape([n]);
+    let wrong: Vec<f32> = wrong
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .expect("f32 values");
+    (loss, wrong.iter().map(|&w| w == 0.0).collect())
+}
+
+/// Teacher-forced exact match over `examples`, in batches of `batch_size`.
+pub fn exact_match(
+    model: &Vlm,
+    examples: &[LmExample],
+    batcher: &mut LmBatcher,
+    batch_size: usize,
+    device: &Device,
+) -> Result<f64> {
+    let mut right = 0usize;
+    for with_image in [true, false] {
+        let group: Vec<&LmExample> = examples
+            .iter()
+            .filter(|e| e.image.is_some() == with_image)
+            .collect();
+        for chunk in group.chunks(batch_size.max(1)) {
+            let batch = batcher.batch(chunk, device)?;
+            right += answer_loss(model, &batch).1.iter().filter(|&&r| r).count();
+        }
+    }
+    Ok(right as f64 / examples.len().max(1) as f64)
+}
+
+/// Trains `model` (on an autodiff device); with `resume`, continues from `dir`'s checkpoint.
+pub fn train(
+    mut model: Vlm,
+    examples: &[LmExample],
+    batcher: &mut LmBatcher,
+    config: &VlmTrainConfig,
+    dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<Vlm> {
+    let mut optim = AdamConfig::new().init();
+    let mut state = TrainState::default();
+    if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
+        (model, optim, state) = (m, o, s);
+        eprintln!("resuming {} at step {}", dir.display(), state.step);
+    }
+    let (visual, text): (Vec<&LmExample>, Vec<&LmExample>) =
+        examples.iter().partition(|e| e.image.is_some());
+    let progress = super::progress_bar(config.steps, state.step);
+    while state.step < config.steps {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_stream(state.step as u64);
+        let text_turn = !text.is_empty()
+            && (visual.is_empty() || (state.step + 1) % config.text_every.max(1) == 0);
+        let pool = if text_turn { &text } else { &visual };
+        let chosen: Vec<&LmExample> = (0..config.batch_size)
+            .filter_map(|_| pool.choose(&mut rng).copied())
+            .collect();
+        let batch = batcher.batch(&chosen, device)?;
+        let (loss, right) = answer_loss(&model, &batch);
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(config.lr, model, grads);
+        state.step += 1;
+        progress.inc(1);
+        let share = right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
+        progress.set_message(format!("loss {value:.4}  batch exact match {share:.2}"));
+        if state.step % config.checkpoint_every == 0 || state.step == config.steps {
+            checkpoint::save(dir, &model, &optim, &state)?;
+            progress.suspend(|| eprintln!("step {}: loss {value:.4}", state.step));
+        }
+    }
+    progress.finish();
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_the_answer_and_end_tokens_shifted_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let json = crate::data::scenes::word_level_tokenizer()
+            .to_string(false)
+            .unwrap();
+        std::fs::write(&path, json).unwrap();
+        let tokenizer = TextTokenizer::from_file(&path, 64, 0).unwrap();
+        let id = |w: &str| tokenizer.encode(w, false).unwrap()[0];
+        let (red, what, color) = (id("red"), id("what"), id("color"));
+        let mut batcher = LmBatcher::new(tokenizer, ImagePreprocessor::clip(16), 2, 3);
+        let example = LmExample {
+            image: None,
+            prompt: "what color".into(),
+            answer: "red".into(),
+        };
+        let batch = batcher.batch(&[&example], &Device::flex()).unwrap();
+        let ids: Vec<i64> = batch
+            .ids
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec()
+            .unwrap();
+        assert_eq!(ids, [2, what, color, red, 3]);
+        let targets: Vec<i64> = batch
+            .targets
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec()
+            .unwrap();
+        // Position 2 ("color") predicts "red", position 3 ("red") the end token.
+        assert_eq!(targets, [0, 0, red, 3, 0]);
+        let weights: Vec<f32> = batch.weights.into_data().try_to_vec().unwrap();
+        assert_eq!(weights, [0.0, 0.0, 1.0, 1.0, 0.0]);
+    }
+}
+
+/// A trained base VLM on disk: `vlm.json` (the config), `model.bpk`, `tokenizer.json`.
+pub fn save(
+    model: &Vlm,
+    config: &crate::model::vlm::VlmConfig,
+    tokenizer: &Path,
+    out: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let json = serde_json::to_string_pretty(config).expect("a config serializes");
+    crate::error::write_atomic(&out.join("vlm.json"), json.as_bytes())?;
+    let bytes = std::fs::read(tokenizer).map_err(|e| crate::Error::io(tokenizer, e))?;
+    crate::error::write_atomic(&out.join("tokenizer.json"), &bytes)?;
+    checkpoint::save_module(model, &out.join("model.bpk"))
+}
+
+/// Trains preset `preset` on the pre-edit knowledge of `data_dir/train.json` (scenes or
+/// FGVEdit schema, with its `tokenizer.json`), the vision tower optionally initialised from
+/// the CLIP in `clip_dir`; writes the model to `out` and returns the teacher-forced exact
+/// match on the pre-edit questions of `data_dir/test.json`.
+pub fn run(
+    preset: &str,
+    image_size: usize,
+    clip_dir: Option<&Path>,
+    data_dir: &Path,
+    config: &VlmTrainConfig,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<f64> {
+    use crate::model::vlm::VlmConfig;
+    let tokenizer_path = data_dir.join("tokenizer.json");
+    let tokenizer = TextTokenizer::from_file(&tokenizer_path, 256, 0)?;
+    let vocab = tokenizer.inner().get_vocab_size(true);
+    let vlm_config =
+        VlmConfig::preset(preset, vocab, image_size).ok_or_else(|| crate::Error::Config {
+            path: out.to_path_buf(),
+            reason: format!("unknown VLM preset '{preset}': expected vlm-tiny or vlm-small"),
+        })?;
+    let read = |name: &str| -> Result<Vec<LmExample>> {
+        let file = data_dir.join(name);
+        Ok(crate::data::fgvedit::read(&file, data_dir)?
+            .records
+            .iter()
+            .flat_map(pre_edit_examples)
+            .collect())
+    };
+    let train_examples = read("train.json")?;
+    let test_examples = read("test.json")?;
+    let lm = &vlm_config.lm;
+    let mut batcher = LmBatcher::new(
+        tokenizer,
+        ImagePreprocessor::clip(image_size as u32),
+        lm.bos_token_id,
+        lm.eos_token_id,
+    );
+    device.seed(config.seed);
+    let mut model = Vlm::new(&vlm_config, device);
+    if let Some(dir) = clip_dir {
+        let clip = crate::model::clip::Clip::load(dir, device)?;
+        if clip.config.vision_config != vlm_config.vision {
+            return Err(crate::Error::Config {
+                path: dir.join("config.json"),
+                reason: format!("its vision tower is not {preset}'s at image size {image_size}"),
+            });
+        }
+        model.vision_model = clip.model.vision_model;
+    }
+    let model = train(
+        model,
+        &train_examples,
+        &mut batcher,
+        config,
+        out,
+        resume,
+        device,
+    )?;
+    let model = burn::module::Module::valid(&model);
+    save(&model, &vlm_config, &tokenizer_path, out)?;
+    let plain = device.clone().without_autodiff();
+    exact_match(&model, &test_examples, &mut batcher, 64, &plain)
+}
