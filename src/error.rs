@@ -39,6 +39,24 @@ pub enum Error {
     Backend(#[from] crate::backend::BackendError),
 }
 
+/// Reads a JSON config file and checks it with `check`: unreadable files, malformed JSON and
+/// failed checks are errors naming the file.
+pub fn read_json_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    check: impl FnOnce(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let config: T = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        error: e,
+    })?;
+    check(&config).map_err(|reason| Error::Config {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok(config)
+}
+
 impl Error {
     /// A record that names an image file that does not exist.
     pub fn is_missing_image(&self) -> bool {

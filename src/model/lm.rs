@@ -18,7 +18,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::clip::encoder::{SelfAttention, layer_norm};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// OPT's learned positions start at index 2 (`OPTLearnedPositionalEmbedding.offset`).
 pub const POSITION_OFFSET: usize = 2;
@@ -66,16 +66,7 @@ fn two() -> u32 {
 impl OptConfig {
     /// Reads and checks a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            error: e,
-        })?;
-        config.check().map_err(|reason| Error::Config {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-        Ok(config)
+        crate::error::read_json_config(path, Self::check)
     }
 
     /// The sizes fit together and the variant is the one implemented.

@@ -115,13 +115,9 @@ impl Vlm {
 
     /// The visual prefix, `[batch, prefix_len, lm hidden]`.
     pub fn visual_prefix(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let hidden = self.vision_model.forward(pixels).last_hidden_state;
-        let [batch, n, d] = hidden.dims();
-        let normed = self
-            .vision_model
-            .post_layernorm
-            .forward(hidden.reshape([batch * n, d]));
-        let projected = self.projector.forward(normed);
+        let tokens = self.vision_model.normed_tokens(pixels);
+        let [batch, n, d] = tokens.dims();
+        let projected = self.projector.forward(tokens.reshape([batch * n, d]));
         let width = projected.dims()[1];
         projected.reshape([batch, n, width])
     }

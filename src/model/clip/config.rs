@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The MLP activation of a CLIP encoder layer (`hidden_act`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,16 +212,7 @@ impl ClipConfig {
 
     /// Reads a Hugging Face `config.json` and checks that its sizes fit together.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            error: e,
-        })?;
-        config.validate().map_err(|reason| Error::Config {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-        Ok(config)
+        crate::error::read_json_config(path, Self::validate)
     }
 
     /// Checks the invariants the modules rely on.

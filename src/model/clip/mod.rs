@@ -64,13 +64,11 @@ impl ClipModel {
     /// its class token: `[batch, 1 + patches, projection_dim]`, class token first (so row 0
     /// is `image_features`).
     pub fn image_tokens(&self, pixel_values: Tensor<4>) -> Tensor<3> {
-        let hidden = self.vision_model.forward(pixel_values).last_hidden_state;
-        let [batch, n, d] = hidden.dims();
-        let flat = self
-            .vision_model
-            .post_layernorm
-            .forward(hidden.reshape([batch * n, d]));
-        let projected = self.visual_projection.forward(flat);
+        let tokens = self.vision_model.normed_tokens(pixel_values);
+        let [batch, n, d] = tokens.dims();
+        let projected = self
+            .visual_projection
+            .forward(tokens.reshape([batch * n, d]));
         let p = projected.dims()[1];
         projected.reshape([batch, n, p])
     }

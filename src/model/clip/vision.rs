@@ -44,6 +44,16 @@ impl ClipVisionOutput {
 }
 
 impl ClipVisionTransformer {
+    /// Every output token (class token first) through `post_layernorm`, as CLIP treats its
+    /// class token: `[batch, 1 + patches, hidden]`.
+    pub fn normed_tokens(&self, pixel_values: Tensor<4>) -> Tensor<3> {
+        let hidden = self.forward(pixel_values).last_hidden_state;
+        let [batch, n, d] = hidden.dims();
+        self.post_layernorm
+            .forward(hidden.reshape([batch * n, d]))
+            .reshape([batch, n, d])
+    }
+
     pub fn new(config: &ClipVisionConfig, device: &Device) -> Self {
         let dims = EncoderDims {
             hidden_size: config.hidden_size,
