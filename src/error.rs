@@ -33,6 +33,8 @@ pub enum Error {
     Tokenizer { path: PathBuf, reason: String },
     #[error("{}: image: {reason}", path.display())]
     Image { path: PathBuf, reason: String },
+    #[error("{}: edit memory: {reason}", path.display())]
+    Memory { path: PathBuf, reason: String },
     #[error("{}: chart: {reason}", path.display())]
     Chart { path: PathBuf, reason: String },
     #[error(transparent)]

@@ -2,10 +2,16 @@
 //! query is one encoder pass plus one batched similarity against all of them (MSCKE eq. 1-2):
 //! k* = the most similar stored edit, rho its similarity; in scope iff rho >= 0.5.
 
-use burn::tensor::{Device, Int, Tensor};
+use std::path::Path;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::index::IvfIndex;
+use crate::error::{Error, Result, write_atomic};
 use crate::model::scope::{ScopeClassifier, Similarity};
+
+/// The first bytes of a saved edit memory.
+const MAGIC: &[u8; 8] = b"MMKEMEM1";
 
 /// Where a query goes: the nearest stored edit and its similarity.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -132,6 +138,90 @@ impl EditMemory {
 }
 
 impl EditMemory {
+    /// Writes the memory to `path` atomically: `MAGIC`, a JSON header (similarity, edits,
+    /// width), every z_e as little-endian f32 rows, and a CRC-32 of all that. The index is not
+    /// saved (`build_index` again after loading).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let (edits, dim, rows) = match &self.z_t {
+            Some(z_t) => {
+                let [dim, edits] = z_t.dims();
+                (edits, dim, host_rows(z_t.clone().transpose()))
+            }
+            None => (0, 0, Vec::new()),
+        };
+        let header = serde_json::json!({
+            "similarity": self.similarity,
+            "edits": edits,
+            "dim": dim,
+        })
+        .to_string();
+        let mut bytes = Vec::with_capacity(16 + header.len() + 4 * rows.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        for value in rows {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        let checksum = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&checksum.to_le_bytes());
+        write_atomic(path, &bytes)
+    }
+
+    /// Reads a memory written by [`EditMemory::save`]; a truncated or corrupted file is an
+    /// error (checksum), never a partial memory.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let error = |reason: String| Error::Memory {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if bytes.len() < MAGIC.len() + 8 || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(error(
+                "not an mmke edit memory (bad magic or too short)".into(),
+            ));
+        }
+        let (body, tail) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+        if crc32fast::hash(body) != stored {
+            return Err(error(
+                "checksum mismatch: the file is truncated or corrupted".into(),
+            ));
+        }
+        let header_len = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes")) as usize;
+        let header = body
+            .get(12..12 + header_len)
+            .ok_or_else(|| error("header runs past the end".into()))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(header).map_err(|e| error(format!("invalid header: {e}")))?;
+        let similarity: Similarity = serde_json::from_value(header["similarity"].clone())
+            .map_err(|e| error(format!("invalid similarity: {e}")))?;
+        let count = |key: &str| {
+            header[key]
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| error(format!("header lacks '{key}'")))
+        };
+        let (edits, dim) = (count("edits")?, count("dim")?);
+        let data = &body[12 + header_len..];
+        if data.len() != 4 * edits * dim {
+            return Err(error(format!(
+                "{} bytes of z_e for {edits} edits of width {dim}",
+                data.len()
+            )));
+        }
+        let mut memory = Self::new(similarity, device);
+        if edits > 0 {
+            let values: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            // Stored rows are already normalised for cosine; insert keeps them as they are.
+            let z = Tensor::<2>::from_data(TensorData::new(values, [edits, dim]), device);
+            memory.insert(z);
+        }
+        Ok(memory)
+    }
+
     fn route_indexed(&self, index: &IvfIndex, z: Tensor<2>) -> Option<Vec<Route>> {
         let dim = z.dims()[1];
         let z = match self.similarity {
@@ -219,5 +309,52 @@ mod tests {
         memory.insert(Tensor::zeros([3, 8], &device));
         let far = memory.route(Tensor::ones([1, 8], &device) * 3.0).unwrap();
         assert!((far[0].rho - (-72.0f32).exp()).abs() < 1e-6 && !far[0].in_scope());
+    }
+
+    #[test]
+    fn a_saved_memory_reloads_to_the_same_routes_and_corruption_is_detected() {
+        let device = Device::flex();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let stored = Tensor::<2>::random([300, 16], Distribution::Normal(0.0, 1.0), &device);
+        let queries = Tensor::<2>::random([40, 16], Distribution::Normal(0.0, 1.0), &device);
+        for similarity in [Similarity::SquaredL2 { scale: 0.25 }, Similarity::Cosine] {
+            let mut memory = EditMemory::new(similarity, &device);
+            memory.insert(stored.clone());
+            memory.save(&path).unwrap();
+            let loaded = EditMemory::load(&path, &device).unwrap();
+            assert_eq!(loaded.len(), 300);
+            let (a, b) = (
+                memory.route(queries.clone()).unwrap(),
+                loaded.route(queries.clone()).unwrap(),
+            );
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!(x.edit, y.edit, "{similarity:?}");
+                assert!((x.rho - y.rho).abs() < 1e-6, "{similarity:?}");
+            }
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        // Truncated, or one byte flipped anywhere: a clear error, never a partial memory.
+        for broken in [bytes[..bytes.len() / 2].to_vec(), {
+            let mut b = bytes.clone();
+            let middle = b.len() / 2;
+            b[middle] ^= 0x10;
+            b
+        }] {
+            std::fs::write(&path, &broken).unwrap();
+            let err = EditMemory::load(&path, &device).err().unwrap().to_string();
+            assert!(
+                err.contains("memory.bin") && err.contains("checksum"),
+                "{err}"
+            );
+        }
+        std::fs::write(&path, b"not a memory").unwrap();
+        let err = EditMemory::load(&path, &device).err().unwrap().to_string();
+        assert!(err.contains("not an mmke edit memory"), "{err}");
+        // An empty memory round-trips too.
+        EditMemory::new(Similarity::Cosine, &device)
+            .save(&path)
+            .unwrap();
+        assert!(EditMemory::load(&path, &device).unwrap().is_empty());
     }
 }
