@@ -136,38 +136,72 @@ enum TrainCommand {
     },
     /// Train the base VLM (LM cross-entropy) on the pre-edit knowledge of a scenes/FGVEdit
     /// train.json; prints the teacher-forced exact match on test.json's pre-edit questions.
-    Vlm {
-        /// vlm-tiny or vlm-small.
-        #[arg(long, default_value = "vlm-tiny")]
-        preset: String,
-        /// Directory with train.json, test.json, tokenizer.json and the images.
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        /// A CLIP directory (e.g. from `mmke train clip`) whose vision tower starts the VLM's.
-        #[arg(long)]
-        clip: Option<PathBuf>,
-        #[arg(long, default_value_t = 2000)]
-        steps: usize,
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        /// Every Nth batch is text-only (T-Locality facts).
-        #[arg(long, default_value_t = 8)]
-        text_every: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value_t = 64)]
-        image_size: usize,
-        #[arg(long, default_value_t = 200)]
-        checkpoint_every: usize,
-        #[arg(long)]
-        resume: bool,
-        #[command(flatten)]
-        device: DeviceArgs,
-    },
+    Vlm(VlmArgs),
+    /// Train the counterfactual model: a VLM that reads the edit ("{src} >> {alt} || ")
+    /// before the query and answers as after the edit; prints its exact match on test.json.
+    Counterfactual(VlmArgs),
+}
+
+#[derive(Args)]
+struct VlmArgs {
+    /// vlm-tiny or vlm-small.
+    #[arg(long, default_value = "vlm-tiny")]
+    preset: String,
+    /// Directory with train.json, test.json, tokenizer.json and the images.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// A CLIP directory (e.g. from `mmke train clip`) whose vision tower starts the VLM's.
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    #[arg(long, default_value_t = 2000)]
+    steps: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Every Nth batch is text-only (T-Locality facts).
+    #[arg(long, default_value_t = 8)]
+    text_every: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 64)]
+    image_size: usize,
+    #[arg(long, default_value_t = 200)]
+    checkpoint_every: usize,
+    #[arg(long)]
+    resume: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+impl VlmArgs {
+    fn run(self, knowledge: mmke::train::vlm::Knowledge) -> Result<()> {
+        let config = mmke::train::vlm::VlmTrainConfig {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            text_every: self.text_every,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+        };
+        let device = self.device.device()?.autodiff();
+        let exact = mmke::train::vlm::run(
+            knowledge,
+            &self.preset,
+            self.image_size,
+            self.clip.as_deref(),
+            &self.data,
+            &config,
+            &self.out,
+            self.resume,
+            &device,
+        )?;
+        println!("test exact match (teacher-forced): {:.2}%", 100.0 * exact);
+        eprintln!("wrote {}", self.out.display());
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -425,45 +459,11 @@ fn run(cli: Cli) -> Result<()> {
             let report = mmke::train::scope::run(&config, &clip, &data, &out, resume, &device)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Train(TrainCommand::Vlm {
-            preset,
-            data,
-            out,
-            clip,
-            steps,
-            batch_size,
-            lr,
-            text_every,
-            seed,
-            image_size,
-            checkpoint_every,
-            resume,
-            device,
-        }) => {
-            let config = mmke::train::vlm::VlmTrainConfig {
-                steps,
-                batch_size,
-                lr,
-                text_every,
-                checkpoint_every,
-                seed,
-            };
-            let device = device.device()?.autodiff();
-            let exact = mmke::train::vlm::run(
-                &preset,
-                image_size,
-                clip.as_deref(),
-                &data,
-                &config,
-                &out,
-                resume,
-                &device,
-            )?;
-            println!(
-                "test pre-edit exact match (teacher-forced): {:.2}%",
-                100.0 * exact
-            );
-            eprintln!("wrote {}", out.display());
+        Command::Train(TrainCommand::Vlm(args)) => {
+            args.run(mmke::train::vlm::Knowledge::PreEdit)?;
+        }
+        Command::Train(TrainCommand::Counterfactual(args)) => {
+            args.run(mmke::train::vlm::Knowledge::Counterfactual)?;
         }
         Command::Eval(EvalCommand::Scope {
             checkpoint,

@@ -140,3 +140,59 @@ fn a_backend_not_compiled_in_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
 }
+
+#[test]
+fn train_vlm_and_counterfactual_run_and_report_exact_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let out = mmke(&[
+        "data",
+        "scenes",
+        "--out",
+        d,
+        "--train",
+        "3",
+        "--test",
+        "1",
+        "--seed",
+        "5",
+        "--image-size",
+        "32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for command in ["vlm", "counterfactual"] {
+        let run = dir.path().join(command);
+        let out = mmke(&[
+            "train",
+            command,
+            "--data",
+            d,
+            "--out",
+            run.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("test exact match (teacher-forced): "),
+            "{stdout}"
+        );
+        for file in ["vlm.json", "model.bpk", "tokenizer.json"] {
+            assert!(run.join(file).is_file(), "{command}: {file}");
+        }
+    }
+}

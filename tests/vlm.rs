@@ -94,3 +94,37 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
     .unwrap();
     assert!((0.0..=1.0).contains(&exact));
 }
+
+#[test]
+fn counterfactual_examples_read_the_edit_and_answer_as_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    scenes::write(
+        dir.path(),
+        &ScenesConfig {
+            train: 3,
+            test: 0,
+            seed: 8,
+            image_size: IMAGE as u32,
+        },
+    )
+    .unwrap();
+    let records = fgvedit::read(&dir.path().join("train.json"), dir.path())
+        .unwrap()
+        .records;
+    for record in &records {
+        let context = mmke::train::vlm::edit_context(record);
+        assert_eq!(
+            context,
+            format!("{} >> {} || ", record.prompt, record.target)
+        );
+        let examples = mmke::train::vlm::counterfactual_examples(record);
+        assert!(examples.iter().all(|e| e.prompt.starts_with(&context)));
+        assert_eq!(examples[0].answer, record.target);
+        // Every same-image question is answered as under S'.
+        for q in &record.scope {
+            assert!(examples.iter().any(
+                |e| e.prompt == format!("{context}{}", q.prompt) && e.answer == q.answer_after
+            ));
+        }
+    }
+}

@@ -67,6 +67,63 @@ pub fn pre_edit_examples(record: &EditRecord) -> Vec<LmExample> {
     out
 }
 
+/// The edit as the counterfactual model reads it before the query (`{src} >> {alt} || `, as
+/// in the reference implementation).
+pub fn edit_context(record: &EditRecord) -> String {
+    format!("{} >> {} || ", record.prompt, record.target)
+}
+
+/// What the counterfactual model should answer about `record`: every question on the edit
+/// image as under S' (in-scope ones with their new answer, the rest unchanged), the edit
+/// question, its rephrase and the rephrased image with the target, each after the edit
+/// context.
+pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
+    let context = edit_context(record);
+    let on = |image: &Path, prompt: &str, answer: &str| LmExample {
+        image: Some(image.to_path_buf()),
+        prompt: format!("{context}{prompt}"),
+        answer: answer.to_string(),
+    };
+    let mut out = vec![on(&record.image, &record.prompt, &record.target)];
+    if let Some(rephrase) = &record.rephrase {
+        out.push(on(&record.image, rephrase, &record.target));
+    }
+    if let Some(image) = &record.image_rephrase {
+        out.push(on(image, &record.prompt, &record.target));
+    }
+    out.extend(
+        record
+            .scope
+            .iter()
+            .map(|q| on(&record.image, &q.prompt, &q.answer_after)),
+    );
+    if record.scope.is_empty() {
+        for q in record.fg_gen.iter().chain(&record.fg_loc) {
+            out.push(on(&q.image, &q.prompt, &q.answer));
+        }
+    }
+    out
+}
+
+/// Which knowledge a VLM is trained on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Knowledge {
+    /// The base model: the world before any edit ([`pre_edit_examples`]).
+    PreEdit,
+    /// The counterfactual model: the world after the edit in its context
+    /// ([`counterfactual_examples`]).
+    Counterfactual,
+}
+
+impl Knowledge {
+    pub fn examples(self, record: &EditRecord) -> Vec<LmExample> {
+        match self {
+            Knowledge::PreEdit => pre_edit_examples(record),
+            Knowledge::Counterfactual => counterfactual_examples(record),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VlmTrainConfig {
@@ -343,11 +400,13 @@ pub fn save(
     checkpoint::save_module(model, &out.join("model.bpk"))
 }
 
-/// Trains preset `preset` on the pre-edit knowledge of `data_dir/train.json` (scenes or
-/// FGVEdit schema, with its `tokenizer.json`), the vision tower optionally initialised from
-/// the CLIP in `clip_dir`; writes the model to `out` and returns the teacher-forced exact
-/// match on the pre-edit questions of `data_dir/test.json`.
+/// Trains preset `preset` on `knowledge` of `data_dir/train.json` (scenes or FGVEdit schema,
+/// with its `tokenizer.json`), the vision tower optionally initialised from the CLIP in
+/// `clip_dir`; writes the model to `out` and returns the teacher-forced exact match on the
+/// same knowledge of `data_dir/test.json`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
+    knowledge: Knowledge,
     preset: &str,
     image_size: usize,
     clip_dir: Option<&Path>,
@@ -371,7 +430,7 @@ pub fn run(
         Ok(crate::data::fgvedit::read(&file, data_dir)?
             .records
             .iter()
-            .flat_map(pre_edit_examples)
+            .flat_map(|r| knowledge.examples(r))
             .collect())
     };
     let train_examples = read("train.json")?;
