@@ -142,15 +142,24 @@ fn a_backend_not_compiled_in_is_refused() {
 }
 
 #[test]
-fn train_vlm_and_counterfactual_run_and_report_exact_match() {
+fn train_every_model_then_edit_and_query() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let d = data.to_str().unwrap();
-    let out = mmke(&[
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = mmke(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let data = path("data");
+    run(&[
         "data",
         "scenes",
         "--out",
-        d,
+        &data,
         "--train",
         "3",
         "--test",
@@ -160,20 +169,15 @@ fn train_vlm_and_counterfactual_run_and_report_exact_match() {
         "--image-size",
         "32",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for command in ["vlm", "counterfactual"] {
-        let run = dir.path().join(command);
-        let out = mmke(&[
+        let out = path(command);
+        let stdout = run(&[
             "train",
             command,
             "--data",
-            d,
+            &data,
             "--out",
-            run.to_str().unwrap(),
+            &out,
             "--steps",
             "2",
             "--batch-size",
@@ -181,18 +185,79 @@ fn train_vlm_and_counterfactual_run_and_report_exact_match() {
             "--image-size",
             "32",
         ]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert!(
             stdout.contains("test exact match (teacher-forced): "),
             "{stdout}"
         );
         for file in ["vlm.json", "model.bpk", "tokenizer.json"] {
-            assert!(run.join(file).is_file(), "{command}: {file}");
+            assert!(
+                dir.path().join(command).join(file).is_file(),
+                "{command}: {file}"
+            );
         }
     }
+    let clip = path("clip");
+    run(&[
+        "train",
+        "clip",
+        "--preset",
+        "clip-tiny",
+        "--out",
+        &clip,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--scene-size",
+        "32",
+    ]);
+    let config = path("scope.toml");
+    std::fs::write(
+        &config,
+        "[model]\nmode = \"multimodal\"\nfusion = \"dot-product\"\n\
+         [train]\nsteps = 2\nbatch_size = 4\nlr = 1e-3\nvalidate_every = 2\n\
+         checkpoint_every = 2\nseed = 0\n",
+    )
+    .unwrap();
+    let scope = path("scope");
+    run(&[
+        "train", "scope", "--config", &config, "--clip", &clip, "--data", &data, "--out", &scope,
+    ]);
+
+    let image = dir.path().join("data/images/train_00000.png");
+    let stdout = run(&[
+        "edit",
+        "--scope",
+        &scope,
+        "--base",
+        &path("vlm"),
+        "--counterfactual",
+        &path("counterfactual"),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "what color is the circle?",
+        "--target",
+        "purple",
+        "--query",
+        "how many shapes are there?",
+        "--text-query",
+        "what is the capital of france?",
+    ]);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The edit question itself, the image query, the text-only query.
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for line in &lines {
+        let rho = line["rho"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&rho), "{line}");
+        let route = line["route"].as_str().unwrap();
+        assert_eq!(route == "counterfactual", rho >= 0.5, "{line}");
+        assert!(line["before"].is_string() && line["after"].is_string());
+    }
+    assert_eq!(lines[2]["image"], false);
 }

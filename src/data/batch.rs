@@ -185,7 +185,22 @@ impl ScopeBatcher {
         Ok(batcher)
     }
 
-    fn side<'a>(
+    /// Loads and preprocesses the images not seen yet (queries that arrive after `new`).
+    pub fn preload<'a>(
+        &mut self,
+        paths: impl IntoIterator<Item = &'a PathBuf>,
+    ) -> crate::Result<()> {
+        for path in paths {
+            if !self.images.contains_key(path) {
+                let pixels = self.preprocessor.load(path)?;
+                self.images.insert(path.clone(), pixels);
+            }
+        }
+        Ok(())
+    }
+
+    /// One side of the classifier's input: texts with their images (preloaded), if any.
+    pub fn side<'a>(
         &self,
         texts: impl Iterator<Item = &'a str>,
         images: &[Option<&PathBuf>],

@@ -84,3 +84,24 @@ pub struct EditRecord {
     /// Every labelled same-image question (the scenes benchmark only).
     pub scope: Vec<ScopeQuery>,
 }
+
+impl EditRecord {
+    /// A VQA edit and nothing else: `question` (untemplated) on `image` now answers `target`.
+    pub fn vqa(image: PathBuf, question: &str, target: &str) -> Self {
+        Self {
+            index: 0,
+            task: Task::Vqa,
+            prompt: vqa_prompt(question),
+            image,
+            target: target.to_string(),
+            original: None,
+            rephrase: None,
+            image_rephrase: None,
+            loc: None,
+            m_loc: None,
+            fg_gen: None,
+            fg_loc: None,
+            scope: Vec::new(),
+        }
+    }
+}

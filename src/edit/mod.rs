@@ -2,3 +2,4 @@
 
 pub mod index;
 pub mod memory;
+pub mod serac;

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -385,6 +386,24 @@ mod tests {
     }
 }
 
+/// A VLM saved by [`save`]: the model, its config and its tokenizer.
+pub fn load(
+    dir: &Path,
+    device: &Device,
+) -> Result<(Vlm, crate::model::vlm::VlmConfig, TextTokenizer)> {
+    let config: crate::model::vlm::VlmConfig =
+        crate::error::read_json_config(&dir.join("vlm.json"), |_| Ok(()))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), 256, 0)?;
+    let weights = dir.join("model.bpk");
+    let model = Vlm::new(&config, device)
+        .try_load_file(&weights)
+        .map_err(|e| crate::Error::Weights {
+            path: weights,
+            reason: e.to_string(),
+        })?;
+    Ok((model, config, tokenizer))
+}
+
 /// A trained base VLM on disk: `vlm.json` (the config), `model.bpk`, `tokenizer.json`.
 pub fn save(
     model: &Vlm,
@@ -463,7 +482,7 @@ pub fn run(
         resume,
         device,
     )?;
-    let model = burn::module::Module::valid(&model);
+    let model = model.valid();
     save(&model, &vlm_config, &tokenizer_path, out)?;
     let plain = device.clone().without_autodiff();
     exact_match(&model, &test_examples, &mut batcher, 64, &plain)

@@ -1,0 +1,293 @@
+//! Memory-based editing (SERAC, and MSCKE with a multimodal classifier): an edit is stored,
+//! never written into the base model. Each query is routed by the scope classifier against
+//! every stored edit (eq. 1-3): in scope (rho >= 0.5) -> the counterfactual model answers,
+//! reading the routed edit as context; otherwise the frozen base model answers.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::memory::{EditMemory, Route};
+use crate::data::batch::ScopeBatcher;
+use crate::data::image::ImagePreprocessor;
+use crate::data::pairs::edit_text;
+use crate::data::record::EditRecord;
+use crate::data::text::TextTokenizer;
+use crate::error::Result;
+use crate::model::scope::ScopeClassifier;
+use crate::model::vlm::Vlm;
+use crate::train::vlm::edit_context;
+
+/// A query to the edited model: a prompt (templated) on an image, or on text alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    pub image: Option<PathBuf>,
+    pub prompt: String,
+}
+
+/// How a query was answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    /// The nearest stored edit and its rho (`None` with an empty memory).
+    pub route: Option<Route>,
+    /// Whether the counterfactual model answered.
+    pub edited: bool,
+    pub text: String,
+}
+
+/// A VLM with what it needs to read prompts and images and to write answers.
+pub struct Speaker {
+    pub model: Vlm,
+    pub tokenizer: TextTokenizer,
+    pub preprocessor: ImagePreprocessor,
+    pub bos: u32,
+    pub eos: u32,
+}
+
+impl Speaker {
+    /// Greedy answer to `prompt` on `image`, at most `max_new` tokens, decoded.
+    pub fn answer(
+        &self,
+        image: Option<&Path>,
+        prompt: &str,
+        max_new: usize,
+        device: &Device,
+    ) -> Result<String> {
+        let mut ids = vec![self.bos];
+        ids.extend(
+            self.tokenizer
+                .encode(prompt, false)?
+                .into_iter()
+                .map(|id| id as u32),
+        );
+        let pixels = match image {
+            Some(path) => {
+                let image = self.preprocessor.load_image(path)?;
+                let (h, w) = self.preprocessor.output_size(image.height(), image.width());
+                Some(Tensor::<4>::from_data(
+                    TensorData::new(
+                        self.preprocessor.apply(&image),
+                        [1, 3, h as usize, w as usize],
+                    ),
+                    device,
+                ))
+            }
+            None => None,
+        };
+        let generated = self.model.generate(pixels, &ids, max_new, self.eos);
+        let answer: Vec<u32> = generated
+            .into_iter()
+            .take_while(|&t| t != self.eos)
+            .collect();
+        self.tokenizer
+            .inner()
+            .decode(&answer, true)
+            .map_err(|e| crate::Error::Tokenizer {
+                path: PathBuf::from("tokenizer.json"),
+                reason: format!("cannot decode {answer:?}: {e}"),
+            })
+    }
+}
+
+pub struct MemoryEditor {
+    pub classifier: ScopeClassifier,
+    pub batcher: ScopeBatcher,
+    pub base: Speaker,
+    pub counterfactual: Speaker,
+    memory: EditMemory,
+    edits: Vec<EditRecord>,
+    device: Device,
+}
+
+impl MemoryEditor {
+    pub fn new(
+        classifier: ScopeClassifier,
+        batcher: ScopeBatcher,
+        base: Speaker,
+        counterfactual: Speaker,
+        device: &Device,
+    ) -> Self {
+        Self {
+            memory: EditMemory::for_classifier(&classifier, device),
+            classifier,
+            batcher,
+            base,
+            counterfactual,
+            edits: Vec::new(),
+            device: device.clone(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.edits.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty()
+    }
+
+    /// Stores an edit: its z_e (edit image with "question + target") joins the memory.
+    pub fn edit(&mut self, record: &EditRecord) -> Result<()> {
+        self.batcher.preload([&record.image])?;
+        let text = edit_text(record);
+        let input = self.batcher.side(
+            std::iter::once(text.as_str()),
+            &[Some(&record.image)],
+            &self.device,
+        )?;
+        self.memory.insert(self.classifier.encode(&input));
+        self.edits.push(record.clone());
+        Ok(())
+    }
+
+    /// Forgets every edit.
+    pub fn reset(&mut self) {
+        self.memory = EditMemory::for_classifier(&self.classifier, &self.device);
+        self.edits.clear();
+    }
+
+    /// The nearest stored edit of each query (eq. 1-2).
+    pub fn route(&mut self, queries: &[Query]) -> Result<Vec<Option<Route>>> {
+        if self.edits.is_empty() {
+            return Ok(vec![None; queries.len()]);
+        }
+        self.batcher
+            .preload(queries.iter().filter_map(|q| q.image.as_ref()))?;
+        let images: Vec<Option<&PathBuf>> = queries.iter().map(|q| q.image.as_ref()).collect();
+        let input = self.batcher.side(
+            queries.iter().map(|q| q.prompt.as_str()),
+            &images,
+            &self.device,
+        )?;
+        let routes = self
+            .memory
+            .route(self.classifier.encode(&input))
+            .expect("a non-empty memory");
+        Ok(routes.into_iter().map(Some).collect())
+    }
+
+    /// Answers a query: the counterfactual model with the routed edit as context when the
+    /// query is in scope (eq. 3), the base model otherwise.
+    pub fn answer(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
+        let route = self.route(std::slice::from_ref(query))?[0];
+        let image = query.image.as_deref();
+        match route.filter(Route::in_scope) {
+            Some(r) => {
+                let prompt = format!("{}{}", edit_context(&self.edits[r.edit]), query.prompt);
+                Ok(Answer {
+                    route,
+                    edited: true,
+                    text: self
+                        .counterfactual
+                        .answer(image, &prompt, max_new, &self.device)?,
+                })
+            }
+            None => Ok(Answer {
+                route,
+                edited: false,
+                text: self
+                    .base
+                    .answer(image, &query.prompt, max_new, &self.device)?,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::pairs::pairs;
+    use crate::data::scenes::{self, ScenesConfig};
+    use crate::model::clip::{ClipConfig, ClipModel};
+    use crate::model::fusion::FusionKind;
+    use crate::model::scope::{ScopeConfig, Similarity};
+    use crate::model::vlm::VlmConfig;
+
+    const IMAGE: u32 = 32;
+
+    fn speaker(dir: &Path, vocab: usize, device: &Device) -> Speaker {
+        let mut config = VlmConfig::preset("vlm-tiny", vocab, IMAGE as usize).unwrap();
+        config.lm.hidden_size = 32;
+        config.lm.ffn_dim = 64;
+        config.lm.num_hidden_layers = 1;
+        config.lm.word_embed_proj_dim = Some(32);
+        Speaker {
+            model: Vlm::new(&config, device),
+            tokenizer: TextTokenizer::from_file(&dir.join("tokenizer.json"), 256, 0).unwrap(),
+            preprocessor: ImagePreprocessor::clip(IMAGE),
+            bos: 2,
+            eos: 3,
+        }
+    }
+
+    /// An editor whose classifier calls everything in scope (scale 0: rho = 1) or nothing
+    /// (a huge scale: rho = 0).
+    fn editor(dir: &Path, scale: f64, device: &Device) -> (MemoryEditor, Vec<EditRecord>) {
+        let records = crate::data::fgvedit::read(&dir.join("train.json"), dir)
+            .unwrap()
+            .records;
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), 64, 0).unwrap();
+        let vocab = tokenizer.inner().get_vocab_size(true);
+        let all: Vec<_> = records.iter().flat_map(pairs).collect();
+        let batcher = ScopeBatcher::new(tokenizer, ImagePreprocessor::clip(IMAGE), &all).unwrap();
+        let clip_config = ClipConfig::scenes_preset("clip-tiny", vocab, IMAGE as usize).unwrap();
+        let config = ScopeConfig {
+            similarity: Similarity::SquaredL2 { scale },
+            ..ScopeConfig::multimodal(FusionKind::DotProduct)
+        };
+        let classifier = ScopeClassifier::new(
+            &config,
+            ClipModel::new(&clip_config, device),
+            &clip_config,
+            device,
+        );
+        let base = speaker(dir, vocab, device);
+        let counterfactual = speaker(dir, vocab, device);
+        (
+            MemoryEditor::new(classifier, batcher, base, counterfactual, device),
+            records,
+        )
+    }
+
+    #[test]
+    fn in_scope_queries_go_to_the_counterfactual_model_and_the_rest_to_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        scenes::write(
+            dir.path(),
+            &ScenesConfig {
+                train: 2,
+                test: 0,
+                seed: 6,
+                image_size: IMAGE,
+            },
+        )
+        .unwrap();
+        let device = Device::flex();
+        for (scale, edited) in [(0.0, true), (1e9, false)] {
+            let (mut editor, records) = editor(dir.path(), scale, &device);
+            let query = Query {
+                image: Some(records[0].image.clone()),
+                prompt: records[0].prompt.clone(),
+            };
+            // No edit yet: the base model answers, no route.
+            let before = editor.answer(&query, 3).unwrap();
+            assert_eq!((before.route, before.edited), (None, false));
+            editor.edit(&records[0]).unwrap();
+            editor.edit(&records[1]).unwrap();
+            assert_eq!(editor.len(), 2);
+            let after = editor.answer(&query, 3).unwrap();
+            let route = after.route.expect("a route once edits are stored");
+            assert_eq!(after.edited, edited, "scale {scale}: {route:?}");
+            assert_eq!(route.in_scope(), edited);
+            if !edited {
+                assert_eq!(
+                    after.text, before.text,
+                    "out of scope: the base model's answer"
+                );
+            }
+            editor.reset();
+            assert!(editor.is_empty());
+            assert_eq!(editor.route(&[query]).unwrap(), vec![None]);
+        }
+    }
+}
