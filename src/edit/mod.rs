@@ -3,3 +3,18 @@
 pub mod index;
 pub mod memory;
 pub mod serac;
+
+use crate::data::record::EditRecord;
+use crate::error::Result;
+use serac::{Prediction, Query};
+
+/// An editing method: edits accumulate until `reset`; `predict` asks the model as edited so
+/// far. The evaluation protocols (`eval::protocol`) drive every method through this.
+pub trait Editor {
+    /// Applies one edit on top of the earlier ones.
+    fn edit(&mut self, record: &EditRecord) -> Result<()>;
+    /// Teacher-forced predictions for `answer` after `query` (top-`k` at each position).
+    fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction>;
+    /// Back to the unedited model.
+    fn reset(&mut self);
+}

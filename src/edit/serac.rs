@@ -44,7 +44,83 @@ pub struct Speaker {
     pub eos: u32,
 }
 
+/// One query's teacher-forced predictions on its answer tokens (and the end token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// The target ids: the answer's tokens then the end token.
+    pub target: Vec<u32>,
+    /// The argmax id at each target position.
+    pub argmax: Vec<u32>,
+    /// The top-k ids at each target position, best first.
+    pub top_k: Vec<Vec<u32>>,
+}
+
 impl Speaker {
+    fn pixels(&self, image: Option<&Path>, device: &Device) -> Result<Option<Tensor<4>>> {
+        let Some(path) = image else {
+            return Ok(None);
+        };
+        let image = self.preprocessor.load_image(path)?;
+        let (h, w) = self.preprocessor.output_size(image.height(), image.width());
+        Ok(Some(Tensor::<4>::from_data(
+            TensorData::new(
+                self.preprocessor.apply(&image),
+                [1, 3, h as usize, w as usize],
+            ),
+            device,
+        )))
+    }
+
+    /// Teacher-forced predictions for `answer` after `prompt` on `image`.
+    pub fn predict(
+        &self,
+        image: Option<&Path>,
+        prompt: &str,
+        answer: &str,
+        k: usize,
+        device: &Device,
+    ) -> Result<Prediction> {
+        let mut ids: Vec<i64> = vec![self.bos as i64];
+        ids.extend(self.tokenizer.encode(prompt, false)?);
+        let start = ids.len();
+        ids.extend(self.tokenizer.encode(answer, false)?);
+        ids.push(self.eos as i64);
+        let n = ids.len();
+        let target: Vec<u32> = ids[start..].iter().map(|&t| t as u32).collect();
+        let input = Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(ids, [1, n]), device);
+        let mask = Tensor::<2, burn::tensor::Int>::ones([1, n], device);
+        let logits = self
+            .model
+            .forward(
+                self.pixels(image, device)?,
+                input,
+                mask,
+                &Default::default(),
+            )
+            .logits;
+        let vocab = logits.dims()[2];
+        // Position t predicts token t + 1.
+        let logits = logits
+            .narrow(1, start - 1, target.len())
+            .reshape([target.len(), vocab]);
+        let k = k.clamp(1, vocab);
+        let (_, top) = logits.topk_with_indices(k, 1);
+        let top: Vec<u32> = top
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .expect("i64 ids")
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let top_k: Vec<Vec<u32>> = top.chunks(k).map(<[u32]>::to_vec).collect();
+        Ok(Prediction {
+            argmax: top_k.iter().map(|row| row[0]).collect(),
+            target,
+            top_k,
+        })
+    }
+
     /// Greedy answer to `prompt` on `image`, at most `max_new` tokens, decoded.
     pub fn answer(
         &self,
@@ -60,21 +136,9 @@ impl Speaker {
                 .into_iter()
                 .map(|id| id as u32),
         );
-        let pixels = match image {
-            Some(path) => {
-                let image = self.preprocessor.load_image(path)?;
-                let (h, w) = self.preprocessor.output_size(image.height(), image.width());
-                Some(Tensor::<4>::from_data(
-                    TensorData::new(
-                        self.preprocessor.apply(&image),
-                        [1, 3, h as usize, w as usize],
-                    ),
-                    device,
-                ))
-            }
-            None => None,
-        };
-        let generated = self.model.generate(pixels, &ids, max_new, self.eos);
+        let generated = self
+            .model
+            .generate(self.pixels(image, device)?, &ids, max_new, self.eos);
         let answer: Vec<u32> = generated
             .into_iter()
             .take_while(|&t| t != self.eos)
@@ -166,30 +230,55 @@ impl MemoryEditor {
         Ok(routes.into_iter().map(Some).collect())
     }
 
+    /// Which model answers `query`, and the prompt it reads: the counterfactual model with the
+    /// routed edit as context when in scope (eq. 3), the base model otherwise.
+    fn dispatch(&mut self, query: &Query) -> Result<(Option<Route>, bool, String)> {
+        let route = self.route(std::slice::from_ref(query))?[0];
+        Ok(match route.filter(Route::in_scope) {
+            Some(r) => (
+                route,
+                true,
+                format!("{}{}", edit_context(&self.edits[r.edit]), query.prompt),
+            ),
+            None => (route, false, query.prompt.clone()),
+        })
+    }
+
     /// Answers a query: the counterfactual model with the routed edit as context when the
     /// query is in scope (eq. 3), the base model otherwise.
     pub fn answer(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
-        let route = self.route(std::slice::from_ref(query))?[0];
-        let image = query.image.as_deref();
-        match route.filter(Route::in_scope) {
-            Some(r) => {
-                let prompt = format!("{}{}", edit_context(&self.edits[r.edit]), query.prompt);
-                Ok(Answer {
-                    route,
-                    edited: true,
-                    text: self
-                        .counterfactual
-                        .answer(image, &prompt, max_new, &self.device)?,
-                })
-            }
-            None => Ok(Answer {
-                route,
-                edited: false,
-                text: self
-                    .base
-                    .answer(image, &query.prompt, max_new, &self.device)?,
-            }),
-        }
+        let (route, edited, prompt) = self.dispatch(query)?;
+        let speaker = if edited {
+            &self.counterfactual
+        } else {
+            &self.base
+        };
+        let text = speaker.answer(query.image.as_deref(), &prompt, max_new, &self.device)?;
+        Ok(Answer {
+            route,
+            edited,
+            text,
+        })
+    }
+}
+
+impl super::Editor for MemoryEditor {
+    fn edit(&mut self, record: &EditRecord) -> Result<()> {
+        MemoryEditor::edit(self, record)
+    }
+
+    fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
+        let (_, edited, prompt) = self.dispatch(query)?;
+        let speaker = if edited {
+            &self.counterfactual
+        } else {
+            &self.base
+        };
+        speaker.predict(query.image.as_deref(), &prompt, answer, k, &self.device)
+    }
+
+    fn reset(&mut self) {
+        MemoryEditor::reset(self)
     }
 }
 

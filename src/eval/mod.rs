@@ -1,3 +1,4 @@
 pub mod editing;
 pub mod metrics;
+pub mod protocol;
 pub mod scope;
