@@ -379,4 +379,30 @@ mod tests {
             assert_eq!(editor.route(&[query]).unwrap(), vec![None]);
         }
     }
+
+    #[test]
+    fn the_protocols_drive_the_memory_editor() {
+        let dir = tempfile::tempdir().unwrap();
+        scenes::write(
+            dir.path(),
+            &ScenesConfig {
+                train: 2,
+                test: 0,
+                seed: 9,
+                image_size: IMAGE,
+            },
+        )
+        .unwrap();
+        let device = Device::flex();
+        // Nothing is ever in scope: the base model answers before and after, so every
+        // locality probe agrees with the pre-edit model.
+        let (mut editor, records) = editor(dir.path(), 1e9, &device);
+        let metrics = crate::eval::protocol::sequential(&mut editor, &records, 2).unwrap();
+        assert_eq!(metrics.t_locality.exact_match, 1.0);
+        assert_eq!(metrics.m_locality.exact_match, 1.0);
+        assert_eq!(metrics.m_out.exact_match, 1.0);
+        assert!(metrics.m_out.n > 0 && metrics.m_in.n > 0);
+        assert_eq!(metrics.reliability.n, 2);
+        assert!(editor.is_empty(), "the protocol leaves the editor reset");
+    }
 }
