@@ -309,6 +309,19 @@ mod tests {
         }
     }
 
+    /// Two generated edit records (and their images) in a temporary directory.
+    fn two_scenes(seed: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ScenesConfig {
+            train: 2,
+            test: 0,
+            seed,
+            image_size: IMAGE,
+        };
+        scenes::write(dir.path(), &config).unwrap();
+        dir
+    }
+
     /// An editor whose classifier calls everything in scope (scale 0: rho = 1) or nothing
     /// (a huge scale: rho = 0).
     fn editor(dir: &Path, scale: f64, device: &Device) -> (MemoryEditor, Vec<EditRecord>) {
@@ -340,17 +353,7 @@ mod tests {
 
     #[test]
     fn in_scope_queries_go_to_the_counterfactual_model_and_the_rest_to_the_base() {
-        let dir = tempfile::tempdir().unwrap();
-        scenes::write(
-            dir.path(),
-            &ScenesConfig {
-                train: 2,
-                test: 0,
-                seed: 6,
-                image_size: IMAGE,
-            },
-        )
-        .unwrap();
+        let dir = two_scenes(6);
         let device = Device::flex();
         for (scale, edited) in [(0.0, true), (1e9, false)] {
             let (mut editor, records) = editor(dir.path(), scale, &device);
@@ -382,17 +385,7 @@ mod tests {
 
     #[test]
     fn the_protocols_drive_the_memory_editor() {
-        let dir = tempfile::tempdir().unwrap();
-        scenes::write(
-            dir.path(),
-            &ScenesConfig {
-                train: 2,
-                test: 0,
-                seed: 9,
-                image_size: IMAGE,
-            },
-        )
-        .unwrap();
+        let dir = two_scenes(9);
         let device = Device::flex();
         // Nothing is ever in scope: the base model answers before and after, so every
         // locality probe agrees with the pre-edit model.
