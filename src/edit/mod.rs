@@ -1,5 +1,6 @@
 //! Editors and what they share.
 
+pub mod finetune;
 pub mod index;
 pub mod memory;
 pub mod serac;

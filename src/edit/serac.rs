@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::memory::{EditMemory, Route};
 use crate::data::batch::ScopeBatcher;
@@ -71,15 +71,15 @@ impl Speaker {
         )))
     }
 
-    /// Teacher-forced predictions for `answer` after `prompt` on `image`.
-    pub fn predict(
+    /// The logits at the target positions of `answer` after `prompt` on `image` (teacher
+    /// forced), `[answer tokens + 1, vocab]`, and the target ids (the answer, then the end).
+    pub fn answer_logits(
         &self,
         image: Option<&Path>,
         prompt: &str,
         answer: &str,
-        k: usize,
         device: &Device,
-    ) -> Result<Prediction> {
+    ) -> Result<(Tensor<2>, Vec<u32>)> {
         let mut ids: Vec<i64> = vec![self.bos as i64];
         ids.extend(self.tokenizer.encode(prompt, false)?);
         let start = ids.len();
@@ -87,8 +87,8 @@ impl Speaker {
         ids.push(self.eos as i64);
         let n = ids.len();
         let target: Vec<u32> = ids[start..].iter().map(|&t| t as u32).collect();
-        let input = Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(ids, [1, n]), device);
-        let mask = Tensor::<2, burn::tensor::Int>::ones([1, n], device);
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
+        let mask = Tensor::<2, Int>::ones([1, n], device);
         let logits = self
             .model
             .forward(
@@ -103,6 +103,38 @@ impl Speaker {
         let logits = logits
             .narrow(1, start - 1, target.len())
             .reshape([target.len(), vocab]);
+        Ok((logits, target))
+    }
+
+    /// Teacher-forced cross-entropy of `answer` (mean over its tokens and the end token).
+    pub fn loss(
+        &self,
+        image: Option<&Path>,
+        prompt: &str,
+        answer: &str,
+        device: &Device,
+    ) -> Result<Tensor<1>> {
+        let (logits, target) = self.answer_logits(image, prompt, answer, device)?;
+        let n = target.len();
+        let target: Vec<i64> = target.into_iter().map(i64::from).collect();
+        let target = Tensor::<2, Int>::from_data(TensorData::new(target, [n, 1]), device);
+        Ok(burn::tensor::activation::log_softmax(logits, 1)
+            .gather(1, target)
+            .mean()
+            .neg())
+    }
+
+    /// Teacher-forced predictions for `answer` after `prompt` on `image`.
+    pub fn predict(
+        &self,
+        image: Option<&Path>,
+        prompt: &str,
+        answer: &str,
+        k: usize,
+        device: &Device,
+    ) -> Result<Prediction> {
+        let (logits, target) = self.answer_logits(image, prompt, answer, device)?;
+        let vocab = logits.dims()[1];
         let k = k.clamp(1, vocab);
         let (_, top) = logits.topk_with_indices(k, 1);
         let top: Vec<u32> = top
@@ -283,7 +315,7 @@ impl super::Editor for MemoryEditor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::pairs::pairs;
     use crate::data::scenes::{self, ScenesConfig};
@@ -294,11 +326,11 @@ mod tests {
 
     const IMAGE: u32 = 32;
 
-    fn speaker(dir: &Path, vocab: usize, device: &Device) -> Speaker {
+    pub(crate) fn speaker(dir: &Path, vocab: usize, device: &Device) -> Speaker {
         let mut config = VlmConfig::preset("vlm-tiny", vocab, IMAGE as usize).unwrap();
         config.lm.hidden_size = 32;
         config.lm.ffn_dim = 64;
-        config.lm.num_hidden_layers = 1;
+        config.lm.num_hidden_layers = 2;
         config.lm.word_embed_proj_dim = Some(32);
         Speaker {
             model: Vlm::new(&config, device),
@@ -310,7 +342,7 @@ mod tests {
     }
 
     /// Two generated edit records (and their images) in a temporary directory.
-    fn two_scenes(seed: u64) -> tempfile::TempDir {
+    pub(crate) fn two_scenes(seed: u64) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let config = ScenesConfig {
             train: 2,

@@ -1,0 +1,191 @@
+//! Fine-tuning baselines of MSCKE's Table 1: FT-LLM fine-tunes the last LM layer on the edit,
+//! FT-Visual the projector and the last vision layer. A few Adam steps on the edit's
+//! teacher-forced loss; edits accumulate in the weights until `reset` restores the original.
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use super::Editor;
+use super::serac::{Prediction, Query, Speaker};
+use crate::data::record::EditRecord;
+use crate::error::Result;
+use crate::model::vlm::Vlm;
+
+/// Which part of the VLM an edit may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Part {
+    /// FT-LLM: the last LM layer.
+    LastLmLayer,
+    /// FT-Visual: the projector and the last vision layer.
+    Visual,
+}
+
+impl Part {
+    /// `model` with only this part trainable.
+    pub fn restrict(self, model: Vlm) -> Vlm {
+        let mut model = model.no_grad();
+        match self {
+            Part::LastLmLayer => {
+                let last = model.lm.num_layers() - 1;
+                model.lm = model.lm.train_only_layers(&[last]);
+            }
+            Part::Visual => {
+                model.projector = model.projector.set_require_grad(true);
+                let layers = &mut model.vision_model.encoder.layers;
+                if let Some(last) = layers.pop() {
+                    layers.push(last.set_require_grad(true));
+                }
+            }
+        }
+        model
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FineTuneConfig {
+    pub part: Part,
+    /// Adam steps per edit.
+    pub steps: usize,
+    pub lr: f64,
+}
+
+pub struct FineTuneEditor {
+    /// The model as edited so far, on an autodiff device.
+    pub speaker: Speaker,
+    original: Vlm,
+    config: FineTuneConfig,
+    device: Device,
+}
+
+impl FineTuneEditor {
+    /// `speaker.model` must live on an autodiff device (`device`).
+    pub fn new(mut speaker: Speaker, config: FineTuneConfig, device: &Device) -> Self {
+        speaker.model = config.part.restrict(speaker.model);
+        Self {
+            original: speaker.model.clone(),
+            speaker,
+            config,
+            device: device.clone(),
+        }
+    }
+}
+
+impl Editor for FineTuneEditor {
+    fn edit(&mut self, record: &EditRecord) -> Result<()> {
+        let mut optim = AdamConfig::new().init();
+        for _ in 0..self.config.steps {
+            let loss = self.speaker.loss(
+                Some(&record.image),
+                &record.prompt,
+                &record.target,
+                &self.device,
+            )?;
+            let grads = GradientsParams::from_grads(loss.backward(), &self.speaker.model);
+            let model = self.speaker.model.clone();
+            self.speaker.model = optim.step(self.config.lr, model, grads);
+        }
+        Ok(())
+    }
+
+    fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
+        self.speaker.predict(
+            query.image.as_deref(),
+            &query.prompt,
+            answer,
+            k,
+            &self.device,
+        )
+    }
+
+    fn reset(&mut self) {
+        self.speaker.model = self.original.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edit::serac::tests::{speaker, two_scenes};
+
+    fn weights(model: &Vlm) -> [Vec<f32>; 3] {
+        let lm = &model.lm.model.decoder.layers;
+        [
+            lm[0].fc1.weight.val().into_data().try_to_vec().unwrap(),
+            lm[lm.len() - 1]
+                .fc1
+                .weight
+                .val()
+                .into_data()
+                .try_to_vec()
+                .unwrap(),
+            model
+                .projector
+                .first
+                .weight
+                .val()
+                .into_data()
+                .try_to_vec()
+                .unwrap(),
+        ]
+    }
+
+    #[test]
+    fn fine_tuning_learns_the_edit_changes_only_its_part_and_resets() {
+        let dir = two_scenes(4);
+        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
+            .unwrap()
+            .records;
+        let device = Device::flex().autodiff();
+        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
+        let record = &records[0];
+        let query = Query {
+            image: Some(record.image.clone()),
+            prompt: record.prompt.clone(),
+        };
+        // Which weights each part may change: [first LM layer, last LM layer, projector].
+        for (part, changes) in [
+            (Part::LastLmLayer, [false, true, false]),
+            (Part::Visual, [false, false, true]),
+        ] {
+            device.seed(1);
+            let config = FineTuneConfig {
+                part,
+                steps: 15,
+                lr: 1e-2,
+            };
+            let mut editor =
+                FineTuneEditor::new(speaker(dir.path(), vocab, &device), config, &device);
+            let loss = |e: &FineTuneEditor| {
+                e.speaker
+                    .loss(Some(&record.image), &record.prompt, &record.target, &device)
+                    .unwrap()
+                    .into_scalar::<f32>()
+            };
+            let before_loss = loss(&editor);
+            let before_weights = weights(&editor.speaker.model);
+            let before = editor.predict(&query, &record.target, 10).unwrap();
+            editor.edit(record).unwrap();
+            let after_loss = loss(&editor);
+            // The visual prefix is a weaker lever than the LM's own last layer.
+            let bound = if part == Part::Visual { 0.9 } else { 0.5 };
+            assert!(
+                after_loss < bound * before_loss,
+                "{part:?}: {before_loss} -> {after_loss}"
+            );
+            let after_weights = weights(&editor.speaker.model);
+            for (i, &changed) in changes.iter().enumerate() {
+                assert_eq!(
+                    before_weights[i] != after_weights[i],
+                    changed,
+                    "{part:?} weight {i}"
+                );
+            }
+            editor.reset();
+            assert_eq!(weights(&editor.speaker.model), before_weights);
+            assert_eq!(editor.predict(&query, &record.target, 10).unwrap(), before);
+        }
+    }
+}
