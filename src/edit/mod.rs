@@ -1,6 +1,7 @@
 //! Editors and what they share.
 
 pub mod finetune;
+pub mod ike;
 pub mod index;
 pub mod memory;
 pub mod serac;
