@@ -114,6 +114,8 @@ impl ExperimentArgs {
 enum ExperimentCommand {
     /// MSCKE Table 2: concat / cross-attention / dot-product fusion x two CLIP sizes.
     FusionAblation(ExperimentArgs),
+    /// MSCKE Table 1: FT-LLM, FT-Visual, IKE, SERAC and MSCKE, one-step editing.
+    MsckeTable1(ExperimentArgs),
 }
 
 #[derive(Subcommand)]
@@ -531,23 +533,11 @@ fn run(cli: Cli) -> Result<()> {
             let device = device.device()?;
             let mut run = ScopeRun::load(&scope, &device)?;
             let batcher = run.batcher(&[])?;
-            let speaker = |dir: &PathBuf| -> Result<Speaker> {
-                let (model, config, tokenizer) = mmke::train::vlm::load(dir, &device)?;
-                Ok(Speaker {
-                    model,
-                    tokenizer,
-                    preprocessor: mmke::data::image::ImagePreprocessor::clip(
-                        config.vision.image_size as u32,
-                    ),
-                    bos: config.lm.bos_token_id,
-                    eos: config.lm.eos_token_id,
-                })
-            };
             let mut editor = MemoryEditor::new(
                 run.model,
                 batcher,
-                speaker(&base)?,
-                speaker(&counterfactual)?,
+                Speaker::load(&base, &device)?,
+                Speaker::load(&counterfactual, &device)?,
                 &device,
             );
             let edit = mmke::data::record::EditRecord::vqa(image.clone(), &question, &target);
@@ -582,6 +572,17 @@ fn run(cli: Cli) -> Result<()> {
                     })
                 );
             }
+        }
+        Command::Experiment(ExperimentCommand::MsckeTable1(args)) => {
+            let name = "mscke-table1";
+            let preset: mmke::experiment::mscke_table1::Preset =
+                mmke::experiment::load_preset(name, args.file.as_deref(), &args.preset)?;
+            let out = args.out(name);
+            let device = args.device.device()?;
+            let (table, _) =
+                mmke::experiment::mscke_table1::run(&preset, args.data.as_deref(), &out, &device)?;
+            println!("{}", table.markdown());
+            eprintln!("wrote {}/mscke-table1.{{md,csv,json,png}}", out.display());
         }
         Command::Experiment(ExperimentCommand::FusionAblation(args)) => {
             let name = "fusion-ablation";

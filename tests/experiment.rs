@@ -67,3 +67,54 @@ fn fusion_ablation_writes_table_2_and_reuses_its_runs() {
         |t: &mmke::report::Table| t.rows.iter().map(|r| r.values.clone()).collect::<Vec<_>>();
     assert_eq!(values(&again), values(&table));
 }
+
+const TINY_TABLE1: &str = r#"
+description = "a tiny MSCKE Table 1 for tests"
+[presets.tiny]
+data = { train = 6, test = 2, seed = 3, image_size = 32 }
+clip_preset = "clip-tiny"
+clip_image_size = 32
+clip = { steps = 2, batch_size = 4, lr = 1e-3, seed = 0, scene_size = 32, checkpoint_every = 2, grounding_weight = 1.0 }
+scope_model = { mode = "multimodal", fusion = "dot-product", dim = 16, attention_dim = 16 }
+scope_train = { steps = 2, batch_size = 8, lr = 1e-3, validate_every = 2, checkpoint_every = 2, seed = 0 }
+vlm_preset = "vlm-tiny"
+vlm = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 }
+counterfactual_preset = "vlm-tiny"
+counterfactual = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 }
+finetune_steps = 1
+finetune_lr = 1e-3
+ike_demonstrations = 1
+eval_records = 2
+"#;
+
+#[test]
+fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
+    use mmke::experiment::mscke_table1;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, TINY_TABLE1).unwrap();
+    let preset: mscke_table1::Preset = load_preset("mscke-table1", Some(&file), "tiny").unwrap();
+    let out = dir.path().join("out");
+    let (table, results) = mscke_table1::run(&preset, None, &out, &Device::flex()).unwrap();
+    let methods: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(methods, ["FT-LLM", "FT-Visual", "IKE", "SERAC", "MSCKE"]);
+    assert_eq!(
+        table.columns,
+        ["Reliability", "Locality", "Generality", "Specificity"]
+    );
+    for (row, result) in table.rows.iter().zip(&results) {
+        assert!(
+            row.values.iter().all(|v| (0.0..=100.0).contains(v)),
+            "{row:?}"
+        );
+        assert_eq!(result.metrics.reliability.n, 2);
+    }
+    // FT-Visual changes only the vision side, so a text-only answer cannot change.
+    let ft_visual = &results[1];
+    assert_eq!(ft_visual.metrics.t_locality.exact_match, 1.0);
+    for ext in ["md", "csv", "json", "png"] {
+        assert!(out.join(format!("mscke-table1.{ext}")).is_file());
+    }
+    let shipped: mscke_table1::Preset = load_preset("mscke-table1", None, "quick").unwrap();
+    assert_eq!(shipped.eval_records, 20);
+}

@@ -56,6 +56,19 @@ pub struct Prediction {
 }
 
 impl Speaker {
+    /// A VLM saved by `mmke train vlm` / `train counterfactual`, with its tokenizer and the
+    /// CLIP preprocessing of its vision tower's input size.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let (model, config, tokenizer) = crate::train::vlm::load(dir, device)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            preprocessor: ImagePreprocessor::clip(config.vision.image_size as u32),
+            bos: config.lm.bos_token_id,
+            eos: config.lm.eos_token_id,
+        })
+    }
+
     fn pixels(&self, image: Option<&Path>, device: &Device) -> Result<Option<Tensor<4>>> {
         let Some(path) = image else {
             return Ok(None);

@@ -4,6 +4,7 @@
 //! a second run (or one resumed after a kill) redoes only what is missing.
 
 pub mod fusion_ablation;
+pub mod mscke_table1;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,10 +25,16 @@ pub struct ExperimentFile<P> {
 
 /// The experiment files shipped with mmke, used when `experiments/{name}.toml` is not in the
 /// working directory.
-const BUILTIN: [(&str, &str); 1] = [(
-    "fusion-ablation",
-    include_str!("../../experiments/fusion-ablation.toml"),
-)];
+const BUILTIN: [(&str, &str); 2] = [
+    (
+        "fusion-ablation",
+        include_str!("../../experiments/fusion-ablation.toml"),
+    ),
+    (
+        "mscke-table1",
+        include_str!("../../experiments/mscke-table1.toml"),
+    ),
+];
 
 /// Reads preset `preset` of experiment `name`: from `file` if given, else from
 /// `experiments/{name}.toml` if present, else from the copy built into mmke.
