@@ -35,10 +35,17 @@ fn overlap(a: &BTreeSet<String>, b: &BTreeSet<String>) -> f64 {
     }
 }
 
+struct Demonstration {
+    prompt: String,
+    rephrase: String,
+    target: String,
+    words: BTreeSet<String>,
+}
+
 pub struct IkeEditor {
     pub base: Speaker,
-    /// Demonstrations: (edit prompt, rephrase, target) of other edits.
-    pool: Vec<(String, String, String)>,
+    /// Demonstrations from other edits, with the words of their prompt.
+    pool: Vec<Demonstration>,
     demonstrations: usize,
     facts: Vec<EditRecord>,
     device: Device,
@@ -52,8 +59,12 @@ impl IkeEditor {
             pool: pool
                 .iter()
                 .filter_map(|r| {
-                    let rephrase = r.rephrase.clone()?;
-                    Some((r.prompt.clone(), rephrase, r.target.clone()))
+                    Some(Demonstration {
+                        prompt: r.prompt.clone(),
+                        rephrase: r.rephrase.clone()?,
+                        target: r.target.clone(),
+                        words: words(&r.prompt),
+                    })
                 })
                 .collect(),
             demonstrations,
@@ -72,18 +83,17 @@ impl IkeEditor {
             return String::new();
         };
         let fact_words = words(&nearest.prompt);
-        let mut ranked: Vec<&(String, String, String)> = self
+        let mut ranked: Vec<(f64, &Demonstration)> = self
             .pool
             .iter()
-            .filter(|(prompt, _, _)| *prompt != nearest.prompt)
+            .filter(|d| d.prompt != nearest.prompt)
+            .map(|d| (overlap(&d.words, &fact_words), d))
             .collect();
-        ranked.sort_by(|a, b| {
-            overlap(&words(&b.0), &fact_words).total_cmp(&overlap(&words(&a.0), &fact_words))
-        });
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut context = String::new();
-        for (prompt, rephrase, target) in ranked.into_iter().take(self.demonstrations) {
-            context += &fact(prompt, target);
-            context += &fact(rephrase, target);
+        for (_, d) in ranked.into_iter().take(self.demonstrations) {
+            context += &fact(&d.prompt, &d.target);
+            context += &fact(&d.rephrase, &d.target);
         }
         context + &fact(&nearest.prompt, &nearest.target)
     }
