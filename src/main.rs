@@ -529,7 +529,8 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             device,
         } => {
-            use mmke::edit::serac::{MemoryEditor, Query, Speaker};
+            use mmke::edit::serac::MemoryEditor;
+            use mmke::edit::speaker::{Query, Speaker};
             let device = device.device()?;
             let mut run = ScopeRun::load(&scope, &device)?;
             let batcher = run.batcher(&[])?;

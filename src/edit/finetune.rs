@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::Editor;
-use super::serac::{Prediction, Query, Speaker};
+use super::speaker::{Prediction, Query, Speaker};
 use crate::data::record::EditRecord;
 use crate::error::Result;
 use crate::model::vlm::Vlm;

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use burn::tensor::Device;
 
 use super::Editor;
-use super::serac::{Prediction, Query, Speaker};
+use super::speaker::{Prediction, Query, Speaker};
 use crate::data::record::EditRecord;
 use crate::error::Result;
 

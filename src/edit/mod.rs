@@ -5,10 +5,11 @@ pub mod ike;
 pub mod index;
 pub mod memory;
 pub mod serac;
+pub mod speaker;
 
 use crate::data::record::EditRecord;
 use crate::error::Result;
-use serac::{Prediction, Query};
+use speaker::{Prediction, Query};
 
 /// An editing method: edits accumulate until `reset`; `predict` asks the model as edited so
 /// far. The evaluation protocols (`eval::protocol`) drive every method through this.

@@ -6,7 +6,7 @@
 
 use crate::data::record::EditRecord;
 use crate::edit::Editor;
-use crate::edit::serac::Query;
+use crate::edit::speaker::Query;
 use crate::error::Result;
 
 use super::editing::{EditMetrics, TargetPrediction, TopK, agreement, locality_k, target_accuracy};
@@ -202,7 +202,7 @@ pub fn sequential(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::edit::serac::Prediction;
+    use crate::edit::speaker::Prediction;
     use std::path::PathBuf;
 
     /// A model that answers 1 everywhere until edited, then 7 for every prompt it was edited
