@@ -158,12 +158,15 @@ impl super::Editor for MemoryEditor {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::data::image::ImagePreprocessor;
     use crate::data::pairs::pairs;
     use crate::data::scenes::{self, ScenesConfig};
+    use crate::data::text::TextTokenizer;
     use crate::model::clip::{ClipConfig, ClipModel};
     use crate::model::fusion::FusionKind;
     use crate::model::scope::{ScopeConfig, Similarity};
-    use crate::model::vlm::VlmConfig;
+    use crate::model::vlm::{Vlm, VlmConfig};
+    use std::path::Path;
 
     const IMAGE: u32 = 32;
 
