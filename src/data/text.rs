@@ -115,6 +115,16 @@ impl TextTokenizer {
         Ok(TokenBatch::pad(&sequences, self.pad_id))
     }
 
+    /// The text of `ids` (special tokens skipped).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                reason: format!("cannot decode {ids:?}: {e}"),
+            })
+    }
+
     pub fn inner(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -158,17 +158,17 @@ mod tests {
             };
             let mut editor =
                 FineTuneEditor::new(speaker(dir.path(), vocab, &device), config, &device);
-            let loss = |e: &FineTuneEditor| {
+            let loss = |e: &mut FineTuneEditor| {
                 e.speaker
                     .loss(Some(&record.image), &record.prompt, &record.target, &device)
                     .unwrap()
                     .into_scalar::<f32>()
             };
-            let before_loss = loss(&editor);
+            let before_loss = loss(&mut editor);
             let before_weights = weights(&editor.speaker.model);
             let before = editor.predict(&query, &record.target, 10).unwrap();
             editor.edit(record).unwrap();
-            let after_loss = loss(&editor);
+            let after_loss = loss(&mut editor);
             // The visual prefix is a weaker lever than the LM's own last layer.
             let bound = if part == Part::Visual { 0.9 } else { 0.5 };
             assert!(

@@ -121,12 +121,13 @@ impl MemoryEditor {
     /// query is in scope (eq. 3), the base model otherwise.
     pub fn answer(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
         let (route, edited, prompt) = self.dispatch(query)?;
+        let device = &self.device;
         let speaker = if edited {
-            &self.counterfactual
+            &mut self.counterfactual
         } else {
-            &self.base
+            &mut self.base
         };
-        let text = speaker.answer(query.image.as_deref(), &prompt, max_new, &self.device)?;
+        let text = speaker.answer(query.image.as_deref(), &prompt, max_new, device)?;
         Ok(Answer {
             route,
             edited,
@@ -142,12 +143,13 @@ impl super::Editor for MemoryEditor {
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
         let (_, edited, prompt) = self.dispatch(query)?;
+        let device = &self.device;
         let speaker = if edited {
-            &self.counterfactual
+            &mut self.counterfactual
         } else {
-            &self.base
+            &mut self.base
         };
-        speaker.predict(query.image.as_deref(), &prompt, answer, k, &self.device)
+        speaker.predict(query.image.as_deref(), &prompt, answer, k, device)
     }
 
     fn reset(&mut self) {
@@ -176,12 +178,15 @@ pub(crate) mod tests {
         config.lm.ffn_dim = 64;
         config.lm.num_hidden_layers = 2;
         config.lm.word_embed_proj_dim = Some(32);
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), 256, 0).unwrap();
         Speaker {
             model: Vlm::new(&config, device),
-            tokenizer: TextTokenizer::from_file(&dir.join("tokenizer.json"), 256, 0).unwrap(),
-            preprocessor: ImagePreprocessor::clip(IMAGE),
-            bos: 2,
-            eos: 3,
+            batcher: crate::train::vlm::LmBatcher::new(
+                tokenizer,
+                ImagePreprocessor::clip(IMAGE),
+                2,
+                3,
+            ),
         }
     }
 

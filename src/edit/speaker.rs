@@ -1,29 +1,21 @@
 //! A VLM with its tokenizer and preprocessing, as the editors use it: greedy answers,
-//! teacher-forced predictions and losses for a prompt on an image (or on text alone).
+//! teacher-forced predictions and losses for a prompt on an image (or on text alone). Inputs
+//! are laid out exactly as in training (`train::vlm::LmBatcher`).
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::data::image::ImagePreprocessor;
-use crate::data::text::TextTokenizer;
 use crate::error::Result;
 use crate::model::vlm::Vlm;
+use crate::train::vlm::{LmBatch, LmBatcher, LmExample, answer_loss};
 
 /// A query to the edited model: a prompt (templated) on an image, or on text alone.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Query {
     pub image: Option<PathBuf>,
     pub prompt: String,
-}
-
-/// A VLM with what it needs to read prompts and images and to write answers.
-pub struct Speaker {
-    pub model: Vlm,
-    pub tokenizer: TextTokenizer,
-    pub preprocessor: ImagePreprocessor,
-    pub bos: u32,
-    pub eos: u32,
 }
 
 /// One query's teacher-forced predictions on its answer tokens (and the end token).
@@ -37,109 +29,80 @@ pub struct Prediction {
     pub top_k: Vec<Vec<u32>>,
 }
 
+pub struct Speaker {
+    pub model: Vlm,
+    pub batcher: LmBatcher,
+}
+
 impl Speaker {
     /// A VLM saved by `mmke train vlm` / `train counterfactual`, with its tokenizer and the
     /// CLIP preprocessing of its vision tower's input size.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let (model, config, tokenizer) = crate::train::vlm::load(dir, device)?;
+        let preprocessor = ImagePreprocessor::clip(config.vision.image_size as u32);
         Ok(Self {
             model,
-            tokenizer,
-            preprocessor: ImagePreprocessor::clip(config.vision.image_size as u32),
-            bos: config.lm.bos_token_id,
-            eos: config.lm.eos_token_id,
+            batcher: LmBatcher::new(
+                tokenizer,
+                preprocessor,
+                config.lm.bos_token_id,
+                config.lm.eos_token_id,
+            ),
         })
     }
 
-    fn pixels(&self, image: Option<&Path>, device: &Device) -> Result<Option<Tensor<4>>> {
-        let Some(path) = image else {
-            return Ok(None);
-        };
-        let image = self.preprocessor.load_image(path)?;
-        let (h, w) = self.preprocessor.output_size(image.height(), image.width());
-        Ok(Some(Tensor::<4>::from_data(
-            TensorData::new(
-                self.preprocessor.apply(&image),
-                [1, 3, h as usize, w as usize],
-            ),
-            device,
-        )))
-    }
-
-    /// The logits at the target positions of `answer` after `prompt` on `image` (teacher
-    /// forced), `[answer tokens + 1, vocab]`, and the target ids (the answer, then the end).
-    pub fn answer_logits(
-        &self,
+    fn batch(
+        &mut self,
         image: Option<&Path>,
         prompt: &str,
         answer: &str,
         device: &Device,
-    ) -> Result<(Tensor<2>, Vec<u32>)> {
-        let mut ids: Vec<i64> = vec![self.bos as i64];
-        ids.extend(self.tokenizer.encode(prompt, false)?);
-        let start = ids.len();
-        ids.extend(self.tokenizer.encode(answer, false)?);
-        ids.push(self.eos as i64);
-        let n = ids.len();
-        let target: Vec<u32> = ids[start..].iter().map(|&t| t as u32).collect();
-        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
-        let mask = Tensor::<2, Int>::ones([1, n], device);
-        let logits = self
-            .model
-            .forward(
-                self.pixels(image, device)?,
-                input,
-                mask,
-                &Default::default(),
-            )
-            .logits;
-        let vocab = logits.dims()[2];
-        // Position t predicts token t + 1.
-        let logits = logits
-            .narrow(1, start - 1, target.len())
-            .reshape([target.len(), vocab]);
-        Ok((logits, target))
+    ) -> Result<LmBatch> {
+        let example = LmExample {
+            image: image.map(Path::to_path_buf),
+            prompt: prompt.to_string(),
+            answer: answer.to_string(),
+        };
+        self.batcher.batch(&[&example], device)
     }
 
     /// Teacher-forced cross-entropy of `answer` (mean over its tokens and the end token).
     pub fn loss(
-        &self,
+        &mut self,
         image: Option<&Path>,
         prompt: &str,
         answer: &str,
         device: &Device,
     ) -> Result<Tensor<1>> {
-        let (logits, target) = self.answer_logits(image, prompt, answer, device)?;
-        let n = target.len();
-        let target: Vec<i64> = target.into_iter().map(i64::from).collect();
-        let target = Tensor::<2, Int>::from_data(TensorData::new(target, [n, 1]), device);
-        Ok(burn::tensor::activation::log_softmax(logits, 1)
-            .gather(1, target)
-            .mean()
-            .neg())
+        let batch = self.batch(image, prompt, answer, device)?;
+        Ok(answer_loss(&self.model, &batch).0)
     }
 
     /// Teacher-forced predictions for `answer` after `prompt` on `image`.
     pub fn predict(
-        &self,
+        &mut self,
         image: Option<&Path>,
         prompt: &str,
         answer: &str,
         k: usize,
         device: &Device,
     ) -> Result<Prediction> {
-        let (logits, target) = self.answer_logits(image, prompt, answer, device)?;
-        let vocab = logits.dims()[1];
+        let batch = self.batch(image, prompt, answer, device)?;
+        let scored = batch.spans[0].clone();
+        let logits = self
+            .model
+            .forward(batch.pixels, batch.ids, batch.mask, &Default::default())
+            .logits;
+        let vocab = logits.dims()[2];
+        let n = scored.len();
+        let logits = logits.narrow(1, scored.start, n).reshape([n, vocab]);
+        let ids = |t: Tensor<2, Int>| -> Vec<u32> {
+            let values: Vec<i64> = t.into_data().convert::<i64>().try_into_vec().expect("ids");
+            values.into_iter().map(|v| v as u32).collect()
+        };
+        let target = ids(batch.targets.narrow(1, scored.start, n));
         let k = k.clamp(1, vocab);
-        let (_, top) = logits.topk_with_indices(k, 1);
-        let top: Vec<u32> = top
-            .into_data()
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .expect("i64 ids")
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
+        let top = ids(logits.topk_with_indices(k, 1).1);
         let top_k: Vec<Vec<u32>> = top.chunks(k).map(<[u32]>::to_vec).collect();
         Ok(Prediction {
             argmax: top_k.iter().map(|row| row[0]).collect(),
@@ -150,32 +113,26 @@ impl Speaker {
 
     /// Greedy answer to `prompt` on `image`, at most `max_new` tokens, decoded.
     pub fn answer(
-        &self,
+        &mut self,
         image: Option<&Path>,
         prompt: &str,
         max_new: usize,
         device: &Device,
     ) -> Result<String> {
-        let mut ids = vec![self.bos];
+        let eos = self.batcher.eos();
+        let mut ids = vec![self.batcher.bos()];
         ids.extend(
-            self.tokenizer
+            self.batcher
+                .tokenizer()
                 .encode(prompt, false)?
                 .into_iter()
                 .map(|id| id as u32),
         );
-        let generated = self
-            .model
-            .generate(self.pixels(image, device)?, &ids, max_new, self.eos);
-        let answer: Vec<u32> = generated
-            .into_iter()
-            .take_while(|&t| t != self.eos)
-            .collect();
-        self.tokenizer
-            .inner()
-            .decode(&answer, true)
-            .map_err(|e| crate::Error::Tokenizer {
-                path: PathBuf::from("tokenizer.json"),
-                reason: format!("cannot decode {answer:?}: {e}"),
-            })
+        let pixels = image
+            .map(|path| self.batcher.pixels(&[path], device))
+            .transpose()?;
+        let generated = self.model.generate(pixels, &ids, max_new, eos);
+        let answer: Vec<u32> = generated.into_iter().take_while(|&t| t != eos).collect();
+        self.batcher.tokenizer().decode(&answer)
     }
 }

@@ -147,6 +147,9 @@ pub struct LmBatch {
     pub targets: Tensor<2, Int>,
     /// `[batch, seq]`: 1 at answer positions.
     pub weights: Tensor<2>,
+    /// Per example, the positions whose predictions are scored (the answer's tokens and the
+    /// end token are predicted there).
+    pub spans: Vec<std::ops::Range<usize>>,
 }
 
 /// Tokenizes examples and keeps preprocessed images in memory.
@@ -172,6 +175,36 @@ impl LmBatcher {
             bos: bos as i64,
             eos: eos as i64,
         }
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn bos(&self) -> u32 {
+        self.bos as u32
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos as u32
+    }
+
+    /// The preprocessed images, `[n, 3, h, w]` (each loaded once, then kept).
+    pub fn pixels(&mut self, paths: &[&Path], device: &Device) -> Result<Tensor<4>> {
+        let mut flat = Vec::new();
+        for &path in paths {
+            if !self.images.contains_key(path) {
+                let pixels = self.preprocessor.load(path)?;
+                self.images.insert(path.to_path_buf(), pixels);
+            }
+            flat.extend_from_slice(&self.images[path]);
+        }
+        let (h, w) = self.preprocessor.crop.ok_or_else(|| crate::Error::Config {
+            path: paths.first().map(|p| p.to_path_buf()).unwrap_or_default(),
+            reason: "VLM batches need one image size: the preprocessor must center-crop".into(),
+        })?;
+        let shape = [paths.len(), 3, h as usize, w as usize];
+        Ok(Tensor::from_data(TensorData::new(flat, shape), device))
     }
 
     /// All examples must either have an image or not.
@@ -212,23 +245,11 @@ impl LmBatcher {
             }
         }
         let pixels = if with_image {
-            let mut flat = Vec::new();
-            for e in examples {
-                let path = e.image.as_ref().expect("checked above");
-                if !self.images.contains_key(path) {
-                    let pixels = self.preprocessor.load(path)?;
-                    self.images.insert(path.clone(), pixels);
-                }
-                flat.extend_from_slice(&self.images[path]);
-            }
-            let (h, w) = self.preprocessor.crop.ok_or_else(|| crate::Error::Config {
-                path: examples[0].image.clone().unwrap_or_default(),
-                reason: "VLM batches need one image size: the preprocessor must center-crop".into(),
-            })?;
-            Some(Tensor::from_data(
-                TensorData::new(flat, [n, 3, h as usize, w as usize]),
-                device,
-            ))
+            let paths: Vec<&Path> = examples
+                .iter()
+                .map(|e| e.image.as_deref().expect("checked above"))
+                .collect();
+            Some(self.pixels(&paths, device)?)
         } else {
             None
         };
@@ -239,6 +260,10 @@ impl LmBatcher {
             mask: int(mask),
             targets: int(targets),
             weights: Tensor::from_data(TensorData::new(weights, [n, seq]), device),
+            spans: answer_spans
+                .iter()
+                .map(|&(start, end)| start - 1..end - 1)
+                .collect(),
         })
     }
 }
