@@ -15,7 +15,7 @@ use crate::eval::scope::{ScopeReport, evaluate_run};
 use crate::model::fusion::FusionKind;
 use crate::model::scope::ScopeConfig;
 use crate::report::Table;
-use crate::train::clip::{ClipTrainConfig, pretrain};
+use crate::train::clip::ClipTrainConfig;
 use crate::train::scope::{ScopeRunConfig, ScopeTrainConfig};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,27 +78,18 @@ pub fn run(
     out: &Path,
     device: &Device,
 ) -> Result<(Table, Vec<RunResult>)> {
-    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    let data_dir = match data {
-        Some(dir) => dir.to_path_buf(),
-        None => super::scenes_data(out, &preset.data)?,
-    };
+    let data_dir = super::data_dir(out, data, &preset.data)?;
     let train_device = device.clone().autodiff();
     let mut results = Vec::new();
     for clip in &preset.clips {
-        let clip_dir = out.join(clip);
         let start = Instant::now();
-        if !clip_dir.join("model.safetensors").is_file() {
-            eprintln!("pre-training {clip} -> {}", clip_dir.display());
-            pretrain(
-                clip,
-                preset.clip_image_size,
-                &preset.clip,
-                &clip_dir,
-                true,
-                &train_device,
-            )?;
-        }
+        let clip_dir = super::pretrained_clip(
+            out,
+            clip,
+            preset.clip_image_size,
+            &preset.clip,
+            &train_device,
+        )?;
         let clip_seconds = start.elapsed().as_secs_f64();
         for &fusion in &preset.fusions {
             let run_dir = out.join(format!("{clip}-{}", fusion.name()));

@@ -74,6 +74,32 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
+/// Creates `out` and returns the data directory: `data` if the user gave one, else the
+/// scenes split of `scenes` cached under `out`.
+pub fn data_dir(out: &Path, data: Option<&Path>, scenes: &ScenesConfig) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    match data {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => scenes_data(out, scenes),
+    }
+}
+
+/// `out/{preset}`, a CLIP pre-trained on scenes by `config` unless it is already there.
+pub fn pretrained_clip(
+    out: &Path,
+    preset: &str,
+    image_size: usize,
+    config: &crate::train::clip::ClipTrainConfig,
+    train_device: &burn::tensor::Device,
+) -> Result<PathBuf> {
+    let dir = out.join(preset);
+    if !dir.join("model.safetensors").is_file() {
+        eprintln!("pre-training {preset} -> {}", dir.display());
+        crate::train::clip::pretrain(preset, image_size, config, &dir, true, train_device)?;
+    }
+    Ok(dir)
+}
+
 /// The scenes split of `config` under `cache` (generated once, reused while its `meta.json`
 /// records the same config).
 pub fn scenes_data(cache: &Path, config: &ScenesConfig) -> Result<PathBuf> {

@@ -21,7 +21,7 @@ use crate::eval::editing::{EditMetrics, Score};
 use crate::eval::protocol;
 use crate::model::scope::{ScopeConfig, ScopeMode};
 use crate::report::Table;
-use crate::train::clip::{ClipTrainConfig, pretrain};
+use crate::train::clip::ClipTrainConfig;
 use crate::train::scope::{ScopeRun, ScopeRunConfig, ScopeTrainConfig};
 use crate::train::vlm::{Knowledge, VlmTrainConfig};
 
@@ -63,24 +63,15 @@ pub fn run(
     out: &Path,
     device: &Device,
 ) -> Result<(Table, Vec<MethodResult>)> {
-    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    let data_dir = match data {
-        Some(dir) => dir.to_path_buf(),
-        None => super::scenes_data(out, &preset.data)?,
-    };
+    let data_dir = super::data_dir(out, data, &preset.data)?;
     let train_device = device.clone().autodiff();
-
-    let clip_dir = out.join(&preset.clip_preset);
-    if !clip_dir.join("model.safetensors").is_file() {
-        pretrain(
-            &preset.clip_preset,
-            preset.clip_image_size,
-            &preset.clip,
-            &clip_dir,
-            true,
-            &train_device,
-        )?;
-    }
+    let clip_dir = super::pretrained_clip(
+        out,
+        &preset.clip_preset,
+        preset.clip_image_size,
+        &preset.clip,
+        &train_device,
+    )?;
     for (name, mode) in [
         ("scope-text", ScopeMode::TextOnly),
         ("scope-multimodal", ScopeMode::Multimodal),
