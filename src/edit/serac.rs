@@ -117,16 +117,21 @@ impl MemoryEditor {
         })
     }
 
-    /// Answers a query: the counterfactual model with the routed edit as context when the
-    /// query is in scope (eq. 3), the base model otherwise.
-    pub fn answer(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
-        let (route, edited, prompt) = self.dispatch(query)?;
-        let device = &self.device;
+    /// The counterfactual model (`edited`) or the base model, and the device.
+    fn speaker(&mut self, edited: bool) -> (&mut Speaker, &Device) {
         let speaker = if edited {
             &mut self.counterfactual
         } else {
             &mut self.base
         };
+        (speaker, &self.device)
+    }
+
+    /// Answers a query: the counterfactual model with the routed edit as context when the
+    /// query is in scope (eq. 3), the base model otherwise.
+    pub fn answer(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
+        let (route, edited, prompt) = self.dispatch(query)?;
+        let (speaker, device) = self.speaker(edited);
         let text = speaker.answer(query.image.as_deref(), &prompt, max_new, device)?;
         Ok(Answer {
             route,
@@ -143,12 +148,7 @@ impl super::Editor for MemoryEditor {
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
         let (_, edited, prompt) = self.dispatch(query)?;
-        let device = &self.device;
-        let speaker = if edited {
-            &mut self.counterfactual
-        } else {
-            &mut self.base
-        };
+        let (speaker, device) = self.speaker(edited);
         speaker.predict(query.image.as_deref(), &prompt, answer, k, device)
     }
 
