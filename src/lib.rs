@@ -10,6 +10,7 @@ pub mod edit;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod frame;
 pub mod model;
 pub mod report;
 pub mod train;

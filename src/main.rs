@@ -207,6 +207,9 @@ struct VlmArgs {
     checkpoint_every: usize,
     #[arg(long)]
     resume: bool,
+    /// Keep the vision tower (from --clip) fixed: only the projector and the LM learn.
+    #[arg(long)]
+    freeze_vision: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -220,6 +223,7 @@ impl VlmArgs {
             text_every: self.text_every,
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
+            freeze_vision: self.freeze_vision,
         };
         let device = self.device.device()?.autodiff();
         let exact = mmke::train::vlm::run(
@@ -241,6 +245,28 @@ impl VlmArgs {
 
 #[derive(Subcommand)]
 enum EvalCommand {
+    /// Teacher-forced exact match of a trained VLM (`mmke train vlm` or `counterfactual`) on
+    /// a file's pre-edit (or, with --counterfactual, post-edit) questions, overall and per
+    /// question family.
+    Vlm {
+        /// A directory written by `mmke train vlm` / `mmke train counterfactual`.
+        #[arg(long)]
+        model: PathBuf,
+        /// An FGVEdit-schema file (e.g. DIR/test.json).
+        #[arg(long)]
+        data: PathBuf,
+        /// Root of its image paths (default: the file's directory).
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Score the counterfactual knowledge (edit in context, answers as after the edit).
+        #[arg(long)]
+        counterfactual: bool,
+        /// Only the first N records.
+        #[arg(long)]
+        records: Option<usize>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Accuracy, precision, recall, F1 of a trained scope classifier, overall, per pair kind
     /// and per task (text vs image samples).
     Scope {
@@ -511,6 +537,55 @@ fn run(cli: Cli) -> Result<()> {
                 images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
             let report = mmke::eval::scope::evaluate_run(&checkpoint, &data, &root, &device)?;
             print!("{}", report.markdown());
+        }
+        Command::Eval(EvalCommand::Vlm {
+            model,
+            data,
+            images,
+            counterfactual,
+            records,
+            device,
+        }) => {
+            let device = device.device()?;
+            let root =
+                images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
+            let knowledge = if counterfactual {
+                mmke::train::vlm::Knowledge::Counterfactual
+            } else {
+                mmke::train::vlm::Knowledge::PreEdit
+            };
+            let mut file = mmke::data::fgvedit::read(&data, &root)?.records;
+            file.truncate(records.unwrap_or(usize::MAX));
+            let examples: Vec<_> = file.iter().flat_map(|r| knowledge.examples(r)).collect();
+            let speaker = mmke::edit::speaker::Speaker::load(&model, &device)?;
+            let mut batcher = speaker.batcher;
+            let right = mmke::train::vlm::answers_right(
+                &speaker.model,
+                &examples,
+                &mut batcher,
+                64,
+                &device,
+            )?;
+            let mut families: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+            for (example, ok) in examples.iter().zip(&right) {
+                let family = match example.image {
+                    None => "text-only",
+                    Some(_) => scenes::answer_family(&example.answer).unwrap_or("other"),
+                };
+                let entry = families.entry(family).or_default();
+                entry.0 += *ok as usize;
+                entry.1 += 1;
+            }
+            let total = right.iter().filter(|&&r| r).count();
+            println!("| family | examples | exact match % |\n| --- | --- | --- |");
+            for (family, (ok, n)) in &families {
+                println!("| {family} | {n} | {:.2} |", 100.0 * *ok as f64 / *n as f64);
+            }
+            println!(
+                "| all | {} | {:.2} |",
+                right.len(),
+                100.0 * total as f64 / right.len().max(1) as f64
+            );
         }
         Command::Export { checkpoint, out } => {
             let device = backend::device(Backend::Flex, None)?;

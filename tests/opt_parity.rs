@@ -102,12 +102,12 @@ fn zero_extra_neurons_and_a_zero_shift_leave_the_outputs_unchanged() {
     let last = edited.num_layers() - 1;
     // Fresh extra neurons have zero values; a zero shift adds nothing.
     edited.model.decoder.layers[last].extra =
-        Some(ExtraNeurons::new(config.hidden_size, 10, &device));
+        vec![ExtraNeurons::new(config.hidden_size, 10, &device)];
     let hooks = Hooks {
         attention_shift: (0..edited.num_layers())
             .map(|_| Some(Tensor::zeros([1, 1, config.hidden_size], &device)))
             .collect(),
-        capture: false,
+        ..Hooks::default()
     };
     let after: Vec<f32> = edited
         .forward_with(ids.clone(), mask.clone(), &hooks)
@@ -126,7 +126,7 @@ fn zero_extra_neurons_and_a_zero_shift_leave_the_outputs_unchanged() {
         attention_shift: (0..edited.num_layers())
             .map(|i| (i == last).then(|| shift.clone()))
             .collect(),
-        capture: false,
+        ..Hooks::default()
     };
     let shifted: Vec<f32> = edited
         .forward_with(ids, mask, &hooks)

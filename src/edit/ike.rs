@@ -42,20 +42,18 @@ struct Demonstration {
     words: BTreeSet<String>,
 }
 
-pub struct IkeEditor {
-    pub base: Speaker,
+/// What IKE puts before a query: the stored facts and a pool of demonstrations.
+pub struct IkeContext {
     /// Demonstrations from other edits, with the words of their prompt.
     pool: Vec<Demonstration>,
     demonstrations: usize,
     facts: Vec<EditRecord>,
-    device: Device,
 }
 
-impl IkeEditor {
+impl IkeContext {
     /// `pool`: edits to draw demonstrations from (records with a rephrase).
-    pub fn new(base: Speaker, pool: &[EditRecord], demonstrations: usize, device: &Device) -> Self {
+    pub fn new(pool: &[EditRecord], demonstrations: usize) -> Self {
         Self {
-            base,
             pool: pool
                 .iter()
                 .filter_map(|r| {
@@ -69,8 +67,15 @@ impl IkeEditor {
                 .collect(),
             demonstrations,
             facts: Vec::new(),
-            device: device.clone(),
         }
+    }
+
+    pub fn push(&mut self, record: &EditRecord) {
+        self.facts.push(record.clone());
+    }
+
+    pub fn clear(&mut self) {
+        self.facts.clear();
     }
 
     /// The context before `query`: demonstrations, then the stored fact nearest to it.
@@ -99,20 +104,37 @@ impl IkeEditor {
     }
 }
 
+pub struct IkeEditor {
+    pub base: Speaker,
+    pub context: IkeContext,
+    device: Device,
+}
+
+impl IkeEditor {
+    /// `pool`: edits to draw demonstrations from (records with a rephrase).
+    pub fn new(base: Speaker, pool: &[EditRecord], demonstrations: usize, device: &Device) -> Self {
+        Self {
+            base,
+            context: IkeContext::new(pool, demonstrations),
+            device: device.clone(),
+        }
+    }
+}
+
 impl Editor for IkeEditor {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
-        self.facts.push(record.clone());
+        self.context.push(record);
         Ok(())
     }
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
-        let prompt = format!("{}{}", self.context(query), query.prompt);
+        let prompt = format!("{}{}", self.context.context(query), query.prompt);
         self.base
             .predict(query.image.as_deref(), &prompt, answer, k, &self.device)
     }
 
     fn reset(&mut self) {
-        self.facts.clear();
+        self.context.clear();
     }
 }
 
@@ -146,7 +168,7 @@ mod tests {
             image: None,
             prompt: crate::data::record::vqa_prompt("which color does the circle have?"),
         };
-        assert_eq!(ike.context(&query), "", "no fact, no context");
+        assert_eq!(ike.context.context(&query), "", "no fact, no context");
         ike.edit(&record(
             "what color is the circle?",
             "which color does the circle have?",
@@ -159,7 +181,7 @@ mod tests {
             "small",
         ))
         .unwrap();
-        let context = ike.context(&query);
+        let context = ike.context.context(&query);
         assert_eq!(
             context,
             "Question: what color is the star? Short answer: red || \
@@ -169,6 +191,6 @@ mod tests {
         let p = ike.predict(&query, "blue", 1).unwrap();
         assert_eq!(p.argmax.len(), p.target.len());
         ike.reset();
-        assert_eq!(ike.context(&query), "");
+        assert_eq!(ike.context.context(&query), "");
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::index::IvfIndex;
-use crate::error::{Error, Result, write_atomic};
+use crate::error::{Error, Result};
 use crate::model::scope::{ScopeClassifier, Similarity};
 
 /// The first bytes of a saved edit memory.
@@ -138,7 +138,7 @@ impl EditMemory {
 }
 
 impl EditMemory {
-    /// Writes the memory to `path` atomically: `MAGIC`, a JSON header (similarity, edits,
+    /// Writes the memory to `path` atomically ([`crate::frame`]): a JSON header (similarity, edits,
     /// width), every z_e as little-endian f32 rows, and a CRC-32 of all that. The index is not
     /// saved (`build_index` again after loading).
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -153,18 +153,8 @@ impl EditMemory {
             "similarity": self.similarity,
             "edits": edits,
             "dim": dim,
-        })
-        .to_string();
-        let mut bytes = Vec::with_capacity(16 + header.len() + 4 * rows.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        for value in rows {
-            bytes.extend_from_slice(&value.to_le_bytes());
-        }
-        let checksum = crc32fast::hash(&bytes);
-        bytes.extend_from_slice(&checksum.to_le_bytes());
-        write_atomic(path, &bytes)
+        });
+        crate::frame::write(path, MAGIC, &header, &rows)
     }
 
     /// Reads a memory written by [`EditMemory::save`]; a truncated or corrupted file is an
@@ -174,47 +164,19 @@ impl EditMemory {
             path: path.to_path_buf(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        if bytes.len() < MAGIC.len() + 8 || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(error(
-                "not an mmke edit memory (bad magic or too short)".into(),
-            ));
-        }
-        let (body, tail) = bytes.split_at(bytes.len() - 4);
-        let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
-        if crc32fast::hash(body) != stored {
-            return Err(error(
-                "checksum mismatch: the file is truncated or corrupted".into(),
-            ));
-        }
-        let header_len = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes")) as usize;
-        let header = body
-            .get(12..12 + header_len)
-            .ok_or_else(|| error("header runs past the end".into()))?;
-        let header: serde_json::Value =
-            serde_json::from_slice(header).map_err(|e| error(format!("invalid header: {e}")))?;
+        let (header, values) = crate::frame::read(path, MAGIC, "edit memory")?;
         let similarity: Similarity = serde_json::from_value(header["similarity"].clone())
             .map_err(|e| error(format!("invalid similarity: {e}")))?;
-        let count = |key: &str| {
-            header[key]
-                .as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| error(format!("header lacks '{key}'")))
-        };
-        let (edits, dim) = (count("edits")?, count("dim")?);
-        let data = &body[12 + header_len..];
-        if data.len() != 4 * edits * dim {
+        let edits = crate::frame::count(path, &header, "edits")?;
+        let dim = crate::frame::count(path, &header, "dim")?;
+        if values.len() != edits * dim {
             return Err(error(format!(
-                "{} bytes of z_e for {edits} edits of width {dim}",
-                data.len()
+                "{} values of z_e for {edits} edits of width {dim}",
+                values.len()
             )));
         }
         let mut memory = Self::new(similarity, device);
         if edits > 0 {
-            let values: Vec<f32> = data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect();
             // Stored rows are already normalised for cosine; insert keeps them as they are.
             let z = Tensor::<2>::from_data(TensorData::new(values, [edits, dim]), device);
             memory.insert(z);

@@ -6,6 +6,7 @@ pub mod index;
 pub mod memory;
 pub mod serac;
 pub mod speaker;
+pub mod unike;
 
 use crate::data::record::EditRecord;
 use crate::error::Result;

@@ -187,6 +187,7 @@ pub(crate) mod tests {
                 2,
                 3,
             ),
+            hooks: Default::default(),
         }
     }
 

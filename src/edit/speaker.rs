@@ -8,8 +8,9 @@ use burn::tensor::{Device, Int, Tensor};
 
 use crate::data::image::ImagePreprocessor;
 use crate::error::Result;
+use crate::model::lm::Hooks;
 use crate::model::vlm::Vlm;
-use crate::train::vlm::{LmBatch, LmBatcher, LmExample, answer_loss};
+use crate::train::vlm::{LmBatch, LmBatcher, LmExample, answer_loss_with};
 
 /// A query to the edited model: a prompt (templated) on an image, or on text alone.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +33,8 @@ pub struct Prediction {
 pub struct Speaker {
     pub model: Vlm,
     pub batcher: LmBatcher,
+    /// Applied in every forward pass (UniKE's latent in-context editing).
+    pub hooks: Hooks,
 }
 
 impl Speaker {
@@ -48,6 +51,7 @@ impl Speaker {
                 config.lm.bos_token_id,
                 config.lm.eos_token_id,
             ),
+            hooks: Hooks::default(),
         })
     }
 
@@ -75,7 +79,7 @@ impl Speaker {
         device: &Device,
     ) -> Result<Tensor<1>> {
         let batch = self.batch(image, prompt, answer, device)?;
-        Ok(answer_loss(&self.model, &batch).0)
+        Ok(answer_loss_with(&self.model, &batch, &self.hooks).0)
     }
 
     /// Teacher-forced predictions for `answer` after `prompt` on `image`.
@@ -91,7 +95,7 @@ impl Speaker {
         let scored = batch.spans[0].clone();
         let logits = self
             .model
-            .forward(batch.pixels, batch.ids, batch.mask, &Default::default())
+            .forward(batch.pixels, batch.ids, batch.mask, &self.hooks)
             .logits;
         let vocab = logits.dims()[2];
         let n = scored.len();
@@ -131,7 +135,7 @@ impl Speaker {
         let pixels = image
             .map(|path| self.batcher.pixels(&[path], device))
             .transpose()?;
-        let generated = self.model.generate(pixels, &ids, max_new, eos);
+        let generated = self.model.generate(pixels, &ids, max_new, eos, &self.hooks);
         let answer: Vec<u32> = generated.into_iter().take_while(|&t| t != eos).collect();
         self.batcher.tokenizer().decode(&answer)
     }

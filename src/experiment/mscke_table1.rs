@@ -29,6 +29,11 @@ use crate::train::vlm::{Knowledge, VlmTrainConfig};
 #[serde(deny_unknown_fields)]
 pub struct Preset {
     pub data: ScenesConfig,
+    /// The scenes split the base and counterfactual VLMs learn from, when larger than `data`
+    /// (same seed and test count, so its first records and its test split are `data`'s): a
+    /// base model knows more of the world than the edits it is evaluated on.
+    #[serde(default)]
+    pub knowledge: Option<ScenesConfig>,
     pub clip_preset: String,
     pub clip_image_size: usize,
     pub clip: ClipTrainConfig,
@@ -88,6 +93,23 @@ pub fn run(
             crate::train::scope::run(&config, &clip_dir, &data_dir, &dir, true, &train_device)?;
         }
     }
+    let knowledge_dir = match (data, &preset.knowledge) {
+        (None, Some(knowledge)) => {
+            if (knowledge.seed, knowledge.test, knowledge.image_size)
+                != (preset.data.seed, preset.data.test, preset.data.image_size)
+                || knowledge.train < preset.data.train
+            {
+                return Err(crate::Error::Config {
+                    path: out.to_path_buf(),
+                    reason: "the knowledge split must extend the data split: same seed, test \
+                             count and image size, at least as many train records"
+                        .into(),
+                });
+            }
+            super::scenes_data(out, knowledge)?
+        }
+        _ => data_dir.clone(),
+    };
     for (name, knowledge, vlm_preset, config) in [
         ("vlm", Knowledge::PreEdit, &preset.vlm_preset, &preset.vlm),
         (
@@ -104,7 +126,7 @@ pub fn run(
                 vlm_preset,
                 preset.clip_image_size,
                 Some(&clip_dir),
-                &data_dir,
+                &knowledge_dir,
                 config,
                 &dir,
                 true,

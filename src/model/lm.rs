@@ -12,13 +12,20 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::clip::encoder::{SelfAttention, layer_norm};
 use crate::error::Result;
+
+/// OPT's embedding initialisation (`init_std` = 0.02). Burn's default, N(0, 1), makes the
+/// tied LM head's first logits so large that training crawls.
+const OPT_INIT: Initializer = Initializer::Normal {
+    mean: 0.0,
+    std: 0.02,
+};
 
 /// OPT's learned positions start at index 2 (`OPTLearnedPositionalEmbedding.offset`).
 pub const POSITION_OFFSET: usize = 2;
@@ -115,6 +122,37 @@ pub struct ExtraNeurons {
     pub key_bias: Param<Tensor<1>>,
     /// `[n, hidden]`.
     pub values: Param<Tensor<2>>,
+    /// UniKE eq. 6: a learnable map of the editing direction zeta added to every value.
+    pub zeta: Option<ZetaShift>,
+}
+
+/// UniKE eq. 6: `beta * W_zeta zeta`, added to every extra value vector.
+#[derive(Module, Debug)]
+pub struct ZetaShift {
+    /// W_zeta, `[truth dim, hidden]`, learnable.
+    pub projection: Param<Tensor<2>>,
+    /// zeta, `[1, truth dim]`, fixed.
+    pub zeta: Param<Tensor<2>>,
+    #[module(skip)]
+    pub beta: f64,
+}
+
+impl ZetaShift {
+    /// W_zeta starts at zero, so the shift grows only as far as the edit's loss asks.
+    pub fn new(zeta: Tensor<1>, hidden: usize, beta: f64) -> Self {
+        let d = zeta.dims()[0];
+        let device = zeta.device();
+        Self {
+            projection: Param::from_tensor(Tensor::zeros([d, hidden], &device)),
+            zeta: Param::from_tensor(zeta.reshape([1, d])).set_require_grad(false),
+            beta,
+        }
+    }
+
+    /// `[1, hidden]`.
+    pub fn shift(&self) -> Tensor<2> {
+        self.zeta.val().matmul(self.projection.val()) * self.beta
+    }
 }
 
 impl ExtraNeurons {
@@ -131,6 +169,15 @@ impl ExtraNeurons {
             )),
             key_bias: Param::from_tensor(Tensor::zeros([n], device)),
             values: Param::from_tensor(Tensor::zeros([n, hidden], device)),
+            zeta: None,
+        }
+    }
+
+    /// The value vectors in use: `W_V^extra (+ beta * W_zeta zeta)` (eq. 3 / eq. 6).
+    pub fn value_vectors(&self) -> Tensor<2> {
+        match &self.zeta {
+            Some(zeta) => self.values.val() + zeta.shift(),
+            None => self.values.val(),
         }
     }
 
@@ -156,8 +203,8 @@ pub struct OptDecoderLayer {
     pub fc1: Linear,
     pub fc2: Linear,
     pub final_layer_norm: LayerNorm,
-    /// Extra key-value pairs, absent in pre-trained weights.
-    pub extra: Option<ExtraNeurons>,
+    /// Extra key-value pairs (one group per edit), absent in pre-trained weights.
+    pub extra: Vec<ExtraNeurons>,
 }
 
 /// What a forward pass adds to or reads from the layers.
@@ -166,8 +213,25 @@ pub struct Hooks {
     /// Per layer, a shift added to the self-attention output before the residual,
     /// broadcastable to `[batch, seq, hidden]` (UniKE eq. 2/7).
     pub attention_shift: Vec<Option<Tensor<3>>>,
+    /// Rewrites chosen layers' self-attention output from the layer's input (UniKE's latent
+    /// in-context editing, eq. 2/7).
+    pub attention_mix: Option<std::sync::Arc<dyn AttentionMix>>,
     /// Keep every layer's input and output (`hidden_states` of the output).
     pub capture: bool,
+}
+
+/// A rewrite of a layer's self-attention output.
+pub trait AttentionMix: std::fmt::Debug + Send + Sync {
+    /// The output to use in layer `index` instead of `h_input`, its self-attention output
+    /// (`[batch, seq, hidden]`), given the layer and its input `x` (the residual stream before
+    /// the layer). `None` leaves the layer alone.
+    fn mix(
+        &self,
+        index: usize,
+        layer: &OptDecoderLayer,
+        x: &Tensor<3>,
+        h_input: &Tensor<3>,
+    ) -> Option<Tensor<3>>;
 }
 
 impl OptDecoderLayer {
@@ -190,25 +254,38 @@ impl OptDecoderLayer {
             fc1: linear(d, config.ffn_dim),
             fc2: linear(config.ffn_dim, d),
             final_layer_norm: layer_norm(d, eps, device),
-            extra: None,
+            extra: Vec::new(),
         }
     }
 
     /// The FFN on normalised `x`, `[rows, hidden]`: `fc2(relu(fc1 x))` plus the extra pairs.
     pub fn ffn(&self, x: Tensor<2>) -> Tensor<2> {
         let out = self.fc2.forward(relu(self.fc1.forward(x.clone())));
-        match &self.extra {
-            Some(extra) => out + extra.activations(x).matmul(extra.values.val()),
-            None => out,
-        }
+        self.extra.iter().fold(out, |out, extra| {
+            out + extra.activations(x.clone()).matmul(extra.value_vectors())
+        })
     }
 
-    fn forward(&self, x: Tensor<3>, mask: Tensor<4, Bool>, shift: Option<&Tensor<3>>) -> Tensor<3> {
+    /// The layer's output and its FFN input (after `final_layer_norm`).
+    fn forward(
+        &self,
+        index: usize,
+        x: Tensor<3>,
+        mask: Tensor<4, Bool>,
+        hooks: &Hooks,
+    ) -> (Tensor<3>, Tensor<3>) {
         let [batch, seq, d] = x.dims();
         let mut attn = self
             .self_attn
             .forward(self.self_attn_layer_norm.forward(x.clone()), Some(mask));
-        if let Some(shift) = shift {
+        if let Some(mixed) = hooks
+            .attention_mix
+            .as_ref()
+            .and_then(|mix| mix.mix(index, self, &x, &attn))
+        {
+            attn = mixed;
+        }
+        if let Some(shift) = hooks.attention_shift.get(index).and_then(Option::as_ref) {
             attn = attn + shift.clone();
         }
         let x = x + attn;
@@ -216,7 +293,8 @@ impl OptDecoderLayer {
             .final_layer_norm
             .forward(x.clone())
             .reshape([batch * seq, d]);
-        x + self.ffn(normed).reshape([batch, seq, d])
+        let out = x + self.ffn(normed.clone()).reshape([batch, seq, d]);
+        (out, normed.reshape([batch, seq, d]))
     }
 }
 
@@ -247,6 +325,8 @@ pub struct LmOutput {
     /// `[batch, seq, vocab]`.
     pub logits: Tensor<3>,
     pub hidden_states: Vec<Tensor<3>>,
+    /// When captured, each layer's FFN input (normalised), `[batch, seq, hidden]`.
+    pub ffn_inputs: Vec<Tensor<3>>,
     /// `[batch, seq, hidden]` after the final LayerNorm.
     pub last_hidden_state: Tensor<3>,
 }
@@ -257,11 +337,14 @@ impl OptForCausalLM {
         Self {
             model: OptModel {
                 decoder: OptDecoder {
-                    embed_tokens: EmbeddingConfig::new(config.vocab_size, d).init(device),
+                    embed_tokens: EmbeddingConfig::new(config.vocab_size, d)
+                        .with_initializer(OPT_INIT)
+                        .init(device),
                     embed_positions: EmbeddingConfig::new(
                         config.max_position_embeddings + POSITION_OFFSET,
                         d,
                     )
+                    .with_initializer(OPT_INIT)
                     .init(device),
                     final_layer_norm: layer_norm(d, 1e-5, device),
                     layers: (0..config.num_hidden_layers)
@@ -352,12 +435,16 @@ impl OptForCausalLM {
         let mask = causal.bool_or(padding);
 
         let mut hidden_states = Vec::new();
+        let mut ffn_inputs = Vec::new();
         for (i, layer) in decoder.layers.iter().enumerate() {
             if hooks.capture {
                 hidden_states.push(x.clone());
             }
-            let shift = hooks.attention_shift.get(i).and_then(Option::as_ref);
-            x = layer.forward(x, mask.clone(), shift);
+            let (out, ffn_input) = layer.forward(i, x, mask.clone(), hooks);
+            x = out;
+            if hooks.capture {
+                ffn_inputs.push(ffn_input);
+            }
         }
         let last_hidden_state = decoder.final_layer_norm.forward(x);
         if hooks.capture {
@@ -366,6 +453,7 @@ impl OptForCausalLM {
         LmOutput {
             logits: self.lm_head(last_hidden_state.clone()),
             hidden_states,
+            ffn_inputs,
             last_hidden_state,
         }
     }

@@ -1,5 +1,6 @@
 pub mod clip;
 pub mod fusion;
+pub mod knowledge;
 pub mod lm;
 pub mod scope;
 pub mod vlm;

@@ -157,6 +157,7 @@ impl Vlm {
         prompt: &[u32],
         max_new: usize,
         eos: u32,
+        hooks: &Hooks,
     ) -> Vec<u32> {
         let device = self.lm.model.decoder.embed_tokens.weight.device();
         let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
@@ -165,9 +166,7 @@ impl Vlm {
             let n = ids.len();
             let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
             let mask = Tensor::<2, Int>::ones([1, n], &device);
-            let logits = self
-                .forward(pixels.clone(), input, mask, &Hooks::default())
-                .logits;
+            let logits = self.forward(pixels.clone(), input, mask, hooks).logits;
             let vocab = logits.dims()[2];
             let next = logits
                 .narrow(1, n - 1, 1)
@@ -229,10 +228,13 @@ mod tests {
     fn greedy_decoding_stops_at_the_end_token_or_the_limit() {
         let device = Device::flex();
         let model = Vlm::new(&tiny(), &device);
-        let out = model.generate(None, &[2, 5, 7], 6, 3);
+        let out = model.generate(None, &[2, 5, 7], 6, 3, &Hooks::default());
         assert!(!out.is_empty() && out.len() <= 6);
         assert!(out[..out.len() - 1].iter().all(|&t| t != 3));
         // Greedy is deterministic.
-        assert_eq!(model.generate(None, &[2, 5, 7], 6, 3), out);
+        assert_eq!(
+            model.generate(None, &[2, 5, 7], 6, 3, &Hooks::default()),
+            out
+        );
     }
 }

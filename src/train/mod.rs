@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod knowledge;
 pub mod scope;
 pub mod vlm;
 

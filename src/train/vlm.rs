@@ -1,7 +1,7 @@
 //! Training the base VLM with LM cross-entropy on what it should know before any edit: every
 //! question about the unedited scene with its answer under S (the scope questions, the edit
-//! question and its rephrase with the original answer), the question on another image, and
-//! the text-only T-Locality facts. Teacher-forced: the loss and the exact-match score cover the
+//! question and its rephrase with the original answer), the caption of the edit image, the
+//! question on another image, and the text-only T-Locality facts. Teacher-forced: the loss and the exact-match score cover the
 //! answer tokens and the end token.
 
 use std::collections::HashMap;
@@ -57,6 +57,9 @@ pub fn pre_edit_examples(record: &EditRecord) -> Vec<LmExample> {
     }
     if let Some(q) = &record.m_loc {
         out.push(on(&q.image, &q.prompt, &q.answer));
+    }
+    if let Some(caption) = &record.caption {
+        out.push(on(&record.image, &caption.prompt, &caption.before));
     }
     if let Some(q) = &record.loc {
         out.push(LmExample {
@@ -135,6 +138,9 @@ pub struct VlmTrainConfig {
     pub text_every: usize,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// Keep the (pre-trained) vision tower fixed; only the projector and the LM learn.
+    #[serde(default)]
+    pub freeze_vision: bool,
 }
 
 /// Examples as tensors: `[BOS] prompt answer [EOS]`, right-padded, and per position the
@@ -271,12 +277,17 @@ impl LmBatcher {
 /// Teacher-forced cross-entropy over the answer positions (mean per answer token), and per
 /// example whether every answer token (and the end) is the argmax.
 pub fn answer_loss(model: &Vlm, batch: &LmBatch) -> (Tensor<1>, Vec<bool>) {
+    answer_loss_with(model, batch, &Hooks::default())
+}
+
+/// [`answer_loss`] with `hooks` in the forward pass.
+pub fn answer_loss_with(model: &Vlm, batch: &LmBatch, hooks: &Hooks) -> (Tensor<1>, Vec<bool>) {
     let logits = model
         .forward(
             batch.pixels.clone(),
             batch.ids.clone(),
             batch.mask.clone(),
-            &Hooks::default(),
+            hooks,
         )
         .logits;
     let [n, seq, _] = logits.dims();
@@ -301,6 +312,31 @@ pub fn answer_loss(model: &Vlm, batch: &LmBatch) -> (Tensor<1>, Vec<bool>) {
     (loss, wrong.iter().map(|&w| w == 0.0).collect())
 }
 
+/// Per example of `examples` (in order), whether its teacher-forced answer is exactly right;
+/// run in batches of `batch_size`.
+pub fn answers_right(
+    model: &Vlm,
+    examples: &[LmExample],
+    batcher: &mut LmBatcher,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<bool>> {
+    let mut right = vec![false; examples.len()];
+    for with_image in [true, false] {
+        let group: Vec<usize> = (0..examples.len())
+            .filter(|&i| examples[i].image.is_some() == with_image)
+            .collect();
+        for chunk in group.chunks(batch_size.max(1)) {
+            let chosen: Vec<&LmExample> = chunk.iter().map(|&i| &examples[i]).collect();
+            let batch = batcher.batch(&chosen, device)?;
+            for (&i, r) in chunk.iter().zip(answer_loss(model, &batch).1) {
+                right[i] = r;
+            }
+        }
+    }
+    Ok(right)
+}
+
 /// Teacher-forced exact match over `examples`, in batches of `batch_size`.
 pub fn exact_match(
     model: &Vlm,
@@ -309,18 +345,8 @@ pub fn exact_match(
     batch_size: usize,
     device: &Device,
 ) -> Result<f64> {
-    let mut right = 0usize;
-    for with_image in [true, false] {
-        let group: Vec<&LmExample> = examples
-            .iter()
-            .filter(|e| e.image.is_some() == with_image)
-            .collect();
-        for chunk in group.chunks(batch_size.max(1)) {
-            let batch = batcher.batch(chunk, device)?;
-            right += answer_loss(model, &batch).1.iter().filter(|&&r| r).count();
-        }
-    }
-    Ok(right as f64 / examples.len().max(1) as f64)
+    let right = answers_right(model, examples, batcher, batch_size, device)?;
+    Ok(right.iter().filter(|&&r| r).count() as f64 / examples.len().max(1) as f64)
 }
 
 /// Trains `model` (on an autodiff device); with `resume`, continues from `dir`'s checkpoint.
@@ -333,6 +359,9 @@ pub fn train(
     resume: bool,
     device: &Device,
 ) -> Result<Vlm> {
+    if config.freeze_vision {
+        model.vision_model = model.vision_model.no_grad();
+    }
     let mut optim = AdamConfig::new().init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {

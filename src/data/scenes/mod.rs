@@ -372,6 +372,27 @@ pub fn word_level_tokenizer() -> tokenizers::Tokenizer {
     tokenizer
 }
 
+/// The question family a scenes answer belongs to (`color`, `shape`, `size`, `position`,
+/// `yes/no`, `count`), for per-family scores; `None` for other answers.
+pub fn answer_family(answer: &str) -> Option<&'static str> {
+    let is = |names: Vec<&str>| names.contains(&answer);
+    if is(Color::ALL.iter().map(|c| c.name()).collect()) {
+        Some("color")
+    } else if is(Shape::ALL.iter().map(|s| s.name()).collect()) {
+        Some("shape")
+    } else if is(Size::ALL.iter().map(|s| s.name()).collect()) {
+        Some("size")
+    } else if is(Cell::ALL.iter().map(|c| c.name()).collect()) {
+        Some("position")
+    } else if answer == "yes" || answer == "no" {
+        Some("yes/no")
+    } else if is(NUMBER_WORDS.to_vec()) {
+        Some("count")
+    } else {
+        None
+    }
+}
+
 /// A fresh scene for CLIP pre-training: its caption, and a grounding question about one of
 /// its objects (VQA prompt, half of the time followed by a candidate answer, as the edit side
 /// of a scope pair reads) with the cell that object occupies.

@@ -86,6 +86,25 @@ impl SelfAttention {
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
         apply(&self.out_proj, context)
     }
+
+    /// Attention of `queries` (`[batch, q, hidden]`) over other states `memory`
+    /// (`[batch, m, hidden]`) with this layer's projections, unmasked: what in-context tokens
+    /// contribute to a query (UniKE eq. 2's `Attn(X_input, X_know, X_know)`).
+    pub fn attend(&self, queries: Tensor<3>, memory: Tensor<3>) -> Tensor<3> {
+        let [batch, q_len, hidden] = queries.dims();
+        let m_len = memory.dims()[1];
+        let head_dim = hidden / self.num_heads;
+        let heads = |t: Tensor<3>, len: usize| {
+            t.reshape([batch, len, self.num_heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        let q = heads(apply(&self.q_proj, queries), q_len);
+        let k = heads(apply(&self.k_proj, memory.clone()), m_len);
+        let v = heads(apply(&self.v_proj, memory), m_len);
+        let context = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        let context = context.swap_dims(1, 2).reshape([batch, q_len, hidden]);
+        apply(&self.out_proj, context)
+    }
 }
 
 /// The two-layer MLP of an encoder layer (`mlp`).
