@@ -116,6 +116,18 @@ enum ExperimentCommand {
     FusionAblation(ExperimentArgs),
     /// MSCKE Table 1: FT-LLM, FT-Visual, IKE, SERAC and MSCKE, one-step editing.
     MsckeTable1(ExperimentArgs),
+    /// UniKE Table 1: one-step editing on the VQA and caption tasks (FT, IKE, SERAC, UniKE).
+    /// The UniKE experiments share experiments/unike.toml and runs/unike/PRESET.
+    UnikeTable1(ExperimentArgs),
+    /// UniKE Table 2: sequential editing (K edits accumulate).
+    UnikeTable2(ExperimentArgs),
+    /// UniKE Table 3: cross-task editing (5 VQA + 5 caption edits per sequence).
+    UnikeTable3(ExperimentArgs),
+    /// UniKE Table 4: ablations (intrinsic only, latent IKE only, + vanilla IKE, without
+    /// collaboration, full).
+    UnikeTable4(ExperimentArgs),
+    /// UniKE Figure 4: retrieved states K, fixed vs dynamic alpha, zeta variants.
+    UnikeFig4(ExperimentArgs),
 }
 
 #[derive(Subcommand)]
@@ -659,6 +671,31 @@ fn run(cli: Cli) -> Result<()> {
                 mmke::experiment::mscke_table1::run(&preset, args.data.as_deref(), &out, &device)?;
             println!("{}", table.markdown());
             eprintln!("wrote {}/mscke-table1.{{md,csv,json,png}}", out.display());
+        }
+        Command::Experiment(
+            command @ (ExperimentCommand::UnikeTable1(_)
+            | ExperimentCommand::UnikeTable2(_)
+            | ExperimentCommand::UnikeTable3(_)
+            | ExperimentCommand::UnikeTable4(_)
+            | ExperimentCommand::UnikeFig4(_)),
+        ) => {
+            use mmke::experiment::unike::{self, Which};
+            let (which, args) = match command {
+                ExperimentCommand::UnikeTable1(args) => (Which::Table1, args),
+                ExperimentCommand::UnikeTable2(args) => (Which::Table2, args),
+                ExperimentCommand::UnikeTable3(args) => (Which::Table3, args),
+                ExperimentCommand::UnikeTable4(args) => (Which::Table4, args),
+                ExperimentCommand::UnikeFig4(args) => (Which::Fig4, args),
+                _ => unreachable!("matched above"),
+            };
+            let preset: unike::Preset =
+                mmke::experiment::load_preset("unike", args.file.as_deref(), &args.preset)?;
+            let out = args.out("unike");
+            let device = args.device.device()?;
+            for (stem, table) in unike::run(which, &preset, args.data.as_deref(), &out, &device)? {
+                println!("{}", table.markdown());
+                eprintln!("wrote {}/{stem}.{{md,csv,json,png}}", out.display());
+            }
         }
         Command::Experiment(ExperimentCommand::FusionAblation(args)) => {
             let name = "fusion-ablation";

@@ -5,6 +5,7 @@
 
 pub mod fusion_ablation;
 pub mod mscke_table1;
+pub mod unike;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ pub struct ExperimentFile<P> {
 
 /// The experiment files shipped with mmke, used when `experiments/{name}.toml` is not in the
 /// working directory.
-const BUILTIN: [(&str, &str); 2] = [
+const BUILTIN: [(&str, &str); 3] = [
     (
         "fusion-ablation",
         include_str!("../../experiments/fusion-ablation.toml"),
@@ -34,6 +35,7 @@ const BUILTIN: [(&str, &str); 2] = [
         "mscke-table1",
         include_str!("../../experiments/mscke-table1.toml"),
     ),
+    ("unike", include_str!("../../experiments/unike.toml")),
 ];
 
 /// Reads preset `preset` of experiment `name`: from `file` if given, else from
@@ -81,6 +83,82 @@ pub fn data_dir(out: &Path, data: Option<&Path>, scenes: &ScenesConfig) -> Resul
     match data {
         Some(dir) => Ok(dir.to_path_buf()),
         None => scenes_data(out, scenes),
+    }
+}
+
+/// `out/{name}`, a VLM trained on `knowledge` of `data_dir` by `config` (its vision tower
+/// from `clip_dir`) unless it is already there.
+#[allow(clippy::too_many_arguments)]
+pub fn trained_vlm(
+    out: &Path,
+    name: &str,
+    knowledge: crate::train::vlm::Knowledge,
+    preset: &str,
+    image_size: usize,
+    clip_dir: &Path,
+    data_dir: &Path,
+    config: &crate::train::vlm::VlmTrainConfig,
+    train_device: &burn::tensor::Device,
+) -> Result<PathBuf> {
+    let dir = out.join(name);
+    if !dir.join("model.bpk").is_file() {
+        let exact = crate::train::vlm::run(
+            knowledge,
+            preset,
+            image_size,
+            Some(clip_dir),
+            data_dir,
+            config,
+            &dir,
+            true,
+            train_device,
+        )?;
+        eprintln!("{name}: test exact match {:.2}%", 100.0 * exact);
+    }
+    Ok(dir)
+}
+
+/// `out/{name}`, a scope classifier trained by `config` unless it is already there.
+pub fn trained_scope(
+    out: &Path,
+    name: &str,
+    config: &crate::train::scope::ScopeRunConfig,
+    clip_dir: &Path,
+    data_dir: &Path,
+    train_device: &burn::tensor::Device,
+) -> Result<PathBuf> {
+    let dir = out.join(name);
+    if !dir.join("model.bpk").is_file() {
+        crate::train::scope::run(config, clip_dir, data_dir, &dir, true, train_device)?;
+    }
+    Ok(dir)
+}
+
+/// The split the VLMs learn from: `knowledge` when given (it must extend `data`: same seed,
+/// test count and image size, at least as many train records), else `data_dir`.
+pub fn knowledge_dir(
+    out: &Path,
+    user_data: Option<&Path>,
+    data: &ScenesConfig,
+    knowledge: Option<&ScenesConfig>,
+    data_dir: &Path,
+) -> Result<PathBuf> {
+    match (user_data, knowledge) {
+        (None, Some(knowledge)) => {
+            if (knowledge.seed, knowledge.test, knowledge.image_size)
+                != (data.seed, data.test, data.image_size)
+                || knowledge.train < data.train
+            {
+                return Err(Error::Config {
+                    path: out.to_path_buf(),
+                    reason: "the knowledge split must extend the data split: same seed, test \
+                             count and image size, at least as many train records"
+                        .into(),
+                });
+            }
+            scenes_data(out, knowledge)
+        }
+        _ => Ok(data_dir.to_path_buf()),
     }
 }
 

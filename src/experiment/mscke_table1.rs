@@ -81,35 +81,22 @@ pub fn run(
         ("scope-text", ScopeMode::TextOnly),
         ("scope-multimodal", ScopeMode::Multimodal),
     ] {
-        let dir = out.join(name);
-        if !dir.join("model.bpk").is_file() {
-            let config = ScopeRunConfig {
-                model: ScopeConfig {
-                    mode,
-                    ..preset.scope_model.clone()
-                },
-                train: preset.scope_train.clone(),
-            };
-            crate::train::scope::run(&config, &clip_dir, &data_dir, &dir, true, &train_device)?;
-        }
+        let config = ScopeRunConfig {
+            model: ScopeConfig {
+                mode,
+                ..preset.scope_model.clone()
+            },
+            train: preset.scope_train.clone(),
+        };
+        super::trained_scope(out, name, &config, &clip_dir, &data_dir, &train_device)?;
     }
-    let knowledge_dir = match (data, &preset.knowledge) {
-        (None, Some(knowledge)) => {
-            if (knowledge.seed, knowledge.test, knowledge.image_size)
-                != (preset.data.seed, preset.data.test, preset.data.image_size)
-                || knowledge.train < preset.data.train
-            {
-                return Err(crate::Error::Config {
-                    path: out.to_path_buf(),
-                    reason: "the knowledge split must extend the data split: same seed, test \
-                             count and image size, at least as many train records"
-                        .into(),
-                });
-            }
-            super::scenes_data(out, knowledge)?
-        }
-        _ => data_dir.clone(),
-    };
+    let knowledge_dir = super::knowledge_dir(
+        out,
+        data,
+        &preset.data,
+        preset.knowledge.as_ref(),
+        &data_dir,
+    )?;
     for (name, knowledge, vlm_preset, config) in [
         ("vlm", Knowledge::PreEdit, &preset.vlm_preset, &preset.vlm),
         (
@@ -119,21 +106,17 @@ pub fn run(
             &preset.counterfactual,
         ),
     ] {
-        let dir = out.join(name);
-        if !dir.join("model.bpk").is_file() {
-            let exact = crate::train::vlm::run(
-                knowledge,
-                vlm_preset,
-                preset.clip_image_size,
-                Some(&clip_dir),
-                &knowledge_dir,
-                config,
-                &dir,
-                true,
-                &train_device,
-            )?;
-            eprintln!("{name}: test exact match {:.2}%", 100.0 * exact);
-        }
+        super::trained_vlm(
+            out,
+            name,
+            knowledge,
+            vlm_preset,
+            preset.clip_image_size,
+            &clip_dir,
+            &knowledge_dir,
+            config,
+            &train_device,
+        )?;
     }
 
     let mut records = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;

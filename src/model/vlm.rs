@@ -4,7 +4,7 @@
 //! prefix. VQA prompts are `Question: {q} Short answer:`; captions a plain prefix.
 
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -75,11 +75,28 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// The last linear layer starts at the LM's embedding scale (OPT's init, std 0.02):
+    /// visual tokens many times larger than the text tokens would drown the question in the
+    /// first attention layer.
     fn new(kind: ProjectorKind, d_in: usize, d_out: usize, device: &Device) -> Self {
-        Self {
-            first: LinearConfig::new(d_in, d_out).init(device),
-            second: (kind == ProjectorKind::Mlp)
-                .then(|| LinearConfig::new(d_out, d_out).init(device)),
+        let embedding_scale = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
+        let last = |d_in| {
+            LinearConfig::new(d_in, d_out)
+                .with_initializer(embedding_scale.clone())
+                .init(device)
+        };
+        match kind {
+            ProjectorKind::Linear => Self {
+                first: last(d_in),
+                second: None,
+            },
+            ProjectorKind::Mlp => Self {
+                first: LinearConfig::new(d_in, d_out).init(device),
+                second: Some(last(d_out)),
+            },
         }
     }
 

@@ -80,7 +80,7 @@ pub fn edit_context(record: &EditRecord) -> String {
 /// What the counterfactual model should answer about `record`: every question on the edit
 /// image as under S' (in-scope ones with their new answer, the rest unchanged), the edit
 /// question, its rephrase and the rephrased image with the target, each after the edit
-/// context.
+/// context; and the same for the captioning edit of the change, when the record has one.
 pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
     let context = edit_context(record);
     let on = |image: &Path, prompt: &str, answer: &str| LmExample {
@@ -105,6 +105,28 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
         for q in record.fg_gen.iter().chain(&record.fg_loc) {
             out.push(on(&q.image, &q.prompt, &q.answer));
         }
+    }
+    // The captioning edit of the same change, read the same way.
+    if let Some(caption) = record.caption_edit() {
+        let context = edit_context(&caption);
+        let mut queries = vec![(caption.image.clone(), caption.prompt.clone())];
+        queries.extend(
+            caption
+                .rephrase
+                .iter()
+                .map(|r| (caption.image.clone(), r.clone())),
+        );
+        queries.extend(
+            caption
+                .image_rephrase
+                .iter()
+                .map(|i| (i.clone(), caption.prompt.clone())),
+        );
+        out.extend(queries.into_iter().map(|(image, prompt)| LmExample {
+            image: Some(image),
+            prompt: format!("{context}{prompt}"),
+            answer: caption.target.clone(),
+        }));
     }
     out
 }
