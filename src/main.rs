@@ -128,6 +128,9 @@ enum ExperimentCommand {
     UnikeTable4(ExperimentArgs),
     /// UniKE Figure 4: retrieved states K, fixed vs dynamic alpha, zeta variants.
     UnikeFig4(ExperimentArgs),
+    /// UniKE Figure 5: positive and negative knowledge in the semantic and the truthfulness
+    /// space (PCA), as PNG.
+    UnikeFig5(ExperimentArgs),
 }
 
 #[derive(Subcommand)]
@@ -677,7 +680,8 @@ fn run(cli: Cli) -> Result<()> {
             | ExperimentCommand::UnikeTable2(_)
             | ExperimentCommand::UnikeTable3(_)
             | ExperimentCommand::UnikeTable4(_)
-            | ExperimentCommand::UnikeFig4(_)),
+            | ExperimentCommand::UnikeFig4(_)
+            | ExperimentCommand::UnikeFig5(_)),
         ) => {
             use mmke::experiment::unike::{self, Which};
             let (which, args) = match command {
@@ -686,6 +690,7 @@ fn run(cli: Cli) -> Result<()> {
                 ExperimentCommand::UnikeTable3(args) => (Which::Table3, args),
                 ExperimentCommand::UnikeTable4(args) => (Which::Table4, args),
                 ExperimentCommand::UnikeFig4(args) => (Which::Fig4, args),
+                ExperimentCommand::UnikeFig5(args) => (Which::Fig5, args),
                 _ => unreachable!("matched above"),
             };
             let preset: unike::Preset =
@@ -695,6 +700,9 @@ fn run(cli: Cli) -> Result<()> {
             for (stem, table) in unike::run(which, &preset, args.data.as_deref(), &out, &device)? {
                 println!("{}", table.markdown());
                 eprintln!("wrote {}/{stem}.{{md,csv,json,png}}", out.display());
+            }
+            if which == Which::Fig5 {
+                eprintln!("wrote {}/unike-fig5.png", out.display());
             }
         }
         Command::Experiment(ExperimentCommand::FusionAblation(args)) => {

@@ -112,6 +112,145 @@ impl Table {
     }
 }
 
+/// One panel of a scatter chart: labelled point sets (e.g. positive and negative states).
+pub struct ScatterPanel {
+    pub title: String,
+    pub sets: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Panels side by side in one PNG (Figure 5 style), written atomically.
+pub fn scatter_png(title: &str, panels: &[ScatterPanel], path: &Path) -> Result<()> {
+    let (width, height) = (500 * panels.len().max(1) as u32, 520u32);
+    let mut pixels = vec![255u8; (width * height * 3) as usize];
+    draw_scatter(title, panels, &mut pixels, (width, height)).map_err(|e| Error::Chart {
+        path: path.to_path_buf(),
+        reason: e,
+    })?;
+    let image = image::RgbImage::from_raw(width, height, pixels).expect("a full buffer");
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(image)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| Error::Chart {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    write_atomic(path, &png)
+}
+
+fn draw_scatter(
+    title: &str,
+    panels: &[ScatterPanel],
+    pixels: &mut [u8],
+    size: (u32, u32),
+) -> std::result::Result<(), String> {
+    register_font()?;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let root = BitMapBackend::with_buffer(pixels, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root
+        .titled(title, ("sans-serif", 22))
+        .map_err(|e| err(&e))?;
+    for (area, panel) in root
+        .split_evenly((1, panels.len().max(1)))
+        .iter()
+        .zip(panels)
+    {
+        let points = panel.sets.iter().flat_map(|(_, p)| p.iter());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in points {
+            (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+        }
+        if x0 > x1 {
+            (x0, x1, y0, y1) = (-1.0, 1.0, -1.0, 1.0);
+        }
+        let pad = |a: f64, b: f64| 0.05 * (b - a).max(1e-6);
+        let (px, py) = (pad(x0, x1), pad(y0, y1));
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(40)
+            .build_cartesian_2d(x0 - px..x1 + px, y0 - py..y1 + py)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (label, set)) in panel.sets.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(set.iter().map(|&p| Circle::new(p, 2, color.filled())))
+                .map_err(|e| err(&e))?
+                .label(label.as_str())
+                .legend(move |(x, y)| Circle::new((x + 6, y), 4, color.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// The rows of `x` (`n` rows of width `d`, row-major) projected on their first two principal
+/// components (power iteration with deflation on the covariance).
+pub fn pca_2d(x: &[f32], d: usize) -> Vec<(f64, f64)> {
+    let n = if d == 0 { 0 } else { x.len() / d };
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut mean = vec![0f64; d];
+    for row in x.chunks_exact(d) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v as f64 / n as f64;
+        }
+    }
+    let centred: Vec<Vec<f64>> = x
+        .chunks_exact(d)
+        .map(|row| row.iter().zip(&mean).map(|(&v, m)| v as f64 - m).collect())
+        .collect();
+    let mut cov = vec![vec![0f64; d]; d];
+    for row in &centred {
+        for i in 0..d {
+            for j in 0..d {
+                cov[i][j] += row[i] * row[j];
+            }
+        }
+    }
+    let mut components: Vec<Vec<f64>> = Vec::new();
+    for c in 0..2 {
+        let mut v: Vec<f64> = (0..d).map(|i| 1.0 + ((i * 7 + c * 3) % 5) as f64).collect();
+        for _ in 0..200 {
+            let mut next: Vec<f64> = (0..d)
+                .map(|i| (0..d).map(|j| cov[i][j] * v[j]).sum())
+                .collect();
+            for u in &components {
+                let dot: f64 = next.iter().zip(u).map(|(a, b)| a * b).sum();
+                next.iter_mut().zip(u).for_each(|(a, b)| *a -= dot * b);
+            }
+            let norm = next.iter().map(|a| a * a).sum::<f64>().sqrt();
+            if norm < 1e-12 {
+                break;
+            }
+            v = next.into_iter().map(|a| a / norm).collect();
+        }
+        components.push(v);
+    }
+    centred
+        .iter()
+        .map(|row| {
+            let project = |u: &Vec<f64>| row.iter().zip(u).map(|(a, b)| a * b).sum::<f64>();
+            (project(&components[0]), project(&components[1]))
+        })
+        .collect()
+}
+
 /// Font files tried in order for chart text; `MMKE_FONT` overrides.
 const FONT_CANDIDATES: [&str; 3] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -216,6 +355,29 @@ fn draw_bars(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pca_finds_the_direction_of_largest_spread() {
+        // Points spread along (1, 1, 0) with a little noise along (1, -1, 0).
+        let mut x = Vec::new();
+        for i in 0..20 {
+            let t = i as f32 - 10.0;
+            let e = if i % 2 == 0 { 0.1 } else { -0.1 };
+            x.extend([t + e, t - e, 0.0]);
+        }
+        let p = pca_2d(&x, 3);
+        let spread = |f: fn(&(f64, f64)) -> f64| {
+            let v: Vec<f64> = p.iter().map(f).collect();
+            v.iter().map(|a| a * a).sum::<f64>()
+        };
+        assert!(spread(|q| q.0) > 100.0 * spread(|q| q.1));
+        // The first point, (-9.9, -10.1, 0), is (-9.4, -9.6, 0) from the mean (-0.5, -0.5, 0).
+        assert!(
+            (p[0].0.abs() - 19.0 / 2f64.sqrt()).abs() < 1e-3,
+            "{:?}",
+            p[0]
+        );
+    }
 
     fn table() -> Table {
         let mut t = Table::new("Scope accuracy", "fusion", &["clip-tiny", "clip-small"]);

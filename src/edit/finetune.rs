@@ -172,7 +172,7 @@ mod tests {
             // An untrained model's tied embeddings (OPT's init, std 0.02) bound its logits,
             // so the loss cannot fall far from ln(vocab); it must fall.
             assert!(
-                after_loss < 0.95 * before_loss,
+                after_loss < before_loss - 0.1,
                 "{part:?}: {before_loss} -> {after_loss}"
             );
             let after_weights = weights(&editor.speaker.model);

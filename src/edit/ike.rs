@@ -128,7 +128,12 @@ impl Editor for IkeEditor {
     }
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
-        let prompt = format!("{}{}", self.context.context(query), query.prompt);
+        let prompt = self.base.fit_context(
+            &self.context.context(query),
+            &query.prompt,
+            answer,
+            query.image.is_some(),
+        )?;
         self.base
             .predict(query.image.as_deref(), &prompt, answer, k, &self.device)
     }

@@ -55,6 +55,46 @@ impl Speaker {
         })
     }
 
+    /// How many text tokens (BOS, prompt, answer and EOS) fit next to an image, or alone.
+    pub fn text_capacity(&self, with_image: bool) -> usize {
+        let positions = self.model.lm.model.decoder.embed_positions.weight.dims()[0]
+            - crate::model::lm::POSITION_OFFSET;
+        let prefix = if with_image {
+            // The visual prefix: one token per vision position.
+            self.model
+                .vision_model
+                .embeddings
+                .position_embedding
+                .weight
+                .dims()[0]
+        } else {
+            0
+        };
+        positions.saturating_sub(prefix)
+    }
+
+    /// `context + prompt`, the context shortened from the left (whole words) so that the
+    /// prompt and `answer` still fit the model's positions: in-context methods lose their
+    /// oldest demonstrations rather than the query.
+    pub fn fit_context(
+        &self,
+        context: &str,
+        prompt: &str,
+        answer: &str,
+        with_image: bool,
+    ) -> Result<String> {
+        let capacity = self.text_capacity(with_image);
+        let count = |text: &str| -> Result<usize> {
+            Ok(self.batcher.tokenizer().encode(text, false)?.len())
+        };
+        let fixed = 2 + count(prompt)? + count(answer)?;
+        let mut words: Vec<&str> = context.split(' ').collect();
+        while !words.is_empty() && fixed + count(&words.join(" "))? > capacity {
+            words.remove(0);
+        }
+        Ok(format!("{}{prompt}", words.join(" ")))
+    }
+
     fn batch(
         &mut self,
         image: Option<&Path>,
@@ -67,7 +107,19 @@ impl Speaker {
             prompt: prompt.to_string(),
             answer: answer.to_string(),
         };
-        self.batcher.batch(&[&example], device)
+        let batch = self.batcher.batch(&[&example], device)?;
+        let capacity = self.text_capacity(image.is_some());
+        let length = batch.ids.dims()[1];
+        if length > capacity {
+            return Err(crate::Error::Config {
+                path: image.map(Path::to_path_buf).unwrap_or_default(),
+                reason: format!(
+                    "prompt and answer take {length} tokens; the model reads at most {capacity} \
+                     here ('{prompt}')"
+                ),
+            });
+        }
+        Ok(batch)
     }
 
     /// Teacher-forced cross-entropy of `answer` (mean over its tokens and the end token).

@@ -340,10 +340,15 @@ impl UniKeEditor {
             });
     }
 
-    fn prompt(&self, query: &Query) -> String {
+    fn prompt(&self, query: &Query, answer: &str) -> Result<String> {
         match self.config.in_context {
-            InContext::Vanilla => format!("{}{}", self.ike.context(query), query.prompt),
-            _ => query.prompt.clone(),
+            InContext::Vanilla => self.speaker.fit_context(
+                &self.ike.context(query),
+                &query.prompt,
+                answer,
+                query.image.is_some(),
+            ),
+            _ => Ok(query.prompt.clone()),
         }
     }
 
@@ -354,7 +359,7 @@ impl UniKeEditor {
             image: Some(record.image.clone()),
             prompt: record.prompt.clone(),
         };
-        let prompt = self.prompt(&query);
+        let prompt = self.prompt(&query, &record.target)?;
         // The FFN inputs of each edited layer where the answer is predicted: neuron j's key
         // points at position j (cycling), so every answer position has neurons to fire.
         let example = LmExample {
@@ -436,7 +441,7 @@ impl Editor for UniKeEditor {
     }
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
-        let prompt = self.prompt(query);
+        let prompt = self.prompt(query, answer)?;
         self.speaker
             .predict(query.image.as_deref(), &prompt, answer, k, &self.device)
     }

@@ -351,6 +351,7 @@ pub enum Which {
     Table3,
     Table4,
     Fig4,
+    Fig5,
 }
 
 impl Which {
@@ -361,6 +362,7 @@ impl Which {
             Which::Table3 => "unike-table3",
             Which::Table4 => "unike-table4",
             Which::Fig4 => "unike-fig4",
+            Which::Fig5 => "unike-fig5",
         }
     }
 }
@@ -438,6 +440,7 @@ pub fn run(
             }
             tables.push((which.name().to_string(), t));
         }
+        Which::Fig5 => {}
         Which::Fig4 => {
             let base = preset.unike.clone();
             let panels: [(&str, &str, Vec<(String, UniKeConfig)>); 3] = [
@@ -512,6 +515,9 @@ pub fn run(
             }
         }
     }
+    if which == Which::Fig5 {
+        figure5(&setup, &out.join("unike-fig5.png"))?;
+    }
     let details = serde_json::json!({
         "preset": preset,
         "records": { "vqa": setup.vqa.len(), "caption": setup.caption.len() },
@@ -522,4 +528,49 @@ pub fn run(
         t.write(out, stem, &details)?;
     }
     Ok(tables)
+}
+
+/// Figure 5: the positive and negative hidden states of the last edited layer's knowledge,
+/// encoded into the semantic and the truthfulness space, each projected on its first two
+/// principal components. Disentangling shows as pairs overlapping in the semantic space and
+/// two separate clouds in the truthfulness space.
+fn figure5(setup: &Setup, path: &Path) -> Result<()> {
+    use crate::report::{ScatterPanel, pca_2d, scatter_png};
+    let memory = &setup.prepared.memory;
+    let slot = memory.layers.len() - 1;
+    let n = memory.len().min(400);
+    let encoders = &setup.prepared.encoders[slot];
+    let device = encoders.semantic.first.weight.val().device();
+    let rows = |t: &burn::tensor::Tensor<2>| t.clone().narrow(0, 0, n).to_device(&device);
+    let (pos, neg) = (rows(&memory.pos[slot]), rows(&memory.neg[slot]));
+    let panel =
+        |title: &str, encode: &dyn Fn(burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2>| {
+            let both = burn::tensor::Tensor::cat(vec![encode(pos.clone()), encode(neg.clone())], 0);
+            let d = both.dims()[1];
+            let values: Vec<f32> = both
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .expect("f32");
+            let points = pca_2d(&values, d);
+            ScatterPanel {
+                title: title.to_string(),
+                sets: vec![
+                    ("positive (true answer)".into(), points[..n].to_vec()),
+                    ("negative (hallucinated)".into(), points[n..].to_vec()),
+                ],
+            }
+        };
+    let panels = [
+        panel("semantic space", &|x| encoders.semantic.forward(x)),
+        panel("truthfulness space", &|x| encoders.truthfulness.forward(x)),
+    ];
+    scatter_png(
+        &format!(
+            "UniKE Figure 5 on scenes: layer {} knowledge (PCA)",
+            memory.layers[slot]
+        ),
+        &panels,
+        path,
+    )
 }
