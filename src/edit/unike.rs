@@ -225,11 +225,16 @@ impl AttentionMix for LatentInContext {
             .reshape([n, hidden]);
         let alpha = match (self.alpha, &self.encoders) {
             (Alpha::Dynamic, Some(encoders)) => {
-                // eq. 7: Sim(Enc_sem(h_know), h_input[-1]), per position, kept in [0, 1].
+                // eq. 7: relevance = Sim(Enc_sem(h_know), h_input[-1]), per position, kept in
+                // [0, 1]. §3.3 says the knowledge is included with this weight ("a smaller
+                // alpha effectively reduces its inclusion magnitude"); eq. 7 as printed puts it
+                // on h_input instead, which would include unrelated knowledge the most. mmke
+                // follows the text: alpha = 1 - relevance on h_input.
                 let semantic = encoders[slot].semantic.forward(h_know.clone());
                 let cosine = crate::model::clip::l2_normalize(semantic)
                     * crate::model::clip::l2_normalize(query);
-                cosine.sum_dim(1).clamp(0.0, 1.0).reshape([batch, seq, 1])
+                let relevance = cosine.sum_dim(1).clamp(0.0, 1.0).reshape([batch, seq, 1]);
+                relevance.neg() + 1.0
             }
             (Alpha::Fixed(a), _) => Tensor::full([batch, seq, 1], a, &x.device()),
             (Alpha::Dynamic, None) => panic!("a dynamic alpha needs the semantic encoders"),
