@@ -118,3 +118,68 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     let shipped: mscke_table1::Preset = load_preset("mscke-table1", None, "quick").unwrap();
     assert_eq!(shipped.eval_records, 20);
 }
+
+const TINY_UNIKE: &str = r#"
+description = "tiny UniKE experiments for tests"
+[presets.tiny]
+data = { train = 6, test = 2, seed = 3, image_size = 32 }
+clip_preset = "clip-tiny"
+clip_image_size = 32
+clip = { steps = 2, batch_size = 4, lr = 1e-3, seed = 0, scene_size = 32, checkpoint_every = 2, grounding_weight = 1.0 }
+scope_model = { mode = "text-only", fusion = "dot-product", dim = 16, attention_dim = 16 }
+scope_train = { steps = 2, batch_size = 8, lr = 1e-3, validate_every = 2, checkpoint_every = 2, seed = 0 }
+vlm_preset = "vlm-tiny"
+vlm = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0, freeze_vision = true }
+counterfactual_preset = "vlm-tiny"
+counterfactual = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 }
+knowledge = { max_triplets = 4, truth_dim = 8, steps = 3, batch_size = 4, lr = 1e-4, temperature = 0.1, seed = 0 }
+unike = { neurons = 2, layers = 2, steps = 2, lr = 1e-2, key_threshold = 0.5, in_context = "latent", top_k = 3, alpha = "dynamic", zeta = "truthfulness", beta = 0.1 }
+finetune_steps = 1
+finetune_lr = 1e-3
+ike_demonstrations = 1
+eval_records = 2
+sequential = [2]
+top_ks = [2]
+alphas = [0.5]
+"#;
+
+#[test]
+fn unike_ablations_and_figure_5_run_end_to_end() {
+    use mmke::experiment::unike::{self, Preset, Which};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, TINY_UNIKE).unwrap();
+    let preset: Preset = load_preset("unike", Some(&file), "tiny").unwrap();
+    let out = dir.path().join("out");
+    let tables = unike::run(Which::Table4, &preset, None, &out, &Device::flex()).unwrap();
+    let (stem, table) = &tables[0];
+    assert_eq!(stem, "unike-table4");
+    let rows: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        rows,
+        [
+            "1 only Intrin",
+            "2 only Latent-IKE",
+            "3 Intrin+IKE",
+            "4 Intrin+Latent-IKE",
+            "5 UniKE"
+        ]
+    );
+    assert_eq!(table.columns.len(), 10, "five metrics on each task");
+    assert!(
+        table
+            .rows
+            .iter()
+            .all(|r| r.values.iter().all(|v| (0.0..=100.0).contains(v)))
+    );
+    for ext in ["md", "csv", "json", "png"] {
+        assert!(out.join(format!("unike-table4.{ext}")).is_file());
+    }
+    assert!(out.join("knowledge/knowledge.bin").is_file());
+    unike::run(Which::Fig5, &preset, None, &out, &Device::flex()).unwrap();
+    assert!(out.join("unike-fig5.png").is_file());
+    for name in ["quick", "full"] {
+        let shipped: Preset = load_preset("unike", None, name).unwrap();
+        assert_eq!(shipped.unike.top_k, 40);
+    }
+}
