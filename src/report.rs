@@ -83,21 +83,9 @@ impl Table {
     /// A grouped bar chart: one group per row, one bar per column, y in % (headroom for the
     /// legend).
     pub fn bar_chart_png(&self, path: &Path) -> Result<()> {
-        let (width, height) = (900u32, 540u32);
-        let mut pixels = vec![255u8; (width * height * 3) as usize];
-        draw_bars(self, &mut pixels, (width, height)).map_err(|e| Error::Chart {
-            path: path.to_path_buf(),
-            reason: e,
-        })?;
-        let image = image::RgbImage::from_raw(width, height, pixels).expect("a full buffer");
-        let mut png = Vec::new();
-        image::DynamicImage::ImageRgb8(image)
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(|e| Error::Chart {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        write_atomic(path, &png)
+        render_png(path, (900, 540), |pixels, size| {
+            draw_bars(self, pixels, size)
+        })
     }
 
     /// Writes `{stem}.md`, `{stem}.csv`, `{stem}.json` (the table and `details`) and
@@ -120,20 +108,29 @@ pub struct ScatterPanel {
 
 /// Panels side by side in one PNG (Figure 5 style), written atomically.
 pub fn scatter_png(title: &str, panels: &[ScatterPanel], path: &Path) -> Result<()> {
-    let (width, height) = (500 * panels.len().max(1) as u32, 520u32);
-    let mut pixels = vec![255u8; (width * height * 3) as usize];
-    draw_scatter(title, panels, &mut pixels, (width, height)).map_err(|e| Error::Chart {
+    let size = (500 * panels.len().max(1) as u32, 520);
+    render_png(path, size, |pixels, size| {
+        draw_scatter(title, panels, pixels, size)
+    })
+}
+
+/// Draws into a white RGB buffer of `size` and writes it to `path` as PNG, atomically.
+fn render_png(
+    path: &Path,
+    (width, height): (u32, u32),
+    draw: impl FnOnce(&mut [u8], (u32, u32)) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let error = |reason: String| Error::Chart {
         path: path.to_path_buf(),
-        reason: e,
-    })?;
+        reason,
+    };
+    let mut pixels = vec![255u8; (width * height * 3) as usize];
+    draw(&mut pixels, (width, height)).map_err(error)?;
     let image = image::RgbImage::from_raw(width, height, pixels).expect("a full buffer");
     let mut png = Vec::new();
     image::DynamicImage::ImageRgb8(image)
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| Error::Chart {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| error(e.to_string()))?;
     write_atomic(path, &png)
 }
 
