@@ -119,7 +119,16 @@ fn counterfactual_examples_read_the_edit_and_answer_as_after_it() {
             format!("{} >> {} || ", record.prompt, record.target)
         );
         let examples = mmke::train::vlm::counterfactual_examples(record);
-        assert!(examples.iter().all(|e| e.prompt.starts_with(&context)));
+        // Every example reads an edit: this one, or the captioning edit of the same change.
+        let caption = record.caption_edit().expect("scenes records have captions");
+        let caption_context = mmke::train::vlm::edit_context(&caption);
+        assert!(examples.iter().all(|e| e.prompt.starts_with(&context)
+            || (e.prompt.starts_with(&caption_context) && e.answer == caption.target)));
+        assert!(
+            examples
+                .iter()
+                .any(|e| e.prompt.starts_with(&caption_context))
+        );
         assert_eq!(examples[0].answer, record.target);
         // Every same-image question is answered as under S'.
         for q in &record.scope {
