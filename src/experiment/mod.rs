@@ -86,10 +86,52 @@ pub fn data_dir(out: &Path, data: Option<&Path>, scenes: &ScenesConfig) -> Resul
     }
 }
 
+/// A VLM of an experiment: its preset and how it is trained.
+pub struct VlmSpec<'a> {
+    pub preset: &'a str,
+    pub train: &'a crate::train::vlm::VlmTrainConfig,
+}
+
+/// `out/vlm` (the base model) and `out/counterfactual`, each trained unless already there, on
+/// the split [`knowledge_dir`] picks, their vision tower from `clip_dir`.
+#[allow(clippy::too_many_arguments)]
+pub fn trained_vlms(
+    out: &Path,
+    user_data: Option<&Path>,
+    data: &ScenesConfig,
+    knowledge: Option<&ScenesConfig>,
+    data_dir: &Path,
+    clip_dir: &Path,
+    image_size: usize,
+    base: VlmSpec,
+    counterfactual: VlmSpec,
+    train_device: &burn::tensor::Device,
+) -> Result<()> {
+    use crate::train::vlm::Knowledge;
+    let knowledge_dir = knowledge_dir(out, user_data, data, knowledge, data_dir)?;
+    for (name, kind, spec) in [
+        ("vlm", Knowledge::PreEdit, base),
+        ("counterfactual", Knowledge::Counterfactual, counterfactual),
+    ] {
+        trained_vlm(
+            out,
+            name,
+            kind,
+            spec.preset,
+            image_size,
+            clip_dir,
+            &knowledge_dir,
+            spec.train,
+            train_device,
+        )?;
+    }
+    Ok(())
+}
+
 /// `out/{name}`, a VLM trained on `knowledge` of `data_dir` by `config` (its vision tower
 /// from `clip_dir`) unless it is already there.
 #[allow(clippy::too_many_arguments)]
-pub fn trained_vlm(
+fn trained_vlm(
     out: &Path,
     name: &str,
     knowledge: crate::train::vlm::Knowledge,
@@ -136,7 +178,7 @@ pub fn trained_scope(
 
 /// The split the VLMs learn from: `knowledge` when given (it must extend `data`: same seed,
 /// test count and image size, at least as many train records), else `data_dir`.
-pub fn knowledge_dir(
+fn knowledge_dir(
     out: &Path,
     user_data: Option<&Path>,
     data: &ScenesConfig,

@@ -23,7 +23,7 @@ use crate::model::scope::{ScopeConfig, ScopeMode};
 use crate::report::Table;
 use crate::train::clip::ClipTrainConfig;
 use crate::train::scope::{ScopeRun, ScopeRunConfig, ScopeTrainConfig};
-use crate::train::vlm::{Knowledge, VlmTrainConfig};
+use crate::train::vlm::VlmTrainConfig;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,34 +90,24 @@ pub fn run(
         };
         super::trained_scope(out, name, &config, &clip_dir, &data_dir, &train_device)?;
     }
-    let knowledge_dir = super::knowledge_dir(
+    super::trained_vlms(
         out,
         data,
         &preset.data,
         preset.knowledge.as_ref(),
         &data_dir,
+        &clip_dir,
+        preset.clip_image_size,
+        super::VlmSpec {
+            preset: &preset.vlm_preset,
+            train: &preset.vlm,
+        },
+        super::VlmSpec {
+            preset: &preset.counterfactual_preset,
+            train: &preset.counterfactual,
+        },
+        &train_device,
     )?;
-    for (name, knowledge, vlm_preset, config) in [
-        ("vlm", Knowledge::PreEdit, &preset.vlm_preset, &preset.vlm),
-        (
-            "counterfactual",
-            Knowledge::Counterfactual,
-            &preset.counterfactual_preset,
-            &preset.counterfactual,
-        ),
-    ] {
-        super::trained_vlm(
-            out,
-            name,
-            knowledge,
-            vlm_preset,
-            preset.clip_image_size,
-            &clip_dir,
-            &knowledge_dir,
-            config,
-            &train_device,
-        )?;
-    }
 
     let mut records = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;
     records.truncate(preset.eval_records);
