@@ -244,8 +244,8 @@ impl AttentionMix for LatentInContext {
     }
 }
 
-/// What UniKE learned before editing: the knowledge memory, the encoders (one pair per
-/// edited layer), and the zeta of each edited layer.
+/// What UniKE learned before editing: the knowledge memory and the encoders (one pair per
+/// edited layer; zeta is derived from them when an editor is made).
 pub struct Prepared {
     pub memory: KnowledgeMemory,
     pub encoders: Vec<Encoders>,
