@@ -60,13 +60,7 @@ impl Speaker {
         let positions = self.model.lm.model.decoder.embed_positions.weight.dims()[0]
             - crate::model::lm::POSITION_OFFSET;
         let prefix = if with_image {
-            // The visual prefix: one token per vision position.
-            self.model
-                .vision_model
-                .embeddings
-                .position_embedding
-                .weight
-                .dims()[0]
+            self.model.prefix_len()
         } else {
             0
         };

@@ -121,7 +121,7 @@ fn capture(
         ..speaker.hooks.clone()
     };
     let prefix = match &batch.pixels {
-        Some(p) => speaker.model.visual_prefix(p.clone()).dims()[1],
+        Some(_) => speaker.model.prefix_len(),
         None => 0,
     };
     let out = speaker

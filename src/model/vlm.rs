@@ -130,6 +130,15 @@ impl Vlm {
         }
     }
 
+    /// Visual prefix length: one token per vision position (class token and patches).
+    pub fn prefix_len(&self) -> usize {
+        self.vision_model
+            .embeddings
+            .position_embedding
+            .weight
+            .dims()[0]
+    }
+
     /// The visual prefix, `[batch, prefix_len, lm hidden]`.
     pub fn visual_prefix(&self, pixels: Tensor<4>) -> Tensor<3> {
         let tokens = self.vision_model.normed_tokens(pixels);
