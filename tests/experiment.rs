@@ -138,6 +138,7 @@ finetune_steps = 1
 finetune_lr = 1e-3
 ike_demonstrations = 1
 eval_records = 2
+sweep_records = 2
 sequential = [2]
 top_ks = [2]
 alphas = [0.5]

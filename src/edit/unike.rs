@@ -190,10 +190,44 @@ pub fn knowledge_states(
 #[derive(Debug)]
 struct LatentInContext {
     memory: KnowledgeMemory,
+    /// Per memory slot, the keys and values of LN(h_pos) under the layer's attention: the
+    /// base model is frozen, so they are computed once per memory, not once per forward.
+    projected: Vec<[Tensor<2>; 2]>,
     top_k: usize,
     alpha: Alpha,
     /// Per memory slot, for the dynamic alpha.
     encoders: Option<Vec<Encoders>>,
+}
+
+impl LatentInContext {
+    fn new(
+        memory: KnowledgeMemory,
+        model: &Vlm,
+        top_k: usize,
+        alpha: Alpha,
+        encoders: Option<Vec<Encoders>>,
+    ) -> Self {
+        let projected = memory
+            .layers
+            .iter()
+            .zip(&memory.pos)
+            .map(|(&l, pos)| {
+                let layer = &model.lm.model.decoder.layers[l];
+                let normed = layer
+                    .self_attn_layer_norm
+                    .forward(pos.clone().unsqueeze::<3>())
+                    .squeeze_dim::<2>(0);
+                layer.self_attn.project_memory(normed).map(|t| t.detach())
+            })
+            .collect();
+        Self {
+            memory,
+            projected,
+            top_k,
+            alpha,
+            encoders,
+        }
+    }
 }
 
 impl AttentionMix for LatentInContext {
@@ -212,17 +246,13 @@ impl AttentionMix for LatentInContext {
         let n = batch * seq;
         let query = x.clone().reshape([n, hidden]);
         // Top-K h_sem by cosine with the pre-attention state, then attention over their h_pos.
-        let top = self.memory.top_k(slot, query.clone(), self.top_k);
-        let k = top.dims()[1];
-        let states = self.memory.pos[slot]
-            .clone()
-            .select(0, top.reshape([n * k]))
-            .reshape([n, k, hidden]);
-        let normed = |t: Tensor<3>| layer.self_attn_layer_norm.forward(t);
-        let h_know = layer
-            .self_attn
-            .attend(normed(x.clone()).reshape([n, 1, hidden]), normed(states))
+        let outside = self.memory.outside_top_k(slot, query.clone(), self.top_k);
+        let normed = layer
+            .self_attn_layer_norm
+            .forward(x.clone())
             .reshape([n, hidden]);
+        let [keys, values] = self.projected[slot].clone();
+        let h_know = layer.self_attn.attend(normed, keys, values, outside);
         let alpha = match (self.alpha, &self.encoders) {
             (Alpha::Dynamic, Some(encoders)) => {
                 // eq. 7: relevance = Sim(Enc_sem(h_know), h_input[-1]), per position, kept in
@@ -336,12 +366,13 @@ impl UniKeEditor {
     fn install_hooks(&mut self) {
         self.speaker.hooks.attention_mix =
             (self.config.in_context == InContext::Latent).then(|| {
-                Arc::new(LatentInContext {
-                    memory: self.memory.clone(),
-                    top_k: self.config.top_k,
-                    alpha: self.config.alpha,
-                    encoders: (self.config.alpha == Alpha::Dynamic).then(|| self.encoders.clone()),
-                }) as Arc<dyn AttentionMix>
+                Arc::new(LatentInContext::new(
+                    self.memory.clone(),
+                    &self.speaker.model,
+                    self.config.top_k,
+                    self.config.alpha,
+                    (self.config.alpha == Alpha::Dynamic).then(|| self.encoders.clone()),
+                )) as Arc<dyn AttentionMix>
             });
     }
 
@@ -539,13 +570,15 @@ mod tests {
             let layer = &mut hooked.model.lm.model.decoder.layers[l];
             layer.extra.push(ExtraNeurons::new(32, 10, &device));
         }
+        let model = hooked.model.clone();
         let mix = |alpha| {
-            Some(Arc::new(LatentInContext {
-                memory: prepared.memory.clone(),
-                top_k: 4,
+            Some(Arc::new(LatentInContext::new(
+                prepared.memory.clone(),
+                &model,
+                4,
                 alpha,
-                encoders: None,
-            }) as Arc<dyn AttentionMix>)
+                None,
+            )) as Arc<dyn AttentionMix>)
         };
         hooked.hooks.attention_mix = mix(Alpha::Fixed(1.0));
         assert_eq!(logits(&mut hooked, &records[0], &device), before);

@@ -60,6 +60,9 @@ pub struct Preset {
     pub eval_records: usize,
     /// Table 2's sequence lengths.
     pub sequential: Vec<usize>,
+    /// Figure 4's settings are each evaluated on the first `sweep_records` VQA test records
+    /// (at most `eval_records`): thirteen settings of the full method are many CPU-hours.
+    pub sweep_records: usize,
     /// Figure 4a: numbers of retrieved hidden states.
     pub top_ks: Vec<usize>,
     /// Figure 4b: fixed alphas (dynamic is added).
@@ -495,8 +498,9 @@ pub fn run(
             for (stem, title, settings) in panels {
                 let mut t = Table::new(title, "setting", &METRICS);
                 for (name, config) in settings {
+                    let records = &setup.vqa[..preset.sweep_records.min(setup.vqa.len())];
                     let m = setup.measure(&name, &Method::UniKe(config), stem, |e| {
-                        protocol::one_step(e, &setup.vqa)
+                        protocol::one_step(e, records)
                     })?;
                     t.push(&name, five(&m.metrics));
                     measured.push(m);

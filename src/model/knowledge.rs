@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 
@@ -160,6 +160,17 @@ impl KnowledgeMemory {
         let scores = super::clip::l2_normalize(query).matmul(keys.transpose());
         let k = k.min(self.len()).max(1);
         scores.topk_with_indices(k, 1).1
+    }
+
+    /// [`Self::top_k`] as an attention mask `[n, len]`: false at the retrieved entries.
+    pub fn outside_top_k(&self, slot: usize, query: Tensor<2>, k: usize) -> Tensor<2, Bool> {
+        let n = query.dims()[0];
+        let device = query.device();
+        let top = self.top_k(slot, query, k);
+        let k = top.dims()[1];
+        Tensor::<2>::zeros([n, self.len()], &device)
+            .scatter(1, top, Tensor::ones([n, k], &device), IndexingUpdateOp::Add)
+            .equal_elem(0.0)
     }
 }
 
@@ -333,7 +344,7 @@ mod tests {
             .try_into_vec()
             .unwrap();
         let keys = values(m.sem[1].clone());
-        let queries = values(query);
+        let queries = values(query.clone());
         let cosine = |a: &[f32], b: &[f32]| {
             let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
             let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -348,6 +359,48 @@ mod tests {
             ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
             let expected: Vec<i64> = ranked.iter().take(5).map(|r| r.1).collect();
             assert_eq!(&top[row * 5..row * 5 + 5], expected.as_slice());
+        }
+        // The mask form keeps exactly those entries.
+        let outside: Vec<bool> = m
+            .outside_top_k(1, query, 5)
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        for (row, kept) in outside.chunks(50).enumerate() {
+            let mut kept: Vec<i64> = (0..50).filter(|&i| !kept[i]).map(|i| i as i64).collect();
+            let mut expected = top[row * 5..row * 5 + 5].to_vec();
+            kept.sort();
+            expected.sort();
+            assert_eq!(kept, expected);
+        }
+    }
+
+    #[test]
+    fn masked_attention_equals_attention_over_the_retrieved_entries() {
+        use crate::model::clip::encoder::SelfAttention;
+        let device = Device::flex();
+        let m = memory(30, 8, &device);
+        let attention = SelfAttention::new(8, 2, true, &device);
+        let query = Tensor::<2>::random([4, 8], Distribution::Normal(0.0, 1.0), &device);
+        let [keys, values_] = attention.project_memory(m.pos[0].clone());
+        let masked = values(attention.attend(
+            query.clone(),
+            keys.clone(),
+            values_.clone(),
+            m.outside_top_k(0, query.clone(), 6),
+        ));
+        let top = m.top_k(0, query.clone(), 6);
+        for row in 0..4 {
+            let picked = top.clone().narrow(0, row, 1).reshape([6]);
+            let gathered = values(attention.attend(
+                query.clone().narrow(0, row, 1),
+                keys.clone().select(0, picked.clone()),
+                values_.clone().select(0, picked),
+                Tensor::<2, Bool>::from_bool(TensorData::new(vec![false; 6], [1, 6]), &device),
+            ));
+            for (a, b) in masked[row * 8..row * 8 + 8].iter().zip(&gathered) {
+                assert!((a - b).abs() < 1e-5, "row {row}: {a} vs {b}");
+            }
         }
     }
 

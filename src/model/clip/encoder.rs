@@ -87,23 +87,45 @@ impl SelfAttention {
         apply(&self.out_proj, context)
     }
 
-    /// Attention of `queries` (`[batch, q, hidden]`) over other states `memory`
-    /// (`[batch, m, hidden]`) with this layer's projections, unmasked: what in-context tokens
-    /// contribute to a query (UniKE eq. 2's `Attn(X_input, X_know, X_know)`).
-    pub fn attend(&self, queries: Tensor<3>, memory: Tensor<3>) -> Tensor<3> {
-        let [batch, q_len, hidden] = queries.dims();
-        let m_len = memory.dims()[1];
+    /// The keys and values of other states `memory` (`[m, hidden]`) under this layer's
+    /// projections, computed once and attended over many times (UniKE's knowledge memory).
+    pub fn project_memory(&self, memory: Tensor<2>) -> [Tensor<2>; 2] {
+        [
+            self.k_proj.forward(memory.clone()),
+            self.v_proj.forward(memory),
+        ]
+    }
+
+    /// Attention of each query row (`[n, hidden]`) over projected memory states (`keys`,
+    /// `values`: `[m, hidden]` from [`Self::project_memory`]); `mask` (`[n, m]`) is true where
+    /// a query may not attend to an entry: what in-context states contribute to a query
+    /// (UniKE eq. 2's `Attn(X_input, X_know, X_know)`).
+    pub fn attend(
+        &self,
+        queries: Tensor<2>,
+        keys: Tensor<2>,
+        values: Tensor<2>,
+        mask: Tensor<2, Bool>,
+    ) -> Tensor<2> {
+        let [n, hidden] = queries.dims();
+        let m = keys.dims()[0];
         let head_dim = hidden / self.num_heads;
-        let heads = |t: Tensor<3>, len: usize| {
-            t.reshape([batch, len, self.num_heads, head_dim])
+        let heads = |t: Tensor<2>, len: usize| {
+            t.reshape([1, len, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = heads(apply(&self.q_proj, queries), q_len);
-        let k = heads(apply(&self.k_proj, memory.clone()), m_len);
-        let v = heads(apply(&self.v_proj, memory), m_len);
-        let context = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        let context = context.swap_dims(1, 2).reshape([batch, q_len, hidden]);
-        apply(&self.out_proj, context)
+        let q = heads(self.q_proj.forward(queries), n);
+        let mask = mask.reshape([1, 1, n, m]).expand([1, self.num_heads, n, m]);
+        let context = attention(
+            q,
+            heads(keys, m),
+            heads(values, m),
+            Some(mask),
+            None,
+            AttentionModuleOptions::default(),
+        );
+        let context = context.swap_dims(1, 2).reshape([n, hidden]);
+        self.out_proj.forward(context)
     }
 }
 
