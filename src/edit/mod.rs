@@ -4,6 +4,7 @@ pub mod finetune;
 pub mod ike;
 pub mod index;
 pub mod memory;
+pub mod mend;
 pub mod serac;
 pub mod speaker;
 pub mod unike;

@@ -89,7 +89,8 @@ impl Speaker {
         Ok(format!("{}{prompt}", words.join(" ")))
     }
 
-    fn batch(
+    /// One example as a batch, refused when it does not fit the model's positions.
+    pub fn batch(
         &mut self,
         image: Option<&Path>,
         prompt: &str,

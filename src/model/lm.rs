@@ -14,7 +14,7 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Gradients, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::clip::encoder::{SelfAttention, layer_norm};
@@ -218,6 +218,36 @@ pub struct Hooks {
     pub attention_mix: Option<std::sync::Arc<dyn AttentionMix>>,
     /// Keep every layer's input and output (`hidden_states` of the output).
     pub capture: bool,
+    /// Layers whose FFN matrices report their inputs and gradients ([`FfnProbe`]; MEND, KE).
+    pub ffn_probes: Vec<usize>,
+    /// Per layer, changes of fc1's and fc2's weights (`[in, out]`, Burn's layout) applied in
+    /// the forward pass and kept in the autodiff graph (meta-training differentiates through
+    /// them).
+    pub ffn_deltas: Vec<Option<[Tensor<2>; 2]>>,
+}
+
+/// What a probed FFN matrix saw in a forward pass: its input u and a zero tensor added to its
+/// output, whose gradient is the gradient w.r.t. the output (delta). The weight's gradient is
+/// `sum_t u_t^T delta_t`, the rank-1 pieces MEND transforms.
+#[derive(Clone, Debug)]
+pub struct FfnProbe {
+    pub layer: usize,
+    /// fc1's and fc2's inputs, `[rows, in]`.
+    pub inputs: [Tensor<2>; 2],
+    /// fc1's and fc2's output probes, `[rows, out]`.
+    pub outputs: [Tensor<2>; 2],
+}
+
+impl FfnProbe {
+    /// `(u, delta)` of fc1 and fc2 after a backward pass.
+    pub fn gradients(&self, grads: &Gradients) -> [(Tensor<2>, Tensor<2>); 2] {
+        [0, 1].map(|m| {
+            let delta = self.outputs[m]
+                .grad(grads)
+                .unwrap_or_else(|| self.outputs[m].clone().detach().zeros_like());
+            (self.inputs[m].clone().detach(), delta)
+        })
+    }
 }
 
 /// A rewrite of a layer's self-attention output.
@@ -266,14 +296,54 @@ impl OptDecoderLayer {
         })
     }
 
-    /// The layer's output and its FFN input (after `final_layer_norm`).
+    /// [`Self::ffn`] with the hooks' weight changes and probes for layer `index`.
+    fn ffn_hooked(
+        &self,
+        index: usize,
+        x: Tensor<2>,
+        hooks: &Hooks,
+    ) -> (Tensor<2>, Option<FfnProbe>) {
+        let delta = hooks.ffn_deltas.get(index).and_then(Option::as_ref);
+        let probe = hooks.ffn_probes.contains(&index);
+        if delta.is_none() && !probe {
+            return (self.ffn(x), None);
+        }
+        let mut inputs = Vec::new();
+        let mut outputs = Vec::new();
+        let mut matrix = |m: usize, linear: &Linear, input: Tensor<2>| {
+            let mut out = linear.forward(input.clone());
+            if let Some(delta) = delta {
+                out = out + input.clone().matmul(delta[m].clone());
+            }
+            if probe {
+                let zero = out.clone().detach().zeros_like().require_grad();
+                out = out + zero.clone();
+                inputs.push(input);
+                outputs.push(zero);
+            }
+            out
+        };
+        let hidden = relu(matrix(0, &self.fc1, x.clone()));
+        let out = matrix(1, &self.fc2, hidden);
+        let out = self.extra.iter().fold(out, |out, extra| {
+            out + extra.activations(x.clone()).matmul(extra.value_vectors())
+        });
+        let probe = probe.then(|| FfnProbe {
+            layer: index,
+            inputs: [inputs[0].clone(), inputs[1].clone()],
+            outputs: [outputs[0].clone(), outputs[1].clone()],
+        });
+        (out, probe)
+    }
+
+    /// The layer's output, its FFN input (after `final_layer_norm`) and its FFN probe.
     fn forward(
         &self,
         index: usize,
         x: Tensor<3>,
         mask: Tensor<4, Bool>,
         hooks: &Hooks,
-    ) -> (Tensor<3>, Tensor<3>) {
+    ) -> (Tensor<3>, Tensor<3>, Option<FfnProbe>) {
         let [batch, seq, d] = x.dims();
         let mut attn = self
             .self_attn
@@ -293,8 +363,9 @@ impl OptDecoderLayer {
             .final_layer_norm
             .forward(x.clone())
             .reshape([batch * seq, d]);
-        let out = x + self.ffn(normed.clone()).reshape([batch, seq, d]);
-        (out, normed.reshape([batch, seq, d]))
+        let (ffn, probe) = self.ffn_hooked(index, normed.clone(), hooks);
+        let out = x + ffn.reshape([batch, seq, d]);
+        (out, normed.reshape([batch, seq, d]), probe)
     }
 }
 
@@ -327,6 +398,8 @@ pub struct LmOutput {
     pub hidden_states: Vec<Tensor<3>>,
     /// When captured, each layer's FFN input (normalised), `[batch, seq, hidden]`.
     pub ffn_inputs: Vec<Tensor<3>>,
+    /// The probes of `Hooks::ffn_probes`, in layer order.
+    pub probes: Vec<FfnProbe>,
     /// `[batch, seq, hidden]` after the final LayerNorm.
     pub last_hidden_state: Tensor<3>,
 }
@@ -436,12 +509,14 @@ impl OptForCausalLM {
 
         let mut hidden_states = Vec::new();
         let mut ffn_inputs = Vec::new();
+        let mut probes = Vec::new();
         for (i, layer) in decoder.layers.iter().enumerate() {
             if hooks.capture {
                 hidden_states.push(x.clone());
             }
-            let (out, ffn_input) = layer.forward(i, x, mask.clone(), hooks);
+            let (out, ffn_input, probe) = layer.forward(i, x, mask.clone(), hooks);
             x = out;
+            probes.extend(probe);
             if hooks.capture {
                 ffn_inputs.push(ffn_input);
             }
@@ -454,6 +529,7 @@ impl OptForCausalLM {
             logits: self.lm_head(last_hidden_state.clone()),
             hidden_states,
             ffn_inputs,
+            probes,
             last_hidden_state,
         }
     }

@@ -302,6 +302,29 @@ pub fn answer_loss(model: &Vlm, batch: &LmBatch) -> (Tensor<1>, Vec<bool>) {
     answer_loss_with(model, batch, &Hooks::default())
 }
 
+/// The teacher-forced cross-entropy of `batch`'s answers under `logits` (`[n, seq, vocab]`):
+/// the mean over the weighted positions.
+pub fn answer_nll(logits: Tensor<3>, batch: &LmBatch) -> Tensor<1> {
+    let [n, seq, _] = logits.dims();
+    let log_p = log_softmax(logits, 2)
+        .gather(2, batch.targets.clone().reshape([n, seq, 1]))
+        .reshape([n, seq]);
+    let weights = batch.weights.clone();
+    (log_p * weights.clone()).sum().neg() / weights.sum().clamp_min(1.0)
+}
+
+/// KL(base || edited) of the next-token distributions at `batch`'s weighted positions, mean
+/// over them: how far an edit moved the model on an input it should leave alone.
+pub fn locality_kl(base: Tensor<3>, edited: Tensor<3>, batch: &LmBatch) -> Tensor<1> {
+    let [n, seq, _] = base.dims();
+    let log_base = log_softmax(base, 2);
+    let kl = (log_base.clone().exp() * (log_base - log_softmax(edited, 2)))
+        .sum_dim(2)
+        .reshape([n, seq]);
+    let weights = batch.weights.clone();
+    (kl * weights.clone()).sum() / weights.sum().clamp_min(1.0)
+}
+
 /// [`answer_loss`] with `hooks` in the forward pass.
 pub fn answer_loss_with(model: &Vlm, batch: &LmBatch, hooks: &Hooks) -> (Tensor<1>, Vec<bool>) {
     let logits = model
@@ -313,11 +336,8 @@ pub fn answer_loss_with(model: &Vlm, batch: &LmBatch, hooks: &Hooks) -> (Tensor<
         )
         .logits;
     let [n, seq, _] = logits.dims();
-    let log_p = log_softmax(logits.clone(), 2)
-        .gather(2, batch.targets.clone().reshape([n, seq, 1]))
-        .reshape([n, seq]);
+    let loss = answer_nll(logits.clone(), batch);
     let weights = batch.weights.clone();
-    let loss = (log_p * weights.clone()).sum().neg() / weights.clone().sum().clamp_min(1.0);
 
     let correct = logits
         .argmax(2)
