@@ -190,6 +190,44 @@ enum TrainCommand {
     /// Train the counterfactual model: a VLM that reads the edit ("{src} >> {alt} || ")
     /// before the query and answers as after the edit; prints its exact match on test.json.
     Counterfactual(VlmArgs),
+    /// Meta-train MEND's gradient networks for a trained VLM on the edits of train.json
+    /// (0.1 x edit NLL + 1.0 x locality KL by default); writes OUT/mend.{json,bpk}.
+    Mend {
+        /// A directory written by `mmke train vlm`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Directory with train.json and the images it names.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// fc1 and fc2 of the last N LM layers are edited.
+        #[arg(long, default_value_t = 3)]
+        layers: usize,
+        #[arg(long, default_value_t = 64)]
+        rank: usize,
+        #[arg(long, default_value_t = 2)]
+        blocks: usize,
+        /// Initial per-matrix edit learning rate (learned).
+        #[arg(long, default_value_t = 1e-2)]
+        edit_lr: f64,
+        #[arg(long, default_value_t = 1000)]
+        steps: usize,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.1)]
+        edit_weight: f64,
+        #[arg(long, default_value_t = 1.0)]
+        locality_weight: f64,
+        #[arg(long, default_value_t = 100)]
+        checkpoint_every: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
 }
 
 #[derive(Args)]
@@ -540,6 +578,47 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(TrainCommand::Counterfactual(args)) => {
             args.run(mmke::train::vlm::Knowledge::Counterfactual)?;
+        }
+        Command::Train(TrainCommand::Mend {
+            model,
+            data,
+            out,
+            layers,
+            rank,
+            blocks,
+            edit_lr,
+            steps,
+            lr,
+            edit_weight,
+            locality_weight,
+            checkpoint_every,
+            seed,
+            resume,
+            device,
+        }) => {
+            let mend = mmke::edit::mend::MendConfig {
+                layers,
+                rank,
+                blocks,
+                edit_lr,
+            };
+            let config = mmke::train::mend::MendTrainConfig {
+                steps,
+                lr,
+                edit_weight,
+                locality_weight,
+                checkpoint_every,
+                seed,
+            };
+            let device = device.device()?.autodiff();
+            let losses =
+                mmke::train::mend::run(&model, &data, &mend, &config, &out, resume, &device)?;
+            println!(
+                "last {checkpoint_every} steps: edit loss {:.4} -> {:.4} after the update, \
+                 locality KL {:.4}",
+                losses.before, losses.after, losses.locality_kl
+            );
+            eprintln!("wrote {}", out.display());
         }
         Command::Eval(EvalCommand::Scope {
             checkpoint,

@@ -120,7 +120,9 @@ impl MatrixNet {
         let new_var = if seen == 0.0 {
             batch_var
         } else {
-            (self.var.val() * seen + batch_var * rows + shift.powi_scalar(2) * (seen * rows / total))
+            (self.var.val() * seen
+                + batch_var * rows
+                + shift.powi_scalar(2) * (seen * rows / total))
                 / total
         };
         Self {
@@ -207,11 +209,12 @@ impl Mend {
 
     /// Loads what [`Self::save`] wrote, for `model`.
     pub fn load(dir: &Path, model: &Vlm, device: &Device) -> Result<(Self, MendConfig)> {
-        let config: MendConfig = crate::error::read_json_config(&dir.join("mend.json"), |c: &MendConfig| {
-            (c.layers > 0 && c.rank > 0 && c.edit_lr > 0.0)
-                .then_some(())
-                .ok_or_else(|| "layers, rank and edit_lr must be positive".to_string())
-        })?;
+        let config: MendConfig =
+            crate::error::read_json_config(&dir.join("mend.json"), |c: &MendConfig| {
+                (c.layers > 0 && c.rank > 0 && c.edit_lr > 0.0)
+                    .then_some(())
+                    .ok_or_else(|| "layers, rank and edit_lr must be positive".to_string())
+            })?;
         let path = dir.join("mend.bpk");
         let mend = Self::new(&config, model, device)
             .try_load_file(&path)
@@ -236,9 +239,12 @@ pub fn edit_gradients(
         ffn_probes: layers.to_vec(),
         ..speaker.hooks.clone()
     };
-    let out = speaker
-        .model
-        .forward(batch.pixels.clone(), batch.ids.clone(), batch.mask.clone(), &hooks);
+    let out = speaker.model.forward(
+        batch.pixels.clone(),
+        batch.ids.clone(),
+        batch.mask.clone(),
+        &hooks,
+    );
     let loss = answer_nll(out.logits, &batch);
     let value = loss.clone().into_scalar::<f32>();
     let grads = loss.backward();
@@ -295,8 +301,13 @@ impl Editor for MendEditor {
     }
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
-        self.speaker
-            .predict(query.image.as_deref(), &query.prompt, answer, k, &self.device)
+        self.speaker.predict(
+            query.image.as_deref(),
+            &query.prompt,
+            answer,
+            k,
+            &self.device,
+        )
     }
 
     fn reset(&mut self) {

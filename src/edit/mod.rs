@@ -7,6 +7,7 @@ pub mod memory;
 pub mod mend;
 pub mod serac;
 pub mod speaker;
+pub mod tpatcher;
 pub mod unike;
 
 use crate::data::record::EditRecord;

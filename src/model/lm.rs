@@ -189,10 +189,15 @@ impl ExtraNeurons {
         self.len() == 0
     }
 
-    /// The neurons' activations `relu(x K + b)`, `[rows, n]`, for `x`: `[rows, hidden]`.
-    pub fn activations(&self, x: Tensor<2>) -> Tensor<2> {
+    /// The neurons' pre-activations `x K + b`, `[rows, n]`, for `x`: `[rows, hidden]`.
+    pub fn pre_activations(&self, x: Tensor<2>) -> Tensor<2> {
         let n = self.len();
-        relu(x.matmul(self.keys.val()) + self.key_bias.val().reshape([1, n]))
+        x.matmul(self.keys.val()) + self.key_bias.val().reshape([1, n])
+    }
+
+    /// The neurons' activations `relu(x K + b)`, `[rows, n]`.
+    pub fn activations(&self, x: Tensor<2>) -> Tensor<2> {
+        relu(self.pre_activations(x))
     }
 }
 

@@ -1,0 +1,172 @@
+//! MEND's meta-training: for a training edit, its gradient pieces go through the networks,
+//! the resulting weight change is applied in the forward pass (differentiably), and the
+//! networks learn from `edit_weight * NLL(edit target on an equivalent input)` plus
+//! `locality_weight * KL(base || edited)` on an unrelated input (0.1 and 1.0 in the
+//! reference). The base model stays frozen.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::Device;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, TrainState};
+use crate::data::record::EditRecord;
+use crate::edit::mend::{Mend, MendConfig, edit_gradients};
+use crate::edit::speaker::Speaker;
+use crate::error::Result;
+use crate::train::vlm::{answer_nll, locality_kl};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MendTrainConfig {
+    pub steps: usize,
+    pub lr: f64,
+    /// Weight of the edit's NLL after the update.
+    pub edit_weight: f64,
+    /// Weight of the locality KL.
+    pub locality_weight: f64,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+/// Losses of a meta-training run, averaged over the last `checkpoint_every` steps.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MetaLosses {
+    /// The edit loss before the update.
+    pub before: f64,
+    /// After the update, on the equivalent input.
+    pub after: f64,
+    pub locality_kl: f64,
+}
+
+/// Meta-trains `mend` on the edits of `records` (each needs a locality query) with the frozen
+/// model of `speaker` (on an autodiff `device`); checkpoints in `dir`.
+pub fn meta_train(
+    mut mend: Mend,
+    speaker: &mut Speaker,
+    records: &[EditRecord],
+    config: &MendTrainConfig,
+    dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<(Mend, MetaLosses)> {
+    let records: Vec<&EditRecord> = records
+        .iter()
+        .filter(|r| r.m_loc.is_some() || r.loc.is_some())
+        .collect();
+    if records.is_empty() {
+        return Err(crate::Error::Config {
+            path: dir.to_path_buf(),
+            reason: "MEND's meta-training needs edit records with a locality query".into(),
+        });
+    }
+    speaker.model = speaker.model.clone().no_grad();
+    let num_layers = speaker.model.lm.num_layers();
+    let mut optim = AdamConfig::new().init();
+    let mut state = TrainState::default();
+    if resume && let Some((m, o, s)) = checkpoint::load(dir, mend.clone(), optim.clone())? {
+        (mend, optim, state) = (m, o, s);
+        eprintln!("resuming {} at step {}", dir.display(), state.step);
+    }
+    let progress = super::progress_bar(config.steps, state.step);
+    let mut recent = Vec::new();
+    let mut last = MetaLosses::default();
+    while state.step < config.steps {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_stream(state.step as u64);
+        let record = records[rng.random_range(0..records.len())];
+
+        let (before, pieces) = edit_gradients(speaker, record, &mend.layers, device)?;
+        mend = mend.observe(&pieces);
+        let hooks = mend.hooks(&speaker.hooks, mend.updates(&pieces), num_layers);
+
+        // Edit success on an equivalent input: the rephrased question when there is one.
+        let prompt = record.rephrase.as_deref().unwrap_or(&record.prompt);
+        let batch = speaker.batch(Some(&record.image), prompt, &record.target, device)?;
+        let logits = speaker
+            .model
+            .forward(
+                batch.pixels.clone(),
+                batch.ids.clone(),
+                batch.mask.clone(),
+                &hooks,
+            )
+            .logits;
+        let after = answer_nll(logits, &batch);
+
+        // Locality: an unrelated question (on another image when there is one).
+        let (image, prompt, answer) = match (&record.m_loc, &record.loc) {
+            (Some(q), _) => (Some(q.image.as_path()), &q.prompt, &q.answer),
+            (None, Some(q)) => (None, &q.prompt, &q.answer),
+            (None, None) => unreachable!("filtered above"),
+        };
+        let batch = speaker.batch(image, prompt, answer, device)?;
+        let forward = |hooks| {
+            speaker
+                .model
+                .forward(
+                    batch.pixels.clone(),
+                    batch.ids.clone(),
+                    batch.mask.clone(),
+                    hooks,
+                )
+                .logits
+        };
+        let base = forward(&speaker.hooks).detach();
+        let kl = locality_kl(base, forward(&hooks), &batch);
+
+        let loss = after.clone() * config.edit_weight + kl.clone() * config.locality_weight;
+        recent.push([
+            before as f64,
+            after.into_scalar::<f32>() as f64,
+            kl.into_scalar::<f32>() as f64,
+        ]);
+        let grads = GradientsParams::from_grads(loss.backward(), &mend);
+        mend = optim.step(config.lr, mend, grads);
+        state.step += 1;
+        progress.inc(1);
+
+        if state.step % config.checkpoint_every == 0 || state.step == config.steps {
+            let n = recent.len().max(1) as f64;
+            let mean = |i: usize| recent.iter().map(|r| r[i]).sum::<f64>() / n;
+            last = MetaLosses {
+                before: mean(0),
+                after: mean(1),
+                locality_kl: mean(2),
+            };
+            recent.clear();
+            progress.suspend(|| {
+                eprintln!(
+                    "step {}: edit loss {:.4} -> {:.4}  locality KL {:.4}",
+                    state.step, last.before, last.after, last.locality_kl
+                )
+            });
+            checkpoint::save(dir, &mend, &optim, &state)?;
+        }
+    }
+    progress.finish();
+    Ok((mend, last))
+}
+
+/// `mmke train mend`: meta-trains MEND for the VLM in `model_dir` on the edits of
+/// `data_dir/train.json`; writes `out/mend.{json,bpk}`. `device` must be an autodiff device.
+pub fn run(
+    model_dir: &Path,
+    data_dir: &Path,
+    mend: &MendConfig,
+    config: &MendTrainConfig,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<MetaLosses> {
+    let mut speaker = Speaker::load(model_dir, device)?;
+    let records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
+    let net = Mend::new(mend, &speaker.model, device);
+    let (net, losses) = meta_train(net, &mut speaker, &records, config, out, resume, device)?;
+    net.save(mend, out)?;
+    Ok(losses)
+}
