@@ -84,6 +84,8 @@ counterfactual = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpo
 finetune_steps = 1
 finetune_lr = 1e-3
 ike_demonstrations = 1
+mend = { layers = 1, rank = 4, blocks = 1, edit_lr = 1e-4 }
+mend_train = { steps = 2, lr = 1e-3, edit_weight = 0.1, locality_weight = 1.0, checkpoint_every = 2, seed = 0 }
 eval_records = 2
 "#;
 
@@ -97,7 +99,18 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     let out = dir.path().join("out");
     let (table, results) = mscke_table1::run(&preset, None, &out, &Device::flex()).unwrap();
     let methods: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(methods, ["FT-LLM", "FT-Visual", "IKE", "SERAC", "MSCKE"]);
+    assert_eq!(
+        methods,
+        [
+            "FT-LLM",
+            "FT-Visual",
+            "IKE",
+            "SERAC",
+            "MEND",
+            "MSCKE",
+            "MSCKE-MEND"
+        ]
+    );
     assert_eq!(
         table.columns,
         ["Reliability", "Locality", "Generality", "Specificity"]
@@ -137,6 +150,9 @@ unike = { neurons = 2, layers = 2, steps = 2, lr = 1e-2, key_threshold = 0.5, in
 finetune_steps = 1
 finetune_lr = 1e-3
 ike_demonstrations = 1
+tpatcher = { neurons = 1, steps = 1, lr = 1e-2, activation_weight = 1.0, memory_weight = 1.0, margin = 0.5, memory_queries = 2 }
+mend = { layers = 1, rank = 4, blocks = 1, edit_lr = 1e-4 }
+mend_train = { steps = 2, lr = 1e-3, edit_weight = 0.1, locality_weight = 1.0, checkpoint_every = 2, seed = 0 }
 eval_records = 2
 sweep_records = 2
 sequential = [2]

@@ -273,6 +273,11 @@ impl MendEditor {
         }
     }
 
+    /// The edited model and the (autodiff) device it runs on.
+    pub fn speaker_and_device(&mut self) -> (&mut Speaker, &Device) {
+        (&mut self.speaker, &self.device)
+    }
+
     /// The weights MEND changes, per edited layer (fc1, fc2), for tests and inspection.
     pub fn edited_weights(&self) -> Vec<[Tensor<2>; 2]> {
         self.mend

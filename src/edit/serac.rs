@@ -1,7 +1,9 @@
 //! Memory-based editing (SERAC, and MSCKE with a multimodal classifier): an edit is stored,
 //! never written into the base model. Each query is routed by the scope classifier against
 //! every stored edit (eq. 1-3): in scope (rho >= 0.5) -> the counterfactual model answers,
-//! reading the routed edit as context; otherwise the frozen base model answers.
+//! reading the routed edit as context; otherwise the frozen base model answers. MSCKE-MEND
+//! puts MEND behind the same router: in scope, the base model edited by MEND with the routed
+//! edit answers.
 
 use std::path::PathBuf;
 
@@ -26,11 +28,23 @@ pub struct Answer {
     pub text: String,
 }
 
+/// What answers an in-scope query.
+pub enum InScope {
+    /// A counterfactual model reading the routed edit as context (SERAC, MSCKE).
+    Counterfactual(Speaker),
+    /// The base model edited by MEND with the routed edit alone (MSCKE-MEND); `applied` is
+    /// the edit its weights hold now.
+    Mend {
+        editor: Box<super::mend::MendEditor>,
+        applied: Option<usize>,
+    },
+}
+
 pub struct MemoryEditor {
     pub classifier: ScopeClassifier,
     pub batcher: ScopeBatcher,
     pub base: Speaker,
-    pub counterfactual: Speaker,
+    pub in_scope: InScope,
     memory: EditMemory,
     edits: Vec<EditRecord>,
     device: Device,
@@ -44,12 +58,29 @@ impl MemoryEditor {
         counterfactual: Speaker,
         device: &Device,
     ) -> Self {
+        Self::with(
+            classifier,
+            batcher,
+            base,
+            InScope::Counterfactual(counterfactual),
+            device,
+        )
+    }
+
+    /// A router with any in-scope answerer (MSCKE-MEND: [`InScope::Mend`]).
+    pub fn with(
+        classifier: ScopeClassifier,
+        batcher: ScopeBatcher,
+        base: Speaker,
+        in_scope: InScope,
+        device: &Device,
+    ) -> Self {
         Self {
             memory: EditMemory::for_classifier(&classifier, device),
             classifier,
             batcher,
             base,
-            counterfactual,
+            in_scope,
             edits: Vec::new(),
             device: device.clone(),
         }
@@ -81,6 +112,10 @@ impl MemoryEditor {
     pub fn reset(&mut self) {
         self.memory = EditMemory::for_classifier(&self.classifier, &self.device);
         self.edits.clear();
+        if let InScope::Mend { applied, .. } = &mut self.in_scope {
+            // Edit indices restart: the next routed edit is applied afresh.
+            *applied = None;
+        }
     }
 
     /// The nearest stored edit of each query (eq. 1-2).
@@ -103,28 +138,38 @@ impl MemoryEditor {
         Ok(routes.into_iter().map(Some).collect())
     }
 
-    /// Which model answers `query`, and the prompt it reads: the counterfactual model with the
-    /// routed edit as context when in scope (eq. 3), the base model otherwise.
+    /// Which model answers `query`, and the prompt it reads: in scope (eq. 3), the
+    /// counterfactual model with the routed edit as context, or the base model edited by MEND
+    /// with it; otherwise the base model.
     fn dispatch(&mut self, query: &Query) -> Result<(Option<Route>, bool, String)> {
         let route = self.route(std::slice::from_ref(query))?[0];
-        Ok(match route.filter(Route::in_scope) {
-            Some(r) => (
-                route,
-                true,
-                format!("{}{}", edit_context(&self.edits[r.edit]), query.prompt),
-            ),
-            None => (route, false, query.prompt.clone()),
-        })
+        let Some(r) = route.filter(Route::in_scope) else {
+            return Ok((route, false, query.prompt.clone()));
+        };
+        let prompt = match &mut self.in_scope {
+            InScope::Counterfactual(_) => {
+                format!("{}{}", edit_context(&self.edits[r.edit]), query.prompt)
+            }
+            InScope::Mend { editor, applied } => {
+                if *applied != Some(r.edit) {
+                    use super::Editor;
+                    editor.reset();
+                    editor.edit(&self.edits[r.edit])?;
+                    *applied = Some(r.edit);
+                }
+                query.prompt.clone()
+            }
+        };
+        Ok((route, true, prompt))
     }
 
-    /// The counterfactual model (`edited`) or the base model, and the device.
+    /// The in-scope model (`edited`) or the base model, and the device.
     fn speaker(&mut self, edited: bool) -> (&mut Speaker, &Device) {
-        let speaker = if edited {
-            &mut self.counterfactual
-        } else {
-            &mut self.base
-        };
-        (speaker, &self.device)
+        match (&mut self.in_scope, edited) {
+            (_, false) => (&mut self.base, &self.device),
+            (InScope::Counterfactual(speaker), true) => (speaker, &self.device),
+            (InScope::Mend { editor, .. }, true) => editor.speaker_and_device(),
+        }
     }
 
     /// Answers a query: the counterfactual model with the routed edit as context when the

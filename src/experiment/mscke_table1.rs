@@ -1,7 +1,7 @@
 //! MSCKE Table 1: Reliability, Locality, Generality and Specificity of FT-LLM, FT-Visual, IKE,
-//! SERAC and MSCKE, one-step editing on the scenes test split. Trains (or reuses) what the
-//! methods need: a CLIP, the text-only and the multimodal scope classifiers, the base VLM and
-//! the counterfactual VLM.
+//! SERAC, MEND, MSCKE and MSCKE-MEND, one-step editing on the scenes test split. Trains (or
+//! reuses) what the methods need: a CLIP, the text-only and the multimodal scope classifiers,
+//! the base VLM, the counterfactual VLM and MEND's networks.
 
 use std::path::Path;
 use std::time::Instant;
@@ -14,7 +14,8 @@ use crate::data::scenes::ScenesConfig;
 use crate::edit::Editor;
 use crate::edit::finetune::{FineTuneConfig, FineTuneEditor, Part};
 use crate::edit::ike::IkeEditor;
-use crate::edit::serac::MemoryEditor;
+use crate::edit::mend::{Mend, MendConfig, MendEditor};
+use crate::edit::serac::{InScope, MemoryEditor};
 use crate::edit::speaker::Speaker;
 use crate::error::Result;
 use crate::eval::editing::{EditMetrics, Score};
@@ -22,6 +23,7 @@ use crate::eval::protocol;
 use crate::model::scope::{ScopeConfig, ScopeMode};
 use crate::report::Table;
 use crate::train::clip::ClipTrainConfig;
+use crate::train::mend::MendTrainConfig;
 use crate::train::scope::{ScopeRun, ScopeRunConfig, ScopeTrainConfig};
 use crate::train::vlm::VlmTrainConfig;
 
@@ -47,6 +49,8 @@ pub struct Preset {
     pub finetune_steps: usize,
     pub finetune_lr: f64,
     pub ike_demonstrations: usize,
+    pub mend: MendConfig,
+    pub mend_train: MendTrainConfig,
     /// Test records evaluated (the first ones).
     pub eval_records: usize,
 }
@@ -109,6 +113,14 @@ pub fn run(
         &train_device,
     )?;
 
+    let mend_dir = super::trained_mend(
+        out,
+        &preset.mend,
+        &preset.mend_train,
+        &data_dir,
+        &train_device,
+    )?;
+
     let mut records = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;
     records.truncate(preset.eval_records);
     let pool = fgvedit::read(&data_dir.join("train.json"), &data_dir)?.records;
@@ -121,6 +133,26 @@ pub fn run(
             batcher,
             Speaker::load(&out.join("vlm"), device)?,
             Speaker::load(&out.join("counterfactual"), device)?,
+            device,
+        ))
+    };
+    let mend = || -> Result<MendEditor> {
+        let speaker = Speaker::load(&out.join("vlm"), &train_device)?;
+        let (net, _) = Mend::load(&mend_dir, &speaker.model, &train_device)?;
+        Ok(MendEditor::new(speaker, net, &train_device))
+    };
+    let mscke_mend = || -> Result<MemoryEditor> {
+        let mut run = ScopeRun::load(&out.join("scope-multimodal"), device)?;
+        let batcher = run.batcher(&[])?;
+        let in_scope = InScope::Mend {
+            editor: Box::new(mend()?),
+            applied: None,
+        };
+        Ok(MemoryEditor::with(
+            run.model,
+            batcher,
+            Speaker::load(&out.join("vlm"), device)?,
+            in_scope,
             device,
         ))
     };
@@ -146,7 +178,9 @@ pub fn run(
             )),
         ),
         ("SERAC", Box::new(memory_editor("scope-text")?)),
+        ("MEND", Box::new(mend()?)),
         ("MSCKE", Box::new(memory_editor("scope-multimodal")?)),
+        ("MSCKE-MEND", Box::new(mscke_mend()?)),
     ];
     let mut results = Vec::new();
     for (name, editor) in &mut methods {

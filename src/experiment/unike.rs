@@ -17,8 +17,10 @@ use crate::data::scenes::ScenesConfig;
 use crate::edit::Editor;
 use crate::edit::finetune::{FineTuneConfig, FineTuneEditor, Part};
 use crate::edit::ike::IkeEditor;
+use crate::edit::mend::{Mend, MendConfig, MendEditor};
 use crate::edit::serac::MemoryEditor;
 use crate::edit::speaker::Speaker;
+use crate::edit::tpatcher::{TPatcherConfig, TPatcherEditor};
 use crate::edit::unike::{
     Alpha, InContext, Prepared, UniKeConfig, UniKeEditor, ZetaKind, edited_layers,
 };
@@ -29,6 +31,7 @@ use crate::model::scope::{ScopeConfig, ScopeMode};
 use crate::report::Table;
 use crate::train::clip::ClipTrainConfig;
 use crate::train::knowledge::KnowledgeConfig;
+use crate::train::mend::MendTrainConfig;
 use crate::train::scope::{ScopeRun, ScopeRunConfig, ScopeTrainConfig};
 use crate::train::vlm::VlmTrainConfig;
 
@@ -56,6 +59,9 @@ pub struct Preset {
     pub finetune_steps: usize,
     pub finetune_lr: f64,
     pub ike_demonstrations: usize,
+    pub tpatcher: TPatcherConfig,
+    pub mend: MendConfig,
+    pub mend_train: MendTrainConfig,
     /// Test records evaluated per task (the first ones).
     pub eval_records: usize,
     /// Table 2's sequence lengths.
@@ -76,6 +82,8 @@ pub enum Method {
     FineTune,
     Ike,
     Serac,
+    TPatcher,
+    Mend,
     UniKe(UniKeConfig),
 }
 
@@ -136,6 +144,13 @@ impl Setup {
             },
             &train_device,
         )?;
+        super::trained_mend(
+            out,
+            &preset.mend,
+            &preset.mend_train,
+            &data_dir,
+            &train_device,
+        )?;
         let mut vqa = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;
         vqa.truncate(preset.eval_records);
         let caption: Vec<EditRecord> = vqa.iter().filter_map(EditRecord::caption_edit).collect();
@@ -192,6 +207,17 @@ impl Setup {
                     &self.device,
                 ))
             }
+            Method::TPatcher => Box::new(TPatcherEditor::new(
+                Speaker::load(&out.join("vlm"), &self.train_device)?,
+                &self.pool,
+                self.preset.tpatcher.clone(),
+                &self.train_device,
+            )?),
+            Method::Mend => {
+                let speaker = Speaker::load(&out.join("vlm"), &self.train_device)?;
+                let (net, _) = Mend::load(&out.join("mend"), &speaker.model, &self.train_device)?;
+                Box::new(MendEditor::new(speaker, net, &self.train_device))
+            }
             Method::UniKe(config) => {
                 let speaker = Speaker::load(&out.join("vlm"), &self.train_device)?;
                 let prepared = Prepared {
@@ -213,6 +239,8 @@ impl Setup {
     pub fn methods(&self) -> Vec<(String, Method)> {
         vec![
             ("FT".into(), Method::FineTune),
+            ("T-Patcher".into(), Method::TPatcher),
+            ("MEND".into(), Method::Mend),
             ("IKE".into(), Method::Ike),
             ("SERAC".into(), Method::Serac),
             ("UniKE".into(), Method::UniKe(self.preset.unike.clone())),
