@@ -114,8 +114,11 @@ impl ExperimentArgs {
 enum ExperimentCommand {
     /// MSCKE Table 2: concat / cross-attention / dot-product fusion x two CLIP sizes.
     FusionAblation(ExperimentArgs),
-    /// MSCKE Table 1: FT-LLM, FT-Visual, IKE, SERAC and MSCKE, one-step editing.
+    /// MSCKE Table 1: FT-LLM, FT-Visual, IKE, SERAC, MEND, MSCKE and MSCKE-MEND, one-step.
     MsckeTable1(ExperimentArgs),
+    /// MSCKE Table 4: inference time per query and size of the scope classifier, the base and
+    /// the counterfactual model (the models of mscke-table1: its presets and directory).
+    MsckeTable4(ExperimentArgs),
     /// UniKE Table 1: one-step editing on the VQA and caption tasks (FT, IKE, SERAC, UniKE).
     /// The UniKE experiments share experiments/unike.toml and runs/unike/PRESET.
     UnikeTable1(ExperimentArgs),
@@ -753,6 +756,17 @@ fn run(cli: Cli) -> Result<()> {
                 mmke::experiment::mscke_table1::run(&preset, args.data.as_deref(), &out, &device)?;
             println!("{}", table.markdown());
             eprintln!("wrote {}/mscke-table1.{{md,csv,json,png}}", out.display());
+        }
+        Command::Experiment(ExperimentCommand::MsckeTable4(args)) => {
+            // Table 4 measures the models of Table 1: same presets, same directory.
+            let preset: mmke::experiment::mscke_table1::Preset =
+                mmke::experiment::load_preset("mscke-table1", args.file.as_deref(), &args.preset)?;
+            let out = args.out("mscke-table1");
+            let device = args.device.device()?;
+            let (table, _) =
+                mmke::experiment::mscke_table4::run(&preset, args.data.as_deref(), &out, &device)?;
+            println!("{}", table.markdown());
+            eprintln!("wrote {}/mscke-table4.{{md,csv,json,png}}", out.display());
         }
         Command::Experiment(
             command @ (ExperimentCommand::UnikeTable1(_)

@@ -130,6 +130,18 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     }
     let shipped: mscke_table1::Preset = load_preset("mscke-table1", None, "quick").unwrap();
     assert_eq!(shipped.eval_records, 20);
+
+    // Table 4 measures the same models, trained once.
+    let (table, costs) =
+        mmke::experiment::mscke_table4::run(&preset, None, &out, &Device::flex()).unwrap();
+    assert_eq!(table.rows.len(), 3);
+    for c in &costs {
+        assert!(c.ms_per_query > 0.0 && c.parameters > 0, "{c:?}");
+        assert_eq!(c.queries, costs[0].queries);
+    }
+    // The classifier and the two VLMs differ in size; both VLMs share one preset.
+    assert_eq!(costs[1].parameters, costs[2].parameters);
+    assert!(out.join("mscke-table4.md").is_file());
 }
 
 const TINY_UNIKE: &str = r#"

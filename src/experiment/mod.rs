@@ -5,6 +5,7 @@
 
 pub mod fusion_ablation;
 pub mod mscke_table1;
+pub mod mscke_table4;
 pub mod unike;
 
 use std::collections::BTreeMap;

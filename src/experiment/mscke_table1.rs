@@ -3,7 +3,7 @@
 //! reuses) what the methods need: a CLIP, the text-only and the multimodal scope classifiers,
 //! the base VLM, the counterfactual VLM and MEND's networks.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -72,55 +72,9 @@ pub fn run(
     out: &Path,
     device: &Device,
 ) -> Result<(Table, Vec<MethodResult>)> {
-    let data_dir = super::data_dir(out, data, &preset.data)?;
+    let data_dir = prepare(preset, data, out, device)?;
     let train_device = device.clone().autodiff();
-    let clip_dir = super::pretrained_clip(
-        out,
-        &preset.clip_preset,
-        preset.clip_image_size,
-        &preset.clip,
-        &train_device,
-    )?;
-    for (name, mode) in [
-        ("scope-text", ScopeMode::TextOnly),
-        ("scope-multimodal", ScopeMode::Multimodal),
-    ] {
-        let config = ScopeRunConfig {
-            model: ScopeConfig {
-                mode,
-                ..preset.scope_model.clone()
-            },
-            train: preset.scope_train.clone(),
-        };
-        super::trained_scope(out, name, &config, &clip_dir, &data_dir, &train_device)?;
-    }
-    super::trained_vlms(
-        out,
-        data,
-        &preset.data,
-        preset.knowledge.as_ref(),
-        &data_dir,
-        &clip_dir,
-        preset.clip_image_size,
-        super::VlmSpec {
-            preset: &preset.vlm_preset,
-            train: &preset.vlm,
-        },
-        super::VlmSpec {
-            preset: &preset.counterfactual_preset,
-            train: &preset.counterfactual,
-        },
-        &train_device,
-    )?;
-
-    let mend_dir = super::trained_mend(
-        out,
-        &preset.mend,
-        &preset.mend_train,
-        &data_dir,
-        &train_device,
-    )?;
-
+    let mend_dir = out.join("mend");
     let mut records = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;
     records.truncate(preset.eval_records);
     let pool = fgvedit::read(&data_dir.join("train.json"), &data_dir)?.records;
@@ -213,4 +167,64 @@ pub fn run(
     let details = serde_json::json!({ "preset": preset, "data": data_dir, "methods": results });
     table.write(out, "mscke-table1", &details)?;
     Ok((table, results))
+}
+
+/// Trains what is missing under `out` (CLIP, both scope classifiers, the base and the
+/// counterfactual VLM, MEND) and returns the data directory. Shared with `mscke-table4`.
+pub fn prepare(
+    preset: &Preset,
+    data: Option<&Path>,
+    out: &Path,
+    device: &Device,
+) -> Result<PathBuf> {
+    let data_dir = super::data_dir(out, data, &preset.data)?;
+
+    let train_device = device.clone().autodiff();
+    let clip_dir = super::pretrained_clip(
+        out,
+        &preset.clip_preset,
+        preset.clip_image_size,
+        &preset.clip,
+        &train_device,
+    )?;
+    for (name, mode) in [
+        ("scope-text", ScopeMode::TextOnly),
+        ("scope-multimodal", ScopeMode::Multimodal),
+    ] {
+        let config = ScopeRunConfig {
+            model: ScopeConfig {
+                mode,
+                ..preset.scope_model.clone()
+            },
+            train: preset.scope_train.clone(),
+        };
+        super::trained_scope(out, name, &config, &clip_dir, &data_dir, &train_device)?;
+    }
+    super::trained_vlms(
+        out,
+        data,
+        &preset.data,
+        preset.knowledge.as_ref(),
+        &data_dir,
+        &clip_dir,
+        preset.clip_image_size,
+        super::VlmSpec {
+            preset: &preset.vlm_preset,
+            train: &preset.vlm,
+        },
+        super::VlmSpec {
+            preset: &preset.counterfactual_preset,
+            train: &preset.counterfactual,
+        },
+        &train_device,
+    )?;
+
+    super::trained_mend(
+        out,
+        &preset.mend,
+        &preset.mend_train,
+        &data_dir,
+        &train_device,
+    )?;
+    Ok(data_dir)
 }
