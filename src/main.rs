@@ -605,7 +605,7 @@ fn run(cli: Cli) -> Result<()> {
                 blocks,
                 edit_lr,
             };
-            let config = mmke::train::mend::MendTrainConfig {
+            let config = mmke::train::meta::MetaTrainConfig {
                 steps,
                 lr,
                 edit_weight,
@@ -614,8 +614,9 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
             };
             let device = device.device()?.autodiff();
-            let losses =
-                mmke::train::mend::run(&model, &data, &mend, &config, &out, resume, &device)?;
+            let losses = mmke::train::meta::run::<mmke::edit::mend::Mend>(
+                &model, &data, &mend, &config, &out, resume, &device,
+            )?;
             println!(
                 "last {checkpoint_every} steps: edit loss {:.4} -> {:.4} after the update, \
                  locality KL {:.4}",

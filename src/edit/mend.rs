@@ -4,7 +4,8 @@
 //! `[u_t; delta_t]`, passes it through a small low-rank residual MLP (the identity at
 //! initialisation) and applies `W <- W - lr * sum_t u~_t^T delta~_t` with a learned lr per
 //! matrix. mmke edits fc1 and fc2 of the last `layers` LM layers, as the reference does for
-//! OPT. Meta-training is in [`crate::train::mend`].
+//! OPT. KE ([`super::ke`]) shares the [`Hypernetwork`] interface, the editor and the
+//! meta-training ([`crate::train::meta`]).
 
 use std::path::Path;
 
@@ -145,8 +146,39 @@ pub struct Mend {
     pub layers: Vec<usize>,
 }
 
-impl Mend {
-    pub fn new(config: &MendConfig, model: &Vlm, device: &Device) -> Self {
+/// A learned editor mapping an edit (its gradient pieces and its tokens) to weight changes of
+/// fc1 and fc2 in some LM layers: MEND and KE. Meta-trained by [`crate::train::meta`].
+pub trait Hypernetwork: Module + Sized {
+    type Config: Clone + std::fmt::Debug + Serialize + serde::de::DeserializeOwned;
+    /// Stem of its files (`NAME.json`, `NAME.bpk`) and its directory in experiments.
+    const NAME: &'static str;
+    fn new(config: &Self::Config, model: &Vlm, device: &Device) -> Self;
+    /// Why a config is unusable, if it is.
+    fn check(config: &Self::Config) -> std::result::Result<(), String>;
+    /// The edited LM layers.
+    fn layers(&self) -> &[usize];
+    /// The weight changes (`[in, out]`) of fc1 and fc2 per edited layer.
+    fn updates(&self, edit: &EditSignal) -> Vec<[Tensor<2>; 2]>;
+    /// Merges what an edit tells about the data (MEND's running normalisation).
+    fn observe(self, _edit: &EditSignal) -> Self {
+        self
+    }
+}
+
+/// What an edit gives a hypernetwork: its loss before the edit, the gradient pieces of the
+/// edited layers and its tokens' embeddings (`[1, seq, hidden]`).
+#[derive(Clone, Debug)]
+pub struct EditSignal {
+    pub loss: f32,
+    pub pieces: Vec<LayerGradient>,
+    pub tokens: Tensor<3>,
+}
+
+impl Hypernetwork for Mend {
+    type Config = MendConfig;
+    const NAME: &'static str = "mend";
+
+    fn new(config: &MendConfig, model: &Vlm, device: &Device) -> Self {
         let layers = crate::edit::unike::edited_layers(model, config.layers);
         let nets = layers
             .iter()
@@ -161,9 +193,18 @@ impl Mend {
         Self { nets, layers }
     }
 
-    /// The weight changes of an edit from its gradient pieces, per edited layer.
-    pub fn updates(&self, gradients: &[LayerGradient]) -> Vec<[Tensor<2>; 2]> {
-        gradients
+    fn check(c: &MendConfig) -> std::result::Result<(), String> {
+        (c.layers > 0 && c.rank > 0 && c.edit_lr > 0.0)
+            .then_some(())
+            .ok_or_else(|| "layers, rank and edit_lr must be positive".to_string())
+    }
+
+    fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
+    fn updates(&self, edit: &EditSignal) -> Vec<[Tensor<2>; 2]> {
+        edit.pieces
             .iter()
             .enumerate()
             .map(|(slot, pieces)| {
@@ -175,10 +216,9 @@ impl Mend {
             .collect()
     }
 
-    /// The running statistics with `gradients` merged in.
-    pub fn observe(mut self, gradients: &[LayerGradient]) -> Self {
+    fn observe(mut self, edit: &EditSignal) -> Self {
         let mut nets = std::mem::take(&mut self.nets).into_iter();
-        for pieces in gradients {
+        for pieces in &edit.pieces {
             for (u, delta) in pieces.clone() {
                 let net = nets.next().expect("a network per matrix");
                 self.nets.push(net.observe(u, delta));
@@ -186,54 +226,55 @@ impl Mend {
         }
         self
     }
+}
 
-    /// `base` with `updates` applied in the forward pass (kept in the autodiff graph).
-    pub fn hooks(&self, base: &Hooks, updates: Vec<[Tensor<2>; 2]>, num_layers: usize) -> Hooks {
-        let mut deltas = vec![None; num_layers];
-        for (&l, update) in self.layers.iter().zip(updates) {
-            deltas[l] = Some(update);
-        }
-        Hooks {
-            ffn_deltas: deltas,
-            ..base.clone()
-        }
+/// `base` with `updates` of `layers` applied in the forward pass (kept in the autodiff graph).
+pub fn hooks_with_updates(
+    base: &Hooks,
+    layers: &[usize],
+    updates: Vec<[Tensor<2>; 2]>,
+    num_layers: usize,
+) -> Hooks {
+    let mut deltas = vec![None; num_layers];
+    for (&l, update) in layers.iter().zip(updates) {
+        deltas[l] = Some(update);
     }
-
-    /// Saves `mend.json` (the config) and `mend.bpk` in `dir`.
-    pub fn save(&self, config: &MendConfig, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let json = serde_json::to_string_pretty(config).expect("config serializes");
-        write_atomic(&dir.join("mend.json"), json.as_bytes())?;
-        crate::train::checkpoint::save_module(self, &dir.join("mend.bpk"))
-    }
-
-    /// Loads what [`Self::save`] wrote, for `model`.
-    pub fn load(dir: &Path, model: &Vlm, device: &Device) -> Result<(Self, MendConfig)> {
-        let config: MendConfig =
-            crate::error::read_json_config(&dir.join("mend.json"), |c: &MendConfig| {
-                (c.layers > 0 && c.rank > 0 && c.edit_lr > 0.0)
-                    .then_some(())
-                    .ok_or_else(|| "layers, rank and edit_lr must be positive".to_string())
-            })?;
-        let path = dir.join("mend.bpk");
-        let mend = Self::new(&config, model, device)
-            .try_load_file(&path)
-            .map_err(|e| Error::Weights {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        Ok((mend, config))
+    Hooks {
+        ffn_deltas: deltas,
+        ..base.clone()
     }
 }
 
-/// The edit's loss and its gradient pieces in `layers` (one forward and backward pass of
-/// `speaker`, on an autodiff device).
-pub fn edit_gradients(
+/// Saves `NAME.json` (the config) and `NAME.bpk` in `dir`.
+pub fn save<N: Hypernetwork>(net: &N, config: &N::Config, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let json = serde_json::to_string_pretty(config).expect("config serializes");
+    write_atomic(&dir.join(format!("{}.json", N::NAME)), json.as_bytes())?;
+    crate::train::checkpoint::save_module(net, &dir.join(format!("{}.bpk", N::NAME)))
+}
+
+/// Loads what [`save`] wrote, for `model`.
+pub fn load<N: Hypernetwork>(dir: &Path, model: &Vlm, device: &Device) -> Result<(N, N::Config)> {
+    let config: N::Config =
+        crate::error::read_json_config(&dir.join(format!("{}.json", N::NAME)), N::check)?;
+    let path = dir.join(format!("{}.bpk", N::NAME));
+    let net = N::new(&config, model, device)
+        .try_load_file(&path)
+        .map_err(|e| Error::Weights {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok((net, config))
+}
+
+/// An edit's [`EditSignal`] for `layers`: one forward and backward pass of `speaker` (on an
+/// autodiff device).
+pub fn edit_signal(
     speaker: &mut Speaker,
     record: &EditRecord,
     layers: &[usize],
     device: &Device,
-) -> Result<(f32, Vec<LayerGradient>)> {
+) -> Result<EditSignal> {
     let batch = speaker.batch(Some(&record.image), &record.prompt, &record.target, device)?;
     let hooks = Hooks {
         ffn_probes: layers.to_vec(),
@@ -249,21 +290,27 @@ pub fn edit_gradients(
     let value = loss.clone().into_scalar::<f32>();
     let grads = loss.backward();
     let pieces = out.probes.iter().map(|p| p.gradients(&grads)).collect();
-    Ok((value, pieces))
+    Ok(EditSignal {
+        loss: value,
+        pieces,
+        tokens: speaker.model.lm.embed_tokens(batch.ids).detach(),
+    })
 }
 
-/// Edits by MEND: each edit's transformed gradient is added to the weights (sequential edits
-/// accumulate) until `reset`.
-pub struct MendEditor {
+/// Edits by a hypernetwork (MEND, KE): each edit's weight changes are added to the weights
+/// (sequential edits accumulate) until `reset`.
+pub struct HypernetEditor<N: Hypernetwork> {
     /// The model as edited so far (an autodiff device; its parameters are frozen).
     pub speaker: Speaker,
     original: Vlm,
-    mend: Mend,
+    mend: N,
     device: Device,
 }
 
-impl MendEditor {
-    pub fn new(mut speaker: Speaker, mend: Mend, device: &Device) -> Self {
+pub type MendEditor = HypernetEditor<Mend>;
+
+impl<N: Hypernetwork> HypernetEditor<N> {
+    pub fn new(mut speaker: Speaker, mend: N, device: &Device) -> Self {
         speaker.model = speaker.model.no_grad();
         Self {
             original: speaker.model.clone(),
@@ -281,7 +328,7 @@ impl MendEditor {
     /// The weights MEND changes, per edited layer (fc1, fc2), for tests and inspection.
     pub fn edited_weights(&self) -> Vec<[Tensor<2>; 2]> {
         self.mend
-            .layers
+            .layers()
             .iter()
             .map(|&l| {
                 let layer = &self.speaker.model.lm.model.decoder.layers[l];
@@ -291,11 +338,11 @@ impl MendEditor {
     }
 }
 
-impl Editor for MendEditor {
+impl<N: Hypernetwork> Editor for HypernetEditor<N> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
-        let layers = self.mend.layers.clone();
-        let (_, pieces) = edit_gradients(&mut self.speaker, record, &layers, &self.device)?;
-        let updates = self.mend.updates(&pieces);
+        let layers = self.mend.layers().to_vec();
+        let signal = edit_signal(&mut self.speaker, record, &layers, &self.device)?;
+        let updates = self.mend.updates(&signal);
         let decoder = &mut self.speaker.model.lm.model.decoder;
         for (&l, [fc1, fc2]) in layers.iter().zip(updates) {
             let layer = &mut decoder.layers[l];

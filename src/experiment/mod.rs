@@ -240,29 +240,33 @@ pub fn scenes_data(cache: &Path, config: &ScenesConfig) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// `out/mend`: MEND meta-trained for the base model `out/vlm` on the edits of `data_dir`'s
-/// train split, unless it is already there (an interrupted run resumes).
-pub fn trained_mend(
+/// `out/NAME` (`mend`, `ke`): the hypernetwork meta-trained for the base model `out/vlm` on
+/// the edits of `data_dir`'s train split, unless it is already there (an interrupted run
+/// resumes).
+pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
     out: &Path,
-    mend: &crate::edit::mend::MendConfig,
-    train: &crate::train::mend::MendTrainConfig,
+    config: &N::Config,
+    train: &crate::train::meta::MetaTrainConfig,
     data_dir: &Path,
     train_device: &burn::tensor::Device,
 ) -> Result<PathBuf> {
-    let dir = out.join("mend");
-    if !dir.join("mend.bpk").is_file() {
-        let losses = crate::train::mend::run(
+    let dir = out.join(N::NAME);
+    if !dir.join(format!("{}.bpk", N::NAME)).is_file() {
+        let losses = crate::train::meta::run::<N>(
             &out.join("vlm"),
             data_dir,
-            mend,
+            config,
             train,
             &dir,
             true,
             train_device,
         )?;
         eprintln!(
-            "mend: edit loss {:.4} -> {:.4} after the update, locality KL {:.4}",
-            losses.before, losses.after, losses.locality_kl
+            "{}: edit loss {:.4} -> {:.4} after the update, locality KL {:.4}",
+            N::NAME,
+            losses.before,
+            losses.after,
+            losses.locality_kl
         );
     }
     Ok(dir)

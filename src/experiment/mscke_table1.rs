@@ -23,7 +23,7 @@ use crate::eval::protocol;
 use crate::model::scope::{ScopeConfig, ScopeMode};
 use crate::report::Table;
 use crate::train::clip::ClipTrainConfig;
-use crate::train::mend::MendTrainConfig;
+use crate::train::meta::MetaTrainConfig;
 use crate::train::scope::{ScopeRun, ScopeRunConfig, ScopeTrainConfig};
 use crate::train::vlm::VlmTrainConfig;
 
@@ -50,7 +50,7 @@ pub struct Preset {
     pub finetune_lr: f64,
     pub ike_demonstrations: usize,
     pub mend: MendConfig,
-    pub mend_train: MendTrainConfig,
+    pub mend_train: MetaTrainConfig,
     /// Test records evaluated (the first ones).
     pub eval_records: usize,
 }
@@ -92,7 +92,7 @@ pub fn run(
     };
     let mend = || -> Result<MendEditor> {
         let speaker = Speaker::load(&out.join("vlm"), &train_device)?;
-        let (net, _) = Mend::load(&mend_dir, &speaker.model, &train_device)?;
+        let (net, _) = crate::edit::mend::load::<Mend>(&mend_dir, &speaker.model, &train_device)?;
         Ok(MendEditor::new(speaker, net, &train_device))
     };
     let mscke_mend = || -> Result<MemoryEditor> {
@@ -219,7 +219,7 @@ pub fn prepare(
         &train_device,
     )?;
 
-    super::trained_mend(
+    super::trained_hypernet::<Mend>(
         out,
         &preset.mend,
         &preset.mend_train,

@@ -31,7 +31,7 @@ use crate::model::scope::{ScopeConfig, ScopeMode};
 use crate::report::Table;
 use crate::train::clip::ClipTrainConfig;
 use crate::train::knowledge::KnowledgeConfig;
-use crate::train::mend::MendTrainConfig;
+use crate::train::meta::MetaTrainConfig;
 use crate::train::scope::{ScopeRun, ScopeRunConfig, ScopeTrainConfig};
 use crate::train::vlm::VlmTrainConfig;
 
@@ -61,7 +61,7 @@ pub struct Preset {
     pub ike_demonstrations: usize,
     pub tpatcher: TPatcherConfig,
     pub mend: MendConfig,
-    pub mend_train: MendTrainConfig,
+    pub mend_train: MetaTrainConfig,
     /// Test records evaluated per task (the first ones).
     pub eval_records: usize,
     /// Table 2's sequence lengths.
@@ -144,7 +144,7 @@ impl Setup {
             },
             &train_device,
         )?;
-        super::trained_mend(
+        super::trained_hypernet::<Mend>(
             out,
             &preset.mend,
             &preset.mend_train,
@@ -215,7 +215,11 @@ impl Setup {
             )?),
             Method::Mend => {
                 let speaker = Speaker::load(&out.join("vlm"), &self.train_device)?;
-                let (net, _) = Mend::load(&out.join("mend"), &speaker.model, &self.train_device)?;
+                let (net, _) = crate::edit::mend::load::<Mend>(
+                    &out.join("mend"),
+                    &speaker.model,
+                    &self.train_device,
+                )?;
                 Box::new(MendEditor::new(speaker, net, &self.train_device))
             }
             Method::UniKe(config) => {

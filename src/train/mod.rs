@@ -3,7 +3,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod knowledge;
-pub mod mend;
+pub mod meta;
 pub mod scope;
 pub mod vlm;
 

@@ -1,6 +1,6 @@
-//! MEND's meta-training: for a training edit, its gradient pieces go through the networks,
-//! the resulting weight change is applied in the forward pass (differentiably), and the
-//! networks learn from `edit_weight * NLL(edit target on an equivalent input)` plus
+//! Meta-training of the hypernetworks (MEND, KE): for a training edit, its gradient pieces
+//! (and tokens) go through the network, the resulting weight change is applied in the forward
+//! pass (differentiably), and the network learns from `edit_weight * NLL(edit target on an equivalent input)` plus
 //! `locality_weight * KL(base || edited)` on an unrelated input (0.1 and 1.0 in the
 //! reference). The base model stays frozen.
 
@@ -15,14 +15,14 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
 use crate::data::record::EditRecord;
-use crate::edit::mend::{Mend, MendConfig, edit_gradients};
+use crate::edit::mend::{Hypernetwork, edit_signal, hooks_with_updates};
 use crate::edit::speaker::Speaker;
 use crate::error::Result;
 use crate::train::vlm::{answer_nll, locality_kl};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MendTrainConfig {
+pub struct MetaTrainConfig {
     pub steps: usize,
     pub lr: f64,
     /// Weight of the edit's NLL after the update.
@@ -43,17 +43,17 @@ pub struct MetaLosses {
     pub locality_kl: f64,
 }
 
-/// Meta-trains `mend` on the edits of `records` (each needs a locality query) with the frozen
+/// Meta-trains `net` on the edits of `records` (each needs a locality query) with the frozen
 /// model of `speaker` (on an autodiff `device`); checkpoints in `dir`.
-pub fn meta_train(
-    mut mend: Mend,
+pub fn meta_train<N: Hypernetwork>(
+    mut mend: N,
     speaker: &mut Speaker,
     records: &[EditRecord],
-    config: &MendTrainConfig,
+    config: &MetaTrainConfig,
     dir: &Path,
     resume: bool,
     device: &Device,
-) -> Result<(Mend, MetaLosses)> {
+) -> Result<(N, MetaLosses)> {
     let records: Vec<&EditRecord> = records
         .iter()
         .filter(|r| r.m_loc.is_some() || r.loc.is_some())
@@ -61,7 +61,7 @@ pub fn meta_train(
     if records.is_empty() {
         return Err(crate::Error::Config {
             path: dir.to_path_buf(),
-            reason: "MEND's meta-training needs edit records with a locality query".into(),
+            reason: format!("{} needs edit records with a locality query", N::NAME),
         });
     }
     speaker.model = speaker.model.clone().no_grad();
@@ -80,9 +80,11 @@ pub fn meta_train(
         rng.set_stream(state.step as u64);
         let record = records[rng.random_range(0..records.len())];
 
-        let (before, pieces) = edit_gradients(speaker, record, &mend.layers, device)?;
-        mend = mend.observe(&pieces);
-        let hooks = mend.hooks(&speaker.hooks, mend.updates(&pieces), num_layers);
+        let layers = mend.layers().to_vec();
+        let signal = edit_signal(speaker, record, &layers, device)?;
+        mend = mend.observe(&signal);
+        let hooks = hooks_with_updates(&speaker.hooks, &layers, mend.updates(&signal), num_layers);
+        let before = signal.loss;
 
         // Edit success on an equivalent input: the rephrased question when there is one.
         let prompt = record.rephrase.as_deref().unwrap_or(&record.prompt);
@@ -152,21 +154,21 @@ pub fn meta_train(
     Ok((mend, last))
 }
 
-/// `mmke train mend`: meta-trains MEND for the VLM in `model_dir` on the edits of
-/// `data_dir/train.json`; writes `out/mend.{json,bpk}`. `device` must be an autodiff device.
-pub fn run(
+/// `mmke train mend|ke`: meta-trains the hypernetwork for the VLM in `model_dir` on the edits
+/// of `data_dir/train.json`; writes `out/NAME.{json,bpk}`. `device` must be an autodiff device.
+pub fn run<N: Hypernetwork>(
     model_dir: &Path,
     data_dir: &Path,
-    mend: &MendConfig,
-    config: &MendTrainConfig,
+    mend: &N::Config,
+    config: &MetaTrainConfig,
     out: &Path,
     resume: bool,
     device: &Device,
 ) -> Result<MetaLosses> {
     let mut speaker = Speaker::load(model_dir, device)?;
     let records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
-    let net = Mend::new(mend, &speaker.model, device);
+    let net = N::new(mend, &speaker.model, device);
     let (net, losses) = meta_train(net, &mut speaker, &records, config, out, resume, device)?;
-    net.save(mend, out)?;
+    crate::edit::mend::save(&net, mend, out)?;
     Ok(losses)
 }
