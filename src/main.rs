@@ -196,14 +196,6 @@ enum TrainCommand {
     /// Meta-train MEND's gradient networks for a trained VLM on the edits of train.json
     /// (0.1 x edit NLL + 1.0 x locality KL by default); writes OUT/mend.{json,bpk}.
     Mend {
-        /// A directory written by `mmke train vlm`.
-        #[arg(long)]
-        model: PathBuf,
-        /// Directory with train.json and the images it names.
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
         /// fc1 and fc2 of the last N LM layers are edited.
         #[arg(long, default_value_t = 3)]
         layers: usize,
@@ -212,25 +204,84 @@ enum TrainCommand {
         #[arg(long, default_value_t = 2)]
         blocks: usize,
         /// Initial per-matrix edit learning rate (learned).
-        #[arg(long, default_value_t = 1e-2)]
-        edit_lr: f64,
-        #[arg(long, default_value_t = 1000)]
-        steps: usize,
         #[arg(long, default_value_t = 1e-4)]
-        lr: f64,
-        #[arg(long, default_value_t = 0.1)]
-        edit_weight: f64,
-        #[arg(long, default_value_t = 1.0)]
-        locality_weight: f64,
-        #[arg(long, default_value_t = 100)]
-        checkpoint_every: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long)]
-        resume: bool,
+        edit_lr: f64,
         #[command(flatten)]
-        device: DeviceArgs,
+        meta: MetaArgs,
     },
+    /// Meta-train KE's hypernetwork (a BiLSTM over the edit conditioning the gradient's
+    /// update) like MEND; writes OUT/ke.{json,bpk}.
+    Ke {
+        /// fc1 and fc2 of the last N LM layers are edited.
+        #[arg(long, default_value_t = 3)]
+        layers: usize,
+        /// Hidden size of each LSTM direction.
+        #[arg(long, default_value_t = 64)]
+        hidden: usize,
+        /// The update at initialisation is -edit_lr x gradient.
+        #[arg(long, default_value_t = 1.0)]
+        edit_lr: f64,
+        #[command(flatten)]
+        meta: MetaArgs,
+    },
+}
+
+/// What MEND's and KE's meta-training share.
+#[derive(Args)]
+struct MetaArgs {
+    /// A directory written by `mmke train vlm`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Directory with train.json and the images it names.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    edit_weight: f64,
+    #[arg(long, default_value_t = 1.0)]
+    locality_weight: f64,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+impl MetaArgs {
+    fn run<N: mmke::edit::mend::Hypernetwork>(self, net: &N::Config) -> Result<()> {
+        let config = mmke::train::meta::MetaTrainConfig {
+            steps: self.steps,
+            lr: self.lr,
+            edit_weight: self.edit_weight,
+            locality_weight: self.locality_weight,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+        };
+        let device = self.device.device()?.autodiff();
+        let losses = mmke::train::meta::run::<N>(
+            &self.model,
+            &self.data,
+            net,
+            &config,
+            &self.out,
+            self.resume,
+            &device,
+        )?;
+        println!(
+            "last {} steps: edit loss {:.4} -> {:.4} after the update, locality KL {:.4}",
+            self.checkpoint_every, losses.before, losses.after, losses.locality_kl
+        );
+        eprintln!("wrote {}", self.out.display());
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -583,46 +634,32 @@ fn run(cli: Cli) -> Result<()> {
             args.run(mmke::train::vlm::Knowledge::Counterfactual)?;
         }
         Command::Train(TrainCommand::Mend {
-            model,
-            data,
-            out,
             layers,
             rank,
             blocks,
             edit_lr,
-            steps,
-            lr,
-            edit_weight,
-            locality_weight,
-            checkpoint_every,
-            seed,
-            resume,
-            device,
+            meta,
         }) => {
-            let mend = mmke::edit::mend::MendConfig {
+            let config = mmke::edit::mend::MendConfig {
                 layers,
                 rank,
                 blocks,
                 edit_lr,
             };
-            let config = mmke::train::meta::MetaTrainConfig {
-                steps,
-                lr,
-                edit_weight,
-                locality_weight,
-                checkpoint_every,
-                seed,
+            meta.run::<mmke::edit::mend::Mend>(&config)?;
+        }
+        Command::Train(TrainCommand::Ke {
+            layers,
+            hidden,
+            edit_lr,
+            meta,
+        }) => {
+            let config = mmke::edit::ke::KeConfig {
+                layers,
+                hidden,
+                edit_lr,
             };
-            let device = device.device()?.autodiff();
-            let losses = mmke::train::meta::run::<mmke::edit::mend::Mend>(
-                &model, &data, &mend, &config, &out, resume, &device,
-            )?;
-            println!(
-                "last {checkpoint_every} steps: edit loss {:.4} -> {:.4} after the update, \
-                 locality KL {:.4}",
-                losses.before, losses.after, losses.locality_kl
-            );
-            eprintln!("wrote {}", out.display());
+            meta.run::<mmke::edit::ke::Ke>(&config)?;
         }
         Command::Eval(EvalCommand::Scope {
             checkpoint,

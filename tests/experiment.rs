@@ -165,6 +165,8 @@ ike_demonstrations = 1
 tpatcher = { neurons = 1, steps = 1, lr = 1e-2, activation_weight = 1.0, memory_weight = 1.0, margin = 0.5, memory_queries = 2 }
 mend = { layers = 1, rank = 4, blocks = 1, edit_lr = 1e-4 }
 mend_train = { steps = 2, lr = 1e-3, edit_weight = 0.1, locality_weight = 1.0, checkpoint_every = 2, seed = 0 }
+ke = { layers = 1, hidden = 4, edit_lr = 1.0 }
+ke_train = { steps = 2, lr = 1e-3, edit_weight = 0.1, locality_weight = 1.0, checkpoint_every = 2, seed = 0 }
 eval_records = 2
 sweep_records = 2
 sequential = [2]
@@ -173,7 +175,7 @@ alphas = [0.5]
 "#;
 
 #[test]
-fn unike_ablations_and_figure_5_run_end_to_end() {
+fn unike_tables_and_figure_5_run_end_to_end() {
     use mmke::experiment::unike::{self, Preset, Which};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tiny.toml");
@@ -207,6 +209,14 @@ fn unike_ablations_and_figure_5_run_end_to_end() {
     assert!(out.join("knowledge/knowledge.bin").is_file());
     unike::run(Which::Fig5, &preset, None, &out, &Device::flex()).unwrap();
     assert!(out.join("unike-fig5.png").is_file());
+    // Table 1 scores every method mmke has, in the paper's order.
+    let tables = unike::run(Which::Table1, &preset, None, &out, &Device::flex()).unwrap();
+    let rows: Vec<&str> = tables[0].1.rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        rows,
+        ["FT", "KE", "T-Patcher", "MEND", "IKE", "SERAC", "UniKE"]
+    );
+    assert!(out.join("mend/mend.bpk").is_file() && out.join("ke/ke.bpk").is_file());
     for name in ["quick", "full"] {
         let shipped: Preset = load_preset("unike", None, name).unwrap();
         assert_eq!(shipped.unike.top_k, 40);

@@ -3,6 +3,7 @@
 pub mod finetune;
 pub mod ike;
 pub mod index;
+pub mod ke;
 pub mod memory;
 pub mod mend;
 pub mod serac;

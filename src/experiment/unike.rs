@@ -17,7 +17,8 @@ use crate::data::scenes::ScenesConfig;
 use crate::edit::Editor;
 use crate::edit::finetune::{FineTuneConfig, FineTuneEditor, Part};
 use crate::edit::ike::IkeEditor;
-use crate::edit::mend::{Mend, MendConfig, MendEditor};
+use crate::edit::ke::{Ke, KeConfig};
+use crate::edit::mend::{HypernetEditor, Mend, MendConfig, MendEditor};
 use crate::edit::serac::MemoryEditor;
 use crate::edit::speaker::Speaker;
 use crate::edit::tpatcher::{TPatcherConfig, TPatcherEditor};
@@ -62,6 +63,8 @@ pub struct Preset {
     pub tpatcher: TPatcherConfig,
     pub mend: MendConfig,
     pub mend_train: MetaTrainConfig,
+    pub ke: KeConfig,
+    pub ke_train: MetaTrainConfig,
     /// Test records evaluated per task (the first ones).
     pub eval_records: usize,
     /// Table 2's sequence lengths.
@@ -82,6 +85,7 @@ pub enum Method {
     FineTune,
     Ike,
     Serac,
+    Ke,
     TPatcher,
     Mend,
     UniKe(UniKeConfig),
@@ -151,6 +155,7 @@ impl Setup {
             &data_dir,
             &train_device,
         )?;
+        super::trained_hypernet::<Ke>(out, &preset.ke, &preset.ke_train, &data_dir, &train_device)?;
         let mut vqa = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;
         vqa.truncate(preset.eval_records);
         let caption: Vec<EditRecord> = vqa.iter().filter_map(EditRecord::caption_edit).collect();
@@ -207,6 +212,15 @@ impl Setup {
                     &self.device,
                 ))
             }
+            Method::Ke => {
+                let speaker = Speaker::load(&out.join("vlm"), &self.train_device)?;
+                let (net, _) = crate::edit::mend::load::<Ke>(
+                    &out.join("ke"),
+                    &speaker.model,
+                    &self.train_device,
+                )?;
+                Box::new(HypernetEditor::new(speaker, net, &self.train_device))
+            }
             Method::TPatcher => Box::new(TPatcherEditor::new(
                 Speaker::load(&out.join("vlm"), &self.train_device)?,
                 &self.pool,
@@ -243,6 +257,7 @@ impl Setup {
     pub fn methods(&self) -> Vec<(String, Method)> {
         vec![
             ("FT".into(), Method::FineTune),
+            ("KE".into(), Method::Ke),
             ("T-Patcher".into(), Method::TPatcher),
             ("MEND".into(), Method::Mend),
             ("IKE".into(), Method::Ike),
