@@ -116,6 +116,9 @@ enum ExperimentCommand {
     FusionAblation(ExperimentArgs),
     /// MSCKE Table 1: FT-LLM, FT-Visual, IKE, SERAC, MEND, MSCKE and MSCKE-MEND, one-step.
     MsckeTable1(ExperimentArgs),
+    /// MSCKE Table 3: the multimodal classifier transferred (behind MEND, with vlm-small)
+    /// vs retrained (the models of mscke-table1: its presets and directory).
+    MsckeTable3(ExperimentArgs),
     /// MSCKE Table 4: inference time per query and size of the scope classifier, the base and
     /// the counterfactual model (the models of mscke-table1: its presets and directory).
     MsckeTable4(ExperimentArgs),
@@ -794,6 +797,16 @@ fn run(cli: Cli) -> Result<()> {
                 mmke::experiment::mscke_table1::run(&preset, args.data.as_deref(), &out, &device)?;
             println!("{}", table.markdown());
             eprintln!("wrote {}/mscke-table1.{{md,csv,json,png}}", out.display());
+        }
+        Command::Experiment(ExperimentCommand::MsckeTable3(args)) => {
+            let preset: mmke::experiment::mscke_table1::Preset =
+                mmke::experiment::load_preset("mscke-table1", args.file.as_deref(), &args.preset)?;
+            let out = args.out("mscke-table1");
+            let device = args.device.device()?;
+            let (table, _) =
+                mmke::experiment::mscke_table3::run(&preset, args.data.as_deref(), &out, &device)?;
+            println!("{}", table.markdown());
+            eprintln!("wrote {}/mscke-table3.{{md,csv,json,png}}", out.display());
         }
         Command::Experiment(ExperimentCommand::MsckeTable4(args)) => {
             // Table 4 measures the models of Table 1: same presets, same directory.

@@ -86,6 +86,7 @@ finetune_lr = 1e-3
 ike_demonstrations = 1
 mend = { layers = 1, rank = 4, blocks = 1, edit_lr = 1e-4 }
 mend_train = { steps = 2, lr = 1e-3, edit_weight = 0.1, locality_weight = 1.0, checkpoint_every = 2, seed = 0 }
+transfer = { clip_preset = "clip-small", vlm_preset = "vlm-small", retrain_seed = 1, vlm = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 }, counterfactual = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 } }
 eval_records = 2
 "#;
 
@@ -98,6 +99,7 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     let preset: mscke_table1::Preset = load_preset("mscke-table1", Some(&file), "tiny").unwrap();
     let out = dir.path().join("out");
     let (table, results) = mscke_table1::run(&preset, None, &out, &Device::flex()).unwrap();
+    let table1 = results.clone();
     let methods: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
         methods,
@@ -142,6 +144,29 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     // The classifier and the two VLMs differ in size; both VLMs share one preset.
     assert_eq!(costs[1].parameters, costs[2].parameters);
     assert!(out.join("mscke-table4.md").is_file());
+
+    // Table 3: four settings, each with the transferred and the retrained classifier.
+    let (table, results) =
+        mmke::experiment::mscke_table3::run(&preset, None, &out, &Device::flex()).unwrap();
+    let rows: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        rows,
+        [
+            "MSCKE on vlm-tiny",
+            "MSCKE-MEND on vlm-tiny",
+            "MSCKE on vlm-small",
+            "MSCKE-MEND on vlm-small"
+        ]
+    );
+    assert_eq!(results.len(), 8);
+    // The transferred classifier in the first setting is Table 1's MSCKE, same numbers.
+    let mscke = &table1[5];
+    assert_eq!(
+        results[0].scores[0],
+        100.0 * mscke.metrics.reliability.token_accuracy
+    );
+    assert!(out.join("transfer/vlm/model.bpk").is_file());
+    assert!(out.join("transfer/mend/mend.bpk").is_file());
 }
 
 const TINY_UNIKE: &str = r#"

@@ -5,6 +5,7 @@
 
 pub mod fusion_ablation;
 pub mod mscke_table1;
+pub mod mscke_table3;
 pub mod mscke_table4;
 pub mod unike;
 
@@ -93,11 +94,13 @@ pub struct VlmSpec<'a> {
     pub train: &'a crate::train::vlm::VlmTrainConfig,
 }
 
-/// `out/vlm` (the base model) and `out/counterfactual`, each trained unless already there, on
-/// the split [`knowledge_dir`] picks, their vision tower from `clip_dir`.
+/// `models/vlm` (the base model) and `models/counterfactual`, each trained unless already
+/// there, on the split [`knowledge_dir`] picks (generated under `out`), their vision tower
+/// from `clip_dir`.
 #[allow(clippy::too_many_arguments)]
 pub fn trained_vlms(
     out: &Path,
+    models: &Path,
     user_data: Option<&Path>,
     data: &ScenesConfig,
     knowledge: Option<&ScenesConfig>,
@@ -115,7 +118,7 @@ pub fn trained_vlms(
         ("counterfactual", Knowledge::Counterfactual, counterfactual),
     ] {
         trained_vlm(
-            out,
+            models,
             name,
             kind,
             spec.preset,

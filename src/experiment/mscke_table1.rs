@@ -51,6 +51,8 @@ pub struct Preset {
     pub ike_demonstrations: usize,
     pub mend: MendConfig,
     pub mend_train: MetaTrainConfig,
+    /// Table 3's second base model.
+    pub transfer: super::mscke_table3::Transfer,
     /// Test records evaluated (the first ones).
     pub eval_records: usize,
 }
@@ -201,6 +203,7 @@ pub fn prepare(
         super::trained_scope(out, name, &config, &clip_dir, &data_dir, &train_device)?;
     }
     super::trained_vlms(
+        out,
         out,
         data,
         &preset.data,

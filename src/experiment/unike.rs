@@ -132,6 +132,7 @@ impl Setup {
         )?;
         super::trained_vlms(
             out,
+            out,
             data,
             &preset.data,
             preset.knowledge_data.as_ref(),
