@@ -78,6 +78,10 @@ pub struct UniKeConfig {
     pub zeta: ZetaKind,
     /// beta of eq. 6.
     pub beta: f64,
+    /// Seeds the device's random draws (the keys' noise, a random zeta) when the editor is
+    /// made, so a run is repeatable.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// The LM layers UniKE edits: the last `count`.
@@ -307,6 +311,7 @@ impl UniKeEditor {
         device: &Device,
     ) -> Self {
         speaker.model = speaker.model.no_grad();
+        device.seed(config.seed);
         let layers = edited_layers(&speaker.model, config.layers);
         assert_eq!(
             prepared.memory.layers, layers,
@@ -526,6 +531,7 @@ mod tests {
             alpha,
             zeta,
             beta: 0.1,
+            seed: 0,
         }
     }
 

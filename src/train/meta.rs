@@ -167,6 +167,7 @@ pub fn run<N: Hypernetwork>(
 ) -> Result<MetaLosses> {
     let mut speaker = Speaker::load(model_dir, device)?;
     let records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
+    device.seed(config.seed);
     let net = N::new(mend, &speaker.model, device);
     let (net, losses) = meta_train(net, &mut speaker, &records, config, out, resume, device)?;
     crate::edit::mend::save(&net, mend, out)?;
