@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod experiment;
 pub mod frame;
+pub mod fuzz;
 pub mod model;
 pub mod report;
 pub mod train;

@@ -68,7 +68,11 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             reason,
         };
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| error(e.to_string()))?;
+        // `tokenizers` panics on some malformed files (found by `mmke fuzz`): a bad file is an
+        // error here, never a crash.
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_file(path))
+            .map_err(|_| error("malformed tokenizer.json (the parser panicked)".into()))?;
+        let mut tokenizer = parsed.map_err(|e| error(e.to_string()))?;
         let pad_id = match tokenizer.get_padding() {
             Some(p) => p.pad_id,
             None => ["<|endoftext|>", "[PAD]"]
