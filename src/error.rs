@@ -73,16 +73,28 @@ impl Error {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
-/// an interrupted write never leaves a truncated file behind.
+/// Writes `bytes` to `path` through a temporary file in the same directory, flushed to disk,
+/// and a rename, so an interrupted write never leaves a truncated file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = temporary_sibling(path);
-    std::fs::write(&tmp, bytes)
+    std::fs::File::create(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             Error::io(path, e)
         })
+}
+
+/// Flushes a file written by someone else (Burn's recorders) to disk before it is renamed.
+pub fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| Error::io(path, e))
 }
 
 /// `dir/.name.tmp-PID`: a sibling of `path`, so the final rename stays on one filesystem.

@@ -45,6 +45,7 @@ pub fn save<M: Module>(
     optim
         .save(&tmp)
         .map_err(|e| weights_error(&optim_path, e.to_string()))?;
+    crate::error::sync(&tmp)?;
     std::fs::rename(&tmp, &optim_path).map_err(|e| Error::io(&optim_path, e))?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
     write_atomic(&state_path, json.as_bytes())
@@ -85,5 +86,6 @@ pub fn save_module<M: Module>(module: &M, path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    crate::error::sync(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
