@@ -265,7 +265,10 @@ fn resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run_bit_for
         "the last two steps change the model"
     );
     // Bit for bit on the CPU backend: the optimizer state and the step's data are restored.
-    assert_eq!(full, resumed, "the resumed run differs from the uninterrupted one");
+    assert_eq!(
+        full, resumed,
+        "the resumed run differs from the uninterrupted one"
+    );
 }
 
 #[test]

@@ -303,19 +303,19 @@ pub struct HypernetEditor<N: Hypernetwork> {
     /// The model as edited so far (an autodiff device; its parameters are frozen).
     pub speaker: Speaker,
     original: Vlm,
-    mend: N,
+    net: N,
     device: Device,
 }
 
 pub type MendEditor = HypernetEditor<Mend>;
 
 impl<N: Hypernetwork> HypernetEditor<N> {
-    pub fn new(mut speaker: Speaker, mend: N, device: &Device) -> Self {
+    pub fn new(mut speaker: Speaker, net: N, device: &Device) -> Self {
         speaker.model = speaker.model.no_grad();
         Self {
             original: speaker.model.clone(),
             speaker,
-            mend: mend.no_grad(),
+            net: net.no_grad(),
             device: device.clone(),
         }
     }
@@ -327,7 +327,7 @@ impl<N: Hypernetwork> HypernetEditor<N> {
 
     /// The weights MEND changes, per edited layer (fc1, fc2), for tests and inspection.
     pub fn edited_weights(&self) -> Vec<[Tensor<2>; 2]> {
-        self.mend
+        self.net
             .layers()
             .iter()
             .map(|&l| {
@@ -340,9 +340,9 @@ impl<N: Hypernetwork> HypernetEditor<N> {
 
 impl<N: Hypernetwork> Editor for HypernetEditor<N> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
-        let layers = self.mend.layers().to_vec();
+        let layers = self.net.layers().to_vec();
         let signal = edit_signal(&mut self.speaker, record, &layers, &self.device)?;
-        let updates = self.mend.updates(&signal);
+        let updates = self.net.updates(&signal);
         let decoder = &mut self.speaker.model.lm.model.decoder;
         for (&l, [fc1, fc2]) in layers.iter().zip(updates) {
             let layer = &mut decoder.layers[l];

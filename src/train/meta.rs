@@ -46,7 +46,7 @@ pub struct MetaLosses {
 /// Meta-trains `net` on the edits of `records` (each needs a locality query) with the frozen
 /// model of `speaker` (on an autodiff `device`); checkpoints in `dir`.
 pub fn meta_train<N: Hypernetwork>(
-    mut mend: N,
+    mut net: N,
     speaker: &mut Speaker,
     records: &[EditRecord],
     config: &MetaTrainConfig,
@@ -68,8 +68,8 @@ pub fn meta_train<N: Hypernetwork>(
     let num_layers = speaker.model.lm.num_layers();
     let mut optim = AdamConfig::new().init();
     let mut state = TrainState::default();
-    if resume && let Some((m, o, s)) = checkpoint::load(dir, mend.clone(), optim.clone())? {
-        (mend, optim, state) = (m, o, s);
+    if resume && let Some((m, o, s)) = checkpoint::load(dir, net.clone(), optim.clone())? {
+        (net, optim, state) = (m, o, s);
         eprintln!("resuming {} at step {}", dir.display(), state.step);
     }
     let progress = super::progress_bar(config.steps, state.step);
@@ -80,10 +80,10 @@ pub fn meta_train<N: Hypernetwork>(
         rng.set_stream(state.step as u64);
         let record = records[rng.random_range(0..records.len())];
 
-        let layers = mend.layers().to_vec();
+        let layers = net.layers().to_vec();
         let signal = edit_signal(speaker, record, &layers, device)?;
-        mend = mend.observe(&signal);
-        let hooks = hooks_with_updates(&speaker.hooks, &layers, mend.updates(&signal), num_layers);
+        net = net.observe(&signal);
+        let hooks = hooks_with_updates(&speaker.hooks, &layers, net.updates(&signal), num_layers);
         let before = signal.loss;
 
         // Edit success on an equivalent input: the rephrased question when there is one.
@@ -127,8 +127,8 @@ pub fn meta_train<N: Hypernetwork>(
             after.into_scalar::<f32>() as f64,
             kl.into_scalar::<f32>() as f64,
         ]);
-        let grads = GradientsParams::from_grads(loss.backward(), &mend);
-        mend = optim.step(config.lr, mend, grads);
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = optim.step(config.lr, net, grads);
         state.step += 1;
         progress.inc(1);
 
@@ -147,11 +147,11 @@ pub fn meta_train<N: Hypernetwork>(
                     state.step, last.before, last.after, last.locality_kl
                 )
             });
-            checkpoint::save(dir, &mend, &optim, &state)?;
+            checkpoint::save(dir, &net, &optim, &state)?;
         }
     }
     progress.finish();
-    Ok((mend, last))
+    Ok((net, last))
 }
 
 /// `mmke train mend|ke`: meta-trains the hypernetwork for the VLM in `model_dir` on the edits
@@ -159,7 +159,7 @@ pub fn meta_train<N: Hypernetwork>(
 pub fn run<N: Hypernetwork>(
     model_dir: &Path,
     data_dir: &Path,
-    mend: &N::Config,
+    net_config: &N::Config,
     config: &MetaTrainConfig,
     out: &Path,
     resume: bool,
@@ -168,8 +168,8 @@ pub fn run<N: Hypernetwork>(
     let mut speaker = Speaker::load(model_dir, device)?;
     let records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
     device.seed(config.seed);
-    let net = N::new(mend, &speaker.model, device);
+    let net = N::new(net_config, &speaker.model, device);
     let (net, losses) = meta_train(net, &mut speaker, &records, config, out, resume, device)?;
-    crate::edit::mend::save(&net, mend, out)?;
+    crate::edit::mend::save(&net, net_config, out)?;
     Ok(losses)
 }
