@@ -267,6 +267,9 @@ struct MetaArgs {
     checkpoint_every: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also learn from the captioning edits of the records.
+    #[arg(long)]
+    captions: bool,
     #[arg(long)]
     resume: bool,
     #[command(flatten)]
@@ -282,6 +285,7 @@ impl MetaArgs {
             locality_weight: self.locality_weight,
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
+            captions: self.captions,
         };
         let device = self.device.device()?.autodiff();
         let losses = mmke::train::meta::run::<N>(

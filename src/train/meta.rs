@@ -31,6 +31,10 @@ pub struct MetaTrainConfig {
     pub locality_weight: f64,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// Also learn from the captioning edits of the records (scenes records have them): a
+    /// network that only saw short VQA answers overshoots on a caption's many tokens.
+    #[serde(default)]
+    pub captions: bool,
 }
 
 /// Losses of a meta-training run, averaged over the last `checkpoint_every` steps.
@@ -166,7 +170,14 @@ pub fn run<N: Hypernetwork>(
     device: &Device,
 ) -> Result<MetaLosses> {
     let mut speaker = Speaker::load(model_dir, device)?;
-    let records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
+    let mut records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
+    if config.captions {
+        let captions: Vec<EditRecord> = records
+            .iter()
+            .filter_map(EditRecord::caption_edit)
+            .collect();
+        records.extend(captions);
+    }
     device.seed(config.seed);
     let net = N::new(net_config, &speaker.model, device);
     let (net, losses) = meta_train(net, &mut speaker, &records, config, out, resume, device)?;
