@@ -319,4 +319,30 @@ mod tests {
             .unwrap();
         assert!(EditMemory::load(&path, &device).unwrap().is_empty());
     }
+
+    #[test]
+    fn a_million_edits_are_inserted_saved_reloaded_and_queried() {
+        let device = Device::flex();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let (edits, dim, batch) = (1_000_000, 16, 100_000);
+        let mut memory = EditMemory::new(Similarity::SquaredL2 { scale: 1.0 }, &device);
+        let mut probes = Vec::new();
+        for start in (0..edits).step_by(batch) {
+            let z = Tensor::<2>::random([batch, dim], Distribution::Normal(0.0, 1.0), &device);
+            // One stored edit of every batch is queried later.
+            probes.push((start + 777, z.clone().narrow(0, 777, 1)));
+            memory.insert(z);
+        }
+        assert_eq!(memory.len(), edits);
+        memory.save(&path).unwrap();
+        let loaded = EditMemory::load(&path, &device).unwrap();
+        assert_eq!(loaded.len(), edits);
+        let queries = Tensor::cat(probes.iter().map(|(_, z)| z.clone()).collect(), 0);
+        let routes = loaded.route(queries).unwrap();
+        for ((edit, _), route) in probes.iter().zip(&routes) {
+            assert_eq!(route.edit, *edit);
+            assert!(route.rho > 0.999 && route.in_scope());
+        }
+    }
 }
