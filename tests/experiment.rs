@@ -247,24 +247,3 @@ fn unike_tables_and_figure_5_run_end_to_end() {
         assert_eq!(shipped.unike.top_k, 40);
     }
 }
-
-#[test]
-fn the_same_preset_and_seeds_give_identical_numbers_end_to_end() {
-    use mmke::experiment::unike::{self, Preset, Which};
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tiny.toml");
-    std::fs::write(&file, TINY_UNIKE).unwrap();
-    let preset: Preset = load_preset("unike", Some(&file), "tiny").unwrap();
-    // Everything trained from scratch twice (CLIP, classifier, VLMs, knowledge, MEND, KE),
-    // then every UniKE ablation: the same numbers.
-    let run = |name: &str| {
-        let out = dir.path().join(name);
-        unike::run(Which::Table4, &preset, None, &out, &Device::flex()).unwrap()[0]
-            .1
-            .rows
-            .iter()
-            .map(|r| r.values.clone())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(run("first"), run("second"));
-}

@@ -328,8 +328,15 @@ mod tests {
         let (edits, dim, batch) = (1_000_000, 16, 100_000);
         let mut memory = EditMemory::new(Similarity::SquaredL2 { scale: 1.0 }, &device);
         let mut probes = Vec::new();
+        // Host-side random numbers: the device's generator is shared with (and reseeded by)
+        // tests running in parallel, which could repeat a batch.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for start in (0..edits).step_by(batch) {
-            let z = Tensor::<2>::random([batch, dim], Distribution::Normal(0.0, 1.0), &device);
+            let values: Vec<f32> = (0..batch * dim)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let z = Tensor::<2>::from_data(TensorData::new(values, [batch, dim]), &device);
             // One stored edit of every batch is queried later.
             probes.push((start + 777, z.clone().narrow(0, 777, 1)));
             memory.insert(z);
