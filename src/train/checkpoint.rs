@@ -1,6 +1,8 @@
-//! Checkpoints of a training run: `DIR/checkpoint/{model.bpk, optim.bpk, state.json}`, each
-//! written to a temporary file and renamed, so an interrupted run never leaves a corrupt one.
-//! `state.json` is written last: a checkpoint without it is incomplete and ignored.
+//! Checkpoints of a training run: `DIR/checkpoint/{model-STEP.bpk, optim-STEP.bpk, state.json}`.
+//! Each file is written to a temporary sibling, flushed and renamed; `state.json` (naming the
+//! step) is replaced last and the files of older steps are removed after it. A run killed at
+//! any moment therefore leaves a `state.json` that names a complete pair of files: the new
+//! checkpoint, or the previous one.
 
 use std::path::{Path, PathBuf};
 
@@ -16,12 +18,16 @@ pub struct TrainState {
     pub step: usize,
 }
 
-fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let c = dir.join("checkpoint");
+fn checkpoint_dir(dir: &Path) -> PathBuf {
+    dir.join("checkpoint")
+}
+
+/// The weights and optimizer files of the checkpoint at `step`.
+fn files(dir: &Path, step: usize) -> (PathBuf, PathBuf) {
+    let c = checkpoint_dir(dir);
     (
-        c.join("model.bpk"),
-        c.join("optim.bpk"),
-        c.join("state.json"),
+        c.join(format!("model-{step}.bpk")),
+        c.join(format!("optim-{step}.bpk")),
     )
 }
 
@@ -31,33 +37,38 @@ pub fn save<M: Module>(
     optim: &ModuleOptimizer,
     state: &TrainState,
 ) -> Result<()> {
-    let (model_path, optim_path, state_path) = paths(dir);
-    let parent = model_path.parent().expect("a checkpoint directory");
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    // The old state goes first, so a crash below leaves no state.json pointing at new weights.
-    let _ = std::fs::remove_file(&state_path);
-    let weights_error = |path: &Path, e: String| Error::Weights {
-        path: path.to_path_buf(),
-        reason: e,
-    };
+    let parent = checkpoint_dir(dir);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let (model_path, optim_path) = files(dir, state.step);
     save_module(model, &model_path)?;
     let tmp = temporary_sibling(&optim_path);
-    optim
-        .save(&tmp)
-        .map_err(|e| weights_error(&optim_path, e.to_string()))?;
+    optim.save(&tmp).map_err(|e| Error::Weights {
+        path: optim_path.clone(),
+        reason: e.to_string(),
+    })?;
     crate::error::sync(&tmp)?;
     std::fs::rename(&tmp, &optim_path).map_err(|e| Error::io(&optim_path, e))?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
-    write_atomic(&state_path, json.as_bytes())
+    write_atomic(&parent.join("state.json"), json.as_bytes())?;
+    // Only now are the older files unreferenced (and leftovers of killed saves).
+    let keep = [model_path.file_name(), optim_path.file_name()];
+    for entry in std::fs::read_dir(&parent).map_err(|e| Error::io(&parent, e))? {
+        let entry = entry.map_err(|e| Error::io(&parent, e))?;
+        let name = entry.file_name();
+        if name != "state.json" && !keep.contains(&Some(name.as_os_str())) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
-/// Loads the checkpoint in `dir` into `model` and `optim`, if there is a complete one.
+/// Loads the checkpoint in `dir` into `model` and `optim`, if there is one.
 pub fn load<M: Module>(
     dir: &Path,
     model: M,
     optim: ModuleOptimizer,
 ) -> Result<Option<(M, ModuleOptimizer, TrainState)>> {
-    let (model_path, optim_path, state_path) = paths(dir);
+    let state_path = checkpoint_dir(dir).join("state.json");
     if !state_path.is_file() {
         return Ok(None);
     }
@@ -66,6 +77,7 @@ pub fn load<M: Module>(
         path: state_path.clone(),
         error: e,
     })?;
+    let (model_path, optim_path) = files(dir, state.step);
     let model = model
         .try_load_file(&model_path)
         .map_err(|e| Error::Weights {

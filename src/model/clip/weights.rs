@@ -132,14 +132,17 @@ pub fn save_safetensors<M: ModuleSnapshot>(module: &M, path: &Path) -> Result<()
     let adapter = BurnToPyTorchAdapter.chain(ScalarAdapter {
         rank0_in_file: false,
     });
-    let mut store = SafetensorsStore::from_file(path)
+    let tmp = crate::error::temporary_sibling(path);
+    let mut store = SafetensorsStore::from_file(&tmp)
         .with_to_adapter(adapter)
         .metadata("format", "pt")
         .overwrite(true);
     module.save_into(&mut store).map_err(|e| Error::Weights {
         path: path.to_path_buf(),
         reason: format!("cannot write: {e}"),
-    })
+    })?;
+    crate::error::sync(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// The Hugging Face name of a module path: Burn's LayerNorm `gamma`/`beta` are `weight`/`bias`.
