@@ -4,18 +4,6 @@ use burn::tensor::Device;
 use mmke::experiment::fusion_ablation::{Preset, run};
 use mmke::experiment::load_preset;
 
-const TINY: &str = r#"
-description = "a tiny fusion ablation for tests"
-[presets.tiny]
-clips = ["clip-tiny"]
-clip_image_size = 32
-fusions = ["concat", "cross-attention", "dot-product"]
-data = { train = 8, test = 3, seed = 2, image_size = 32 }
-clip = { steps = 2, batch_size = 4, lr = 1e-3, seed = 0, scene_size = 32, checkpoint_every = 2, grounding_weight = 1.0 }
-model = { mode = "multimodal", fusion = "dot-product", dim = 16, attention_dim = 16, similarity = { kind = "squared-l2", scale = 1.0 } }
-train = { steps = 2, batch_size = 8, lr = 1e-3, validate_every = 2, checkpoint_every = 2, seed = 0 }
-"#;
-
 #[test]
 fn shipped_experiment_files_parse_with_both_presets() {
     let dir = env!("CARGO_MANIFEST_DIR");
@@ -35,9 +23,12 @@ fn shipped_experiment_files_parse_with_both_presets() {
 #[test]
 fn fusion_ablation_writes_table_2_and_reuses_its_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tiny.toml");
-    std::fs::write(&file, TINY).unwrap();
-    let preset: Preset = load_preset("fusion-ablation", Some(&file), "tiny").unwrap();
+    let preset: Preset = load_preset(
+        "fusion-ablation",
+        Some(&fixture("tiny-fusion-ablation.toml")),
+        "tiny",
+    )
+    .unwrap();
     let out = dir.path().join("out");
     let device = Device::flex();
     let (table, results) = run(&preset, None, &out, &device).unwrap();
@@ -68,35 +59,12 @@ fn fusion_ablation_writes_table_2_and_reuses_its_runs() {
     assert_eq!(values(&again), values(&table));
 }
 
-const TINY_TABLE1: &str = r#"
-description = "a tiny MSCKE Table 1 for tests"
-[presets.tiny]
-data = { train = 6, test = 2, seed = 3, image_size = 32 }
-clip_preset = "clip-tiny"
-clip_image_size = 32
-clip = { steps = 2, batch_size = 4, lr = 1e-3, seed = 0, scene_size = 32, checkpoint_every = 2, grounding_weight = 1.0 }
-scope_model = { mode = "multimodal", fusion = "dot-product", dim = 16, attention_dim = 16 }
-scope_train = { steps = 2, batch_size = 8, lr = 1e-3, validate_every = 2, checkpoint_every = 2, seed = 0 }
-vlm_preset = "vlm-tiny"
-vlm = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 }
-counterfactual_preset = "vlm-tiny"
-counterfactual = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 }
-finetune_steps = 1
-finetune_lr = 1e-3
-ike_demonstrations = 1
-mend = { layers = 1, rank = 4, blocks = 1, edit_lr = 1e-4 }
-mend_train = { steps = 2, lr = 1e-3, edit_weight = 0.1, locality_weight = 1.0, checkpoint_every = 2, seed = 0 }
-transfer = { clip_preset = "clip-small", vlm_preset = "vlm-small", retrain_seed = 1, vlm = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 }, counterfactual = { steps = 2, batch_size = 4, lr = 1e-3, text_every = 2, checkpoint_every = 2, seed = 0 } }
-eval_records = 2
-"#;
-
 #[test]
 fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     use mmke::experiment::mscke_table1;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tiny.toml");
-    std::fs::write(&file, TINY_TABLE1).unwrap();
-    let preset: mscke_table1::Preset = load_preset("mscke-table1", Some(&file), "tiny").unwrap();
+    let preset: mscke_table1::Preset =
+        load_preset("mscke-table1", Some(&fixture("tiny-mscke.toml")), "tiny").unwrap();
     let out = dir.path().join("out");
     let (table, results) = mscke_table1::run(&preset, None, &out, &Device::flex()).unwrap();
     let table1 = results.clone();
@@ -173,7 +141,7 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
 fn unike_tables_and_figure_5_run_end_to_end() {
     use mmke::experiment::unike::{self, Preset, Which};
     let dir = tempfile::tempdir().unwrap();
-    let preset: Preset = load_preset("unike", Some(&tiny_unike()), "tiny").unwrap();
+    let preset: Preset = load_preset("unike", Some(&fixture("tiny-unike.toml")), "tiny").unwrap();
     let out = dir.path().join("out");
     let tables = unike::run(Which::Table4, &preset, None, &out, &Device::flex()).unwrap();
     let (stem, table) = &tables[0];
@@ -216,7 +184,9 @@ fn unike_tables_and_figure_5_run_end_to_end() {
     }
 }
 
-/// The tiny UniKE preset the UniKE tests share (also `tests/determinism.rs`).
-fn tiny_unike() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-unike.toml")
+/// A tiny preset shared with `tests/determinism.rs`.
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
