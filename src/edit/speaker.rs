@@ -129,6 +129,17 @@ impl Speaker {
         Ok(answer_loss_with(&self.model, &batch, &self.hooks).0)
     }
 
+    /// [`Speaker::predict`] for a [`Query`].
+    pub fn predict_query(
+        &mut self,
+        query: &Query,
+        answer: &str,
+        k: usize,
+        device: &Device,
+    ) -> Result<Prediction> {
+        self.predict(query.image.as_deref(), &query.prompt, answer, k, device)
+    }
+
     /// Teacher-forced predictions for `answer` after `prompt` on `image`.
     pub fn predict(
         &mut self,

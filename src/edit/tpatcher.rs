@@ -193,13 +193,7 @@ impl Editor for TPatcherEditor {
     }
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
-        self.speaker.predict(
-            query.image.as_deref(),
-            &query.prompt,
-            answer,
-            k,
-            &self.device,
-        )
+        self.speaker.predict_query(query, answer, k, &self.device)
     }
 
     fn reset(&mut self) {
