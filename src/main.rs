@@ -137,7 +137,8 @@ enum ExperimentCommand {
     /// MSCKE Table 4: inference time per query and size of the scope classifier, the base and
     /// the counterfactual model (the models of mscke-table1: its presets and directory).
     MsckeTable4(ExperimentArgs),
-    /// UniKE Table 1: one-step editing on the VQA and caption tasks (FT, KE, T-Patcher, MEND, IKE, SERAC, UniKE).
+    /// UniKE Table 1: one-step editing on the VQA and caption tasks (FT, KE, T-Patcher, MEND,
+    /// IKE, SERAC, UniKE).
     /// The UniKE experiments share experiments/unike.toml and runs/unike/PRESET.
     UnikeTable1(ExperimentArgs),
     /// UniKE Table 2: sequential editing (K edits accumulate).
