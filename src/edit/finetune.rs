@@ -128,12 +128,8 @@ mod tests {
 
     #[test]
     fn fine_tuning_learns_the_edit_changes_only_its_part_and_resets() {
-        let dir = two_scenes(4);
-        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
-            .unwrap()
-            .records;
+        let (dir, records) = two_scenes(4);
         let device = Device::flex().autodiff();
-        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
         let record = &records[0];
         let query = Query {
             image: Some(record.image.clone()),
@@ -150,8 +146,7 @@ mod tests {
                 steps: 15,
                 lr: 1e-2,
             };
-            let mut editor =
-                FineTuneEditor::new(speaker(dir.path(), vocab, &device), config, &device);
+            let mut editor = FineTuneEditor::new(speaker(dir.path(), &device), config, &device);
             let loss = |e: &mut FineTuneEditor| {
                 e.speaker
                     .loss(Some(&record.image), &record.prompt, &record.target, &device)

@@ -156,10 +156,9 @@ mod tests {
 
     #[test]
     fn the_context_holds_the_nearest_fact_after_its_nearest_demonstrations() {
-        let dir = crate::edit::serac::tests::two_scenes(2);
-        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
+        let (dir, _) = crate::edit::serac::tests::two_scenes(2);
         let device = Device::flex();
-        let base = crate::edit::serac::tests::speaker(dir.path(), vocab, &device);
+        let base = crate::edit::serac::tests::speaker(dir.path(), &device);
         let pool = [
             record(
                 "what color is the star?",

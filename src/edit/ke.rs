@@ -139,19 +139,15 @@ mod tests {
 
     #[test]
     fn at_initialisation_a_ke_edit_lowers_the_edit_loss_and_reset_restores() {
-        let dir = two_scenes(13);
-        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
+        let (dir, records) = two_scenes(13);
         let device = Device::flex().autodiff();
-        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
-            .unwrap()
-            .records;
         let record = &records[0];
         let config = KeConfig {
             layers: 2,
             hidden: 8,
             edit_lr: 1.0,
         };
-        let base = speaker(dir.path(), vocab, &device);
+        let base = speaker(dir.path(), &device);
         let ke = Ke::new(&config, &base.model, &device);
         assert_eq!(ke.layers, [0, 1]);
         let mut editor = HypernetEditor::new(base, ke, &device);

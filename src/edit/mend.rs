@@ -372,12 +372,8 @@ mod tests {
 
     #[test]
     fn at_initialisation_an_edit_is_a_gradient_step_of_the_chosen_layers_only() {
-        let dir = two_scenes(7);
-        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
+        let (dir, records) = two_scenes(7);
         let device = Device::flex().autodiff();
-        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
-            .unwrap()
-            .records;
         let record = &records[0];
         let config = MendConfig {
             layers: 1,
@@ -385,7 +381,7 @@ mod tests {
             blocks: 2,
             edit_lr: 0.5,
         };
-        let base = speaker(dir.path(), vocab, &device);
+        let base = speaker(dir.path(), &device);
         let before: Vec<Vec<Vec<f32>>> = base
             .model
             .lm
@@ -404,7 +400,7 @@ mod tests {
         model.lm = model.lm.train_only_layers(&[1]);
         let mut plain = Speaker {
             model,
-            batcher: speaker(dir.path(), vocab, &device).batcher,
+            batcher: speaker(dir.path(), &device).batcher,
             hooks: Hooks::default(),
         };
         let loss = plain

@@ -217,7 +217,9 @@ pub(crate) mod tests {
 
     const IMAGE: u32 = 32;
 
-    pub(crate) fn speaker(dir: &Path, vocab: usize, device: &Device) -> Speaker {
+    /// An untrained, very small VLM for the scenes in `dir`.
+    pub(crate) fn speaker(dir: &Path, device: &Device) -> Speaker {
+        let vocab = scenes::word_level_tokenizer().get_vocab_size(true);
         let mut config = VlmConfig::preset("vlm-tiny", vocab, IMAGE as usize).unwrap();
         config.lm.hidden_size = 32;
         config.lm.ffn_dim = 64;
@@ -237,7 +239,7 @@ pub(crate) mod tests {
     }
 
     /// Two generated edit records (and their images) in a temporary directory.
-    pub(crate) fn two_scenes(seed: u64) -> tempfile::TempDir {
+    pub(crate) fn two_scenes(seed: u64) -> (tempfile::TempDir, Vec<EditRecord>) {
         let dir = tempfile::tempdir().unwrap();
         let config = ScenesConfig {
             train: 2,
@@ -246,7 +248,10 @@ pub(crate) mod tests {
             image_size: IMAGE,
         };
         scenes::write(dir.path(), &config).unwrap();
-        dir
+        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
+            .unwrap()
+            .records;
+        (dir, records)
     }
 
     /// An editor whose classifier calls everything in scope (scale 0: rho = 1) or nothing
@@ -270,8 +275,8 @@ pub(crate) mod tests {
             &clip_config,
             device,
         );
-        let base = speaker(dir, vocab, device);
-        let counterfactual = speaker(dir, vocab, device);
+        let base = speaker(dir, device);
+        let counterfactual = speaker(dir, device);
         (
             MemoryEditor::new(classifier, batcher, base, counterfactual, device),
             records,
@@ -280,7 +285,7 @@ pub(crate) mod tests {
 
     #[test]
     fn in_scope_queries_go_to_the_counterfactual_model_and_the_rest_to_the_base() {
-        let dir = two_scenes(6);
+        let (dir, _) = two_scenes(6);
         let device = Device::flex();
         for (scale, edited) in [(0.0, true), (1e9, false)] {
             let (mut editor, records) = editor(dir.path(), scale, &device);
@@ -312,7 +317,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_protocols_drive_the_memory_editor() {
-        let dir = two_scenes(9);
+        let (dir, _) = two_scenes(9);
         let device = Device::flex();
         // Nothing is ever in scope: the base model answers before and after, so every
         // locality probe agrees with the pre-edit model.

@@ -208,12 +208,8 @@ mod tests {
 
     #[test]
     fn a_trained_patch_learns_the_edit_and_is_silent_on_a_locality_input() {
-        let dir = two_scenes(11);
-        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
+        let (dir, records) = two_scenes(11);
         let device = Device::flex().autodiff();
-        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
-            .unwrap()
-            .records;
         let record = &records[0];
         let config = TPatcherConfig {
             neurons: 2,
@@ -227,7 +223,7 @@ mod tests {
         // The memory holds the unrelated queries of both records (scenes' text facts recur
         // across records, so a user's memory holds them too); the locality input checked
         // below is this record's.
-        let base = speaker(dir.path(), vocab, &device);
+        let base = speaker(dir.path(), &device);
         let mut editor = TPatcherEditor::new(base, &records, config, &device).unwrap();
         let loss = |e: &mut TPatcherEditor| {
             e.speaker

@@ -555,13 +555,9 @@ mod tests {
 
     #[test]
     fn zero_extra_neurons_and_alpha_one_leave_the_model_unchanged() {
-        let dir = two_scenes(3);
-        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
+        let (dir, records) = two_scenes(3);
         let device = Device::flex();
-        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
-            .unwrap()
-            .records;
-        let mut plain = speaker(dir.path(), vocab, &device);
+        let mut plain = speaker(dir.path(), &device);
         let prepared = prepared(&mut plain, &records, &device);
         let before = logits(&mut plain, &records[0], &device);
 
@@ -569,7 +565,7 @@ mod tests {
         // alpha = 1: the same logits.
         let mut hooked = Speaker {
             model: plain.model.clone(),
-            batcher: speaker(dir.path(), vocab, &device).batcher,
+            batcher: speaker(dir.path(), &device).batcher,
             hooks: Hooks::default(),
         };
         for l in edited_layers(&hooked.model, 2) {
@@ -595,12 +591,8 @@ mod tests {
 
     #[test]
     fn an_edit_is_learned_and_reset_restores_the_model() {
-        let dir = two_scenes(5);
-        let vocab = crate::data::scenes::word_level_tokenizer().get_vocab_size(true);
+        let (dir, records) = two_scenes(5);
         let device = Device::flex().autodiff();
-        let records = crate::data::fgvedit::read(&dir.path().join("train.json"), dir.path())
-            .unwrap()
-            .records;
         let record = &records[0];
         let query = Query {
             image: Some(record.image.clone()),
@@ -610,7 +602,7 @@ mod tests {
             config(4, InContext::None, Alpha::Fixed(1.0), ZetaKind::None),
             config(4, InContext::Latent, Alpha::Dynamic, ZetaKind::Truthfulness),
         ] {
-            let mut base = speaker(dir.path(), vocab, &device);
+            let mut base = speaker(dir.path(), &device);
             let prepared = prepared(&mut base, &records, &device);
             let mut editor = UniKeEditor::new(base, prepared, &records, config.clone(), &device);
             let loss = |editor: &mut UniKeEditor| {
