@@ -173,3 +173,20 @@ fn configs_that_are_not_implemented_are_refused_by_name() {
     let err = OptConfig::from_file(&path).unwrap_err().to_string();
     assert!(err.contains("config.json") && err.contains("gelu"), "{err}");
 }
+
+#[test]
+fn zero_sizes_are_refused_not_divided_by() {
+    // Found by `mmke fuzz --target opt-config`: zero heads panicked (a remainder by zero).
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
+            .unwrap();
+    config["num_attention_heads"] = 0.into();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = OptConfig::from_file(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("num_attention_heads must be positive"),
+        "{err}"
+    );
+}

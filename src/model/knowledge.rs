@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 
@@ -156,22 +156,56 @@ impl KnowledgeMemory {
     /// For each row of `query` (`[n, hidden]`), the indices of the `k` entries of layer slot
     /// `slot` whose h_sem is most cosine-similar, best first: `[n, k]` (k capped at the size).
     pub fn top_k(&self, slot: usize, query: Tensor<2>, k: usize) -> Tensor<2, Int> {
-        let keys = super::clip::l2_normalize(self.sem[slot].clone());
-        let scores = super::clip::l2_normalize(query).matmul(keys.transpose());
-        let k = k.min(self.len()).max(1);
-        scores.topk_with_indices(k, 1).1
+        let device = query.device();
+        let (rows, len, k) = self.retrieve(slot, query, k);
+        let mut ids = Vec::with_capacity(rows.len() * k);
+        for (scores, mut best) in rows.chunks_exact(len).zip(top_k_rows(&rows, len, k)) {
+            best.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            ids.extend(best.iter().map(|&i| i as i64));
+        }
+        let n = ids.len() / k;
+        Tensor::from_data(TensorData::new(ids, [n, k]), &device)
     }
 
     /// [`Self::top_k`] as an attention mask `[n, len]`: false at the retrieved entries.
     pub fn outside_top_k(&self, slot: usize, query: Tensor<2>, k: usize) -> Tensor<2, Bool> {
-        let n = query.dims()[0];
         let device = query.device();
-        let top = self.top_k(slot, query, k);
-        let k = top.dims()[1];
-        Tensor::<2>::zeros([n, self.len()], &device)
-            .scatter(1, top, Tensor::ones([n, k], &device), IndexingUpdateOp::Add)
-            .equal_elem(0.0)
+        let (rows, len, k) = self.retrieve(slot, query, k);
+        let mut outside = vec![true; rows.len()];
+        for (mask, best) in outside.chunks_exact_mut(len).zip(top_k_rows(&rows, len, k)) {
+            best.into_iter().for_each(|i| mask[i] = false);
+        }
+        let n = outside.len() / len;
+        Tensor::from_data(TensorData::new(outside, [n, len]), &device)
     }
+
+    /// The cosine of every query row with every h_sem of `slot`, on the host (`[n * len]`),
+    /// with `len` and `k` capped at it.
+    fn retrieve(&self, slot: usize, query: Tensor<2>, k: usize) -> (Vec<f32>, usize, usize) {
+        let keys = super::clip::l2_normalize(self.sem[slot].clone());
+        let scores = super::clip::l2_normalize(query).matmul(keys.transpose());
+        let len = self.len();
+        let rows = scores
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 scores");
+        (rows, len, k.min(len).max(1))
+    }
+}
+
+/// The indices of the `k` largest values of each row of length `len`, in no order: a
+/// selection (linear time) rather than a sort, as retrieval runs in every edited layer of
+/// every forward pass.
+fn top_k_rows(rows: &[f32], len: usize, k: usize) -> impl Iterator<Item = Vec<usize>> + '_ {
+    rows.chunks_exact(len).map(move |scores| {
+        let mut order: Vec<usize> = (0..len).collect();
+        if k < len {
+            order.select_nth_unstable_by(k - 1, |&a, &b| scores[b].total_cmp(&scores[a]));
+        }
+        order.truncate(k);
+        order
+    })
 }
 
 /// A small MLP encoder (UniKE: "several MLP layers"): `Linear -> GELU -> Linear`.
