@@ -250,13 +250,13 @@ impl AttentionMix for LatentInContext {
         let n = batch * seq;
         let query = x.clone().reshape([n, hidden]);
         // Top-K h_sem by cosine with the pre-attention state, then attention over their h_pos.
-        let outside = self.memory.outside_top_k(slot, query.clone(), self.top_k);
+        let retrieved = self.memory.top_k(slot, query.clone(), self.top_k);
         let normed = layer
             .self_attn_layer_norm
             .forward(x.clone())
             .reshape([n, hidden]);
         let [keys, values] = self.projected[slot].clone();
-        let h_know = layer.self_attn.attend(normed, keys, values, outside);
+        let h_know = layer.self_attn.attend(normed, keys, values, retrieved);
         let alpha = match (self.alpha, &self.encoders) {
             (Alpha::Dynamic, Some(encoders)) => {
                 // eq. 7: relevance = Sim(Enc_sem(h_know), h_input[-1]), per position, kept in

@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 
@@ -167,18 +167,6 @@ impl KnowledgeMemory {
         Tensor::from_data(TensorData::new(ids, [n, k]), &device)
     }
 
-    /// [`Self::top_k`] as an attention mask `[n, len]`: false at the retrieved entries.
-    pub fn outside_top_k(&self, slot: usize, query: Tensor<2>, k: usize) -> Tensor<2, Bool> {
-        let device = query.device();
-        let (rows, len, k) = self.retrieve(slot, query, k);
-        let mut outside = vec![true; rows.len()];
-        for (mask, best) in outside.chunks_exact_mut(len).zip(top_k_rows(&rows, len, k)) {
-            best.into_iter().for_each(|i| mask[i] = false);
-        }
-        let n = outside.len() / len;
-        Tensor::from_data(TensorData::new(outside, [n, len]), &device)
-    }
-
     /// The cosine of every query row with every h_sem of `slot`, on the host (`[n * len]`),
     /// with `len` and `k` capped at it.
     fn retrieve(&self, slot: usize, query: Tensor<2>, k: usize) -> (Vec<f32>, usize, usize) {
@@ -307,7 +295,7 @@ pub fn zeta(truthfulness: &Encoder, pos: Tensor<2>, neg: Tensor<2>) -> Tensor<1>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Bool, Distribution};
 
     fn values(t: Tensor<2>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_into_vec().unwrap()
@@ -394,47 +382,47 @@ mod tests {
             let expected: Vec<i64> = ranked.iter().take(5).map(|r| r.1).collect();
             assert_eq!(&top[row * 5..row * 5 + 5], expected.as_slice());
         }
-        // The mask form keeps exactly those entries.
-        let outside: Vec<bool> = m
-            .outside_top_k(1, query, 5)
-            .into_data()
-            .try_into_vec()
-            .unwrap();
-        for (row, kept) in outside.chunks(50).enumerate() {
-            let mut kept: Vec<i64> = (0..50).filter(|&i| !kept[i]).map(|i| i as i64).collect();
-            let mut expected = top[row * 5..row * 5 + 5].to_vec();
-            kept.sort();
-            expected.sort();
-            assert_eq!(kept, expected);
-        }
     }
 
     #[test]
-    fn masked_attention_equals_attention_over_the_retrieved_entries() {
+    fn attention_over_the_retrieved_entries_equals_masked_attention_over_all() {
         use crate::model::clip::encoder::SelfAttention;
+        use burn::tensor::module::attention;
+        use burn::tensor::ops::AttentionModuleOptions;
         let device = Device::flex();
         let m = memory(30, 8, &device);
-        let attention = SelfAttention::new(8, 2, true, &device);
+        let layer = SelfAttention::new(8, 2, true, &device);
         let query = Tensor::<2>::random([4, 8], Distribution::Normal(0.0, 1.0), &device);
-        let [keys, values_] = attention.project_memory(m.pos[0].clone());
-        let masked = values(attention.attend(
-            query.clone(),
-            keys.clone(),
-            values_.clone(),
-            m.outside_top_k(0, query.clone(), 6),
-        ));
+        let [keys, values_] = layer.project_memory(m.pos[0].clone());
         let top = m.top_k(0, query.clone(), 6);
-        for row in 0..4 {
-            let picked = top.clone().narrow(0, row, 1).reshape([6]);
-            let gathered = values(attention.attend(
-                query.clone().narrow(0, row, 1),
-                keys.clone().select(0, picked.clone()),
-                values_.clone().select(0, picked),
-                Tensor::<2, Bool>::from_bool(TensorData::new(vec![false; 6], [1, 6]), &device),
-            ));
-            for (a, b) in masked[row * 8..row * 8 + 8].iter().zip(&gathered) {
-                assert!((a - b).abs() < 1e-5, "row {row}: {a} vs {b}");
-            }
+        let retrieved =
+            values(layer.attend(query.clone(), keys.clone(), values_.clone(), top.clone()));
+        // The reference: every query over all 30 entries, all but its top 6 masked.
+        let ids: Vec<i64> = top.into_data().convert::<i64>().try_into_vec().unwrap();
+        let mut outside = vec![true; 4 * 30];
+        for (row, best) in ids.chunks(6).enumerate() {
+            best.iter()
+                .for_each(|&i| outside[row * 30 + i as usize] = false);
+        }
+        let mask = Tensor::<2, Bool>::from_bool(TensorData::new(outside, [4, 30]), &device)
+            .reshape([1, 1, 4, 30])
+            .expand([1, 2, 4, 30]);
+        let heads = |t: Tensor<2>, len: usize| t.reshape([1, len, 2, 4]).swap_dims(1, 2);
+        let context = attention(
+            heads(layer.q_proj.forward(query), 4),
+            heads(keys, 30),
+            heads(values_, 30),
+            Some(mask),
+            None,
+            AttentionModuleOptions::default(),
+        );
+        let masked = values(
+            layer
+                .out_proj
+                .forward(context.swap_dims(1, 2).reshape([4, 8])),
+        );
+        for (i, (a, b)) in retrieved.iter().zip(&masked).enumerate() {
+            assert!((a - b).abs() < 1e-5, "value {i}: {a} vs {b}");
         }
     }
 

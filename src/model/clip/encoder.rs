@@ -6,7 +6,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::config::Activation;
 
@@ -96,36 +96,41 @@ impl SelfAttention {
         ]
     }
 
-    /// Attention of each query row (`[n, hidden]`) over projected memory states (`keys`,
-    /// `values`: `[m, hidden]` from [`Self::project_memory`]); `mask` (`[n, m]`) is true where
-    /// a query may not attend to an entry: what in-context states contribute to a query
-    /// (UniKE eq. 2's `Attn(X_input, X_know, X_know)`).
+    /// Attention of each query row (`[n, hidden]`) over its own entries of projected memory
+    /// states (`keys`, `values`: `[m, hidden]` from [`Self::project_memory`]): row i attends
+    /// to the entries `ids[i]` (`[n, k]`) only - what in-context states contribute to a
+    /// query (UniKE eq. 2's `Attn(X_input, X_know, X_know)` over the retrieved X_know).
     pub fn attend(
         &self,
         queries: Tensor<2>,
         keys: Tensor<2>,
         values: Tensor<2>,
-        mask: Tensor<2, Bool>,
+        ids: Tensor<2, Int>,
     ) -> Tensor<2> {
         let [n, hidden] = queries.dims();
-        let m = keys.dims()[0];
+        let k = ids.dims()[1];
         let head_dim = hidden / self.num_heads;
-        let heads = |t: Tensor<2>, len: usize| {
-            t.reshape([1, len, self.num_heads, head_dim])
+        let ids = ids.reshape([n * k]);
+        // [n, heads, k, head_dim]: each row's retrieved entries, split into heads.
+        let retrieved = |t: Tensor<2>| {
+            t.select(0, ids.clone())
+                .reshape([n, k, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = heads(self.q_proj.forward(queries), n);
-        let mask = mask.reshape([1, 1, n, m]).expand([1, self.num_heads, n, m]);
+        let q = self
+            .q_proj
+            .forward(queries)
+            .reshape([n, 1, self.num_heads, head_dim])
+            .swap_dims(1, 2);
         let context = attention(
             q,
-            heads(keys, m),
-            heads(values, m),
-            Some(mask),
+            retrieved(keys),
+            retrieved(values),
+            None,
             None,
             AttentionModuleOptions::default(),
         );
-        let context = context.swap_dims(1, 2).reshape([n, hidden]);
-        self.out_proj.forward(context)
+        self.out_proj.forward(context.reshape([n, hidden]))
     }
 }
 
