@@ -154,7 +154,8 @@ impl KnowledgeMemory {
     }
 
     /// For each row of `query` (`[n, hidden]`), the indices of the `k` entries of layer slot
-    /// `slot` whose h_sem is most cosine-similar, best first: `[n, k]` (k capped at the size).
+    /// `slot` whose h_sem is most cosine-similar, best first: `[n, k]` (k capped at the size,
+    /// at least 1; the memory must not be empty - callers check [`Self::is_empty`]).
     pub fn top_k(&self, slot: usize, query: Tensor<2>, k: usize) -> Tensor<2, Int> {
         let device = query.device();
         let (rows, len, k) = self.retrieve(slot, query, k);
