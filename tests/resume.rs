@@ -113,6 +113,10 @@ fn a_killed_training_run_resumed_ends_bit_for_bit_like_an_uninterrupted_one() {
     };
     let (a, b) = (weights(&straight), weights(&killed));
     assert!(a.len() > 10);
+    assert_eq!(
+        a.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        b.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
     for ((name, x), (_, y)) in a.iter().zip(&b) {
         assert!(
             x == y,
