@@ -135,6 +135,12 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     );
     assert!(out.join("transfer/vlm/model.bpk").is_file());
     assert!(out.join("transfer/mend/mend.bpk").is_file());
+    // The second base model's MEND meta-trains by `transfer.mend_train` (3 steps, not 2).
+    let step = |dir: &str| {
+        let state = std::fs::read_to_string(out.join(dir).join("checkpoint/state.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&state).unwrap()["step"].clone()
+    };
+    assert_eq!((step("mend"), step("transfer/mend")), (2.into(), 3.into()));
 }
 
 #[test]

@@ -21,6 +21,7 @@ use crate::error::Result;
 use crate::eval::protocol;
 use crate::model::scope::{ScopeConfig, ScopeMode};
 use crate::report::Table;
+use crate::train::meta::MetaTrainConfig;
 use crate::train::scope::{ScopeRun, ScopeRunConfig, ScopeTrainConfig};
 use crate::train::vlm::VlmTrainConfig;
 
@@ -33,6 +34,9 @@ pub struct Transfer {
     pub vlm_preset: String,
     pub vlm: VlmTrainConfig,
     pub counterfactual: VlmTrainConfig,
+    /// MEND's meta-training for the second base model; the preset's `mend_train` when absent.
+    #[serde(default)]
+    pub mend_train: Option<MetaTrainConfig>,
     pub retrain_seed: u64,
 }
 
@@ -93,7 +97,7 @@ pub fn run(
     super::trained_hypernet::<Mend>(
         &second,
         &preset.mend,
-        &preset.mend_train,
+        transfer.mend_train.as_ref().unwrap_or(&preset.mend_train),
         &data_dir,
         &train_device,
     )?;
