@@ -96,7 +96,7 @@ pub struct VlmSpec<'a> {
 
 /// `models/vlm` (the base model) and `models/counterfactual`, each trained unless already
 /// there, on the split [`knowledge_dir`] picks (generated under `out`), their vision tower
-/// from `clip_dir`.
+/// from `clip_dir`; the two train side by side on two threads.
 #[allow(clippy::too_many_arguments)]
 pub fn trained_vlms(
     out: &Path,
@@ -113,23 +113,34 @@ pub fn trained_vlms(
 ) -> Result<()> {
     use crate::train::vlm::Knowledge;
     let knowledge_dir = knowledge_dir(out, user_data, data, knowledge, data_dir)?;
-    for (name, kind, spec) in [
-        ("vlm", Knowledge::PreEdit, base),
-        ("counterfactual", Knowledge::Counterfactual, counterfactual),
-    ] {
-        trained_vlm(
-            models,
-            name,
-            kind,
-            spec.preset,
-            image_size,
-            clip_dir,
-            &knowledge_dir,
-            spec.train,
-            train_device,
-        )?;
-    }
-    Ok(())
+    // The two are independent and a small model's training keeps about one core busy: they
+    // train side by side, each exactly as it would alone.
+    std::thread::scope(|scope| {
+        let trainings = [
+            ("vlm", Knowledge::PreEdit, base),
+            ("counterfactual", Knowledge::Counterfactual, counterfactual),
+        ]
+        .map(|(name, kind, spec)| {
+            let knowledge_dir = &knowledge_dir;
+            scope.spawn(move || {
+                trained_vlm(
+                    models,
+                    name,
+                    kind,
+                    spec.preset,
+                    image_size,
+                    clip_dir,
+                    knowledge_dir,
+                    spec.train,
+                    train_device,
+                )
+            })
+        });
+        for training in trainings {
+            training.join().expect("a VLM training thread panicked")?;
+        }
+        Ok(())
+    })
 }
 
 /// `out/{name}`, a VLM trained on `knowledge` of `data_dir` by `config` (its vision tower

@@ -391,7 +391,23 @@ pub fn exact_match(
     Ok(right.iter().filter(|&&r| r).count() as f64 / examples.len().max(1) as f64)
 }
 
+/// Held by a VLM training from seeding the device's generator until every parameter of its
+/// model has its initial values ([`train`]).
+static INITIALISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Makes every parameter hold its values (Burn draws a parameter's initial values lazily, at
+/// its first use).
+struct Materialise;
+
+impl burn::module::ModuleVisitor for Materialise {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        param.val();
+    }
+}
+
 /// Trains `model` (on an autodiff device); with `resume`, continues from `dir`'s checkpoint.
+/// The parameters `model` has not drawn yet are drawn from the device's generator seeded
+/// with `config.seed`.
 pub fn train(
     mut model: Vlm,
     examples: &[LmExample],
@@ -404,6 +420,12 @@ pub fn train(
     if config.freeze_vision {
         model.vision_model = model.vision_model.no_grad();
     }
+    // Burn draws a parameter's initial values from the device's one generator at the
+    // parameter's first use, here in the first step. From seeding until every parameter has
+    // its values the lock is held, so trainings on parallel threads draw exactly what each
+    // draws alone.
+    let mut initialising = Some(INITIALISING.lock().unwrap_or_else(|e| e.into_inner()));
+    device.seed(config.seed);
     let mut optim = AdamConfig::new().init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
@@ -428,12 +450,17 @@ pub fn train(
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(config.lr, model, grads);
         state.step += 1;
+        if initialising.is_some() {
+            model.visit(&mut Materialise);
+            initialising = None;
+        }
         progress.inc(1);
         let share = right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
         progress.set_message(format!("loss {value:.4}  batch exact match {share:.2}"));
         if state.step % config.checkpoint_every == 0 || state.step == config.steps {
             checkpoint::save(dir, &model, &optim, &state)?;
-            progress.suspend(|| eprintln!("step {}: loss {value:.4}", state.step));
+            let name = dir.display();
+            progress.suspend(|| eprintln!("{name}: step {}: loss {value:.4}", state.step));
         }
     }
     progress.finish();
@@ -557,7 +584,6 @@ pub fn run(
         lm.bos_token_id,
         lm.eos_token_id,
     );
-    device.seed(config.seed);
     let mut model = Vlm::new(&vlm_config, device);
     if let Some(dir) = clip_dir {
         let clip = crate::model::clip::Clip::load(dir, device)?;
