@@ -134,52 +134,65 @@ pub fn run(
             true,
         ),
     ];
+    // One setting with one classifier; loads its own models, so the two classifiers of a
+    // setting are evaluated side by side on two threads (evaluation keeps about one core
+    // busy and draws nothing at random: the results are those of one after the other).
+    let evaluate = |(method, vlm, models, mend): &(&str, &str, std::path::PathBuf, bool),
+                    classifier: &str|
+     -> Result<TransferResult> {
+        let mut run = ScopeRun::load(&out.join(classifier), device)?;
+        let batcher = run.batcher(&[])?;
+        let in_scope = if *mend {
+            let speaker = Speaker::load(&models.join("vlm"), &train_device)?;
+            let (net, _) = crate::edit::mend::load::<Mend>(
+                &models.join("mend"),
+                &speaker.model,
+                &train_device,
+            )?;
+            InScope::Mend {
+                editor: Box::new(HypernetEditor::new(speaker, net, &train_device)),
+                applied: None,
+            }
+        } else {
+            InScope::Counterfactual(Speaker::load(&models.join("counterfactual"), device)?)
+        };
+        let mut editor = MemoryEditor::with(
+            run.model,
+            batcher,
+            Speaker::load(&models.join("vlm"), device)?,
+            in_scope,
+            device,
+        );
+        let setting = format!("{method} on {vlm}");
+        eprintln!(
+            "evaluating {setting} with {classifier} on {} edits",
+            records.len()
+        );
+        let start = Instant::now();
+        let m = protocol::one_step(&mut editor, &records)?;
+        Ok(TransferResult {
+            setting,
+            classifier: classifier.to_string(),
+            scores: [
+                m.reliability.token_accuracy,
+                m.t_locality.token_accuracy,
+                m.t_generality.token_accuracy,
+                m.specificity().token_accuracy,
+            ]
+            .map(|s| 100.0 * s),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    };
     let mut results = Vec::new();
-    for (method, vlm, models, mend) in &settings {
-        for classifier in ["scope-multimodal", "scope-multimodal-retrained"] {
-            let mut run = ScopeRun::load(&out.join(classifier), device)?;
-            let batcher = run.batcher(&[])?;
-            let in_scope = if *mend {
-                let speaker = Speaker::load(&models.join("vlm"), &train_device)?;
-                let (net, _) = crate::edit::mend::load::<Mend>(
-                    &models.join("mend"),
-                    &speaker.model,
-                    &train_device,
-                )?;
-                InScope::Mend {
-                    editor: Box::new(HypernetEditor::new(speaker, net, &train_device)),
-                    applied: None,
-                }
-            } else {
-                InScope::Counterfactual(Speaker::load(&models.join("counterfactual"), device)?)
-            };
-            let mut editor = MemoryEditor::with(
-                run.model,
-                batcher,
-                Speaker::load(&models.join("vlm"), device)?,
-                in_scope,
-                device,
-            );
-            let setting = format!("{method} on {vlm}");
-            eprintln!(
-                "evaluating {setting} with {classifier} on {} edits",
-                records.len()
-            );
-            let start = Instant::now();
-            let m = protocol::one_step(&mut editor, &records)?;
-            results.push(TransferResult {
-                setting,
-                classifier: classifier.to_string(),
-                scores: [
-                    m.reliability.token_accuracy,
-                    m.t_locality.token_accuracy,
-                    m.t_generality.token_accuracy,
-                    m.specificity().token_accuracy,
-                ]
-                .map(|s| 100.0 * s),
-                seconds: start.elapsed().as_secs_f64(),
-            });
-        }
+    for setting in &settings {
+        std::thread::scope(|scope| -> Result<()> {
+            let pair = ["scope-multimodal", "scope-multimodal-retrained"]
+                .map(|classifier| scope.spawn(|| evaluate(setting, classifier)));
+            for evaluation in pair {
+                results.push(evaluation.join().expect("an evaluation thread panicked")?);
+            }
+            Ok(())
+        })?;
     }
 
     let mut table = Table::new(
