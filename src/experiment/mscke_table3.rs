@@ -46,6 +46,7 @@ pub struct TransferResult {
     pub classifier: String,
     /// Reliability, Locality, Generality, Specificity (token accuracy).
     pub scores: [f64; 4],
+    /// Wall-clock seconds of the evaluation, run beside the setting's other classifier.
     pub seconds: f64,
 }
 
