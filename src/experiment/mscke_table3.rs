@@ -6,7 +6,7 @@
 //! (seed `transfer.retrain_seed`) on the same edits: the table shows how much a setting's
 //! scores depend on which classifier routes them. Runs in mscke-table1's directory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -138,7 +138,7 @@ pub fn run(
     // One setting with one classifier; loads its own models, so the two classifiers of a
     // setting are evaluated side by side on two threads (evaluation keeps about one core
     // busy and draws nothing at random: the results are those of one after the other).
-    let evaluate = |(method, vlm, models, mend): &(&str, &str, std::path::PathBuf, bool),
+    let evaluate = |(method, vlm, models, mend): &(&str, &str, PathBuf, bool),
                     classifier: &str|
      -> Result<TransferResult> {
         let mut run = ScopeRun::load(&out.join(classifier), device)?;
