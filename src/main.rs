@@ -182,6 +182,15 @@ enum TrainCommand {
         /// Weight of the phrase-grounding loss next to InfoNCE (0 = InfoNCE only).
         #[arg(long, default_value_t = 1.0)]
         grounding_weight: f64,
+        /// Supervise the class token and the patches pooled to N x N cell tokens (0: every
+        /// patch).
+        #[arg(long, default_value_t = 3)]
+        cells: usize,
+        /// Weight of the dense attribute loss on the cell tokens (needs --cells 3).
+        #[arg(long, default_value_t = 1.0)]
+        attribute_weight: f64,
+        #[command(flatten)]
+        optim: OptimArgs,
         /// Continue from the checkpoint in --out.
         #[arg(long)]
         resume: bool,
@@ -341,7 +350,41 @@ struct VlmArgs {
     #[arg(long)]
     freeze_vision: bool,
     #[command(flatten)]
+    optim: OptimArgs,
+    #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// The optimiser and schedule (`mmke::train::OptimConfig`); the defaults are Adam at a
+/// constant rate.
+#[derive(clap::Args, Debug)]
+struct OptimArgs {
+    /// AdamW's decoupled weight decay (0: Adam).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Cosine decay of the learning rate after warm-up, to --min-lr-ratio times --lr.
+    #[arg(long)]
+    cosine: bool,
+    #[arg(long, default_value_t = 0.0)]
+    min_lr_ratio: f64,
+    /// Clip each gradient to this L2 norm.
+    #[arg(long)]
+    clip_norm: Option<f64>,
+}
+
+impl OptimArgs {
+    fn config(&self) -> mmke::train::OptimConfig {
+        mmke::train::OptimConfig {
+            weight_decay: self.weight_decay,
+            warmup: self.warmup,
+            cosine: self.cosine,
+            min_lr_ratio: self.min_lr_ratio,
+            clip_norm: self.clip_norm,
+        }
+    }
 }
 
 impl VlmArgs {
@@ -354,6 +397,7 @@ impl VlmArgs {
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
             freeze_vision: self.freeze_vision,
+            optim: self.optim.config(),
         };
         let device = self.device.device()?.autodiff();
         let exact = mmke::train::vlm::run(
@@ -394,6 +438,10 @@ enum EvalCommand {
         /// Only the first N records.
         #[arg(long)]
         records: Option<usize>,
+        /// Print one JSON object (`all` and `families`, each with n, exact_match and
+        /// token_accuracy in %) instead of the Markdown table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -409,6 +457,10 @@ enum EvalCommand {
         /// Root of its image paths (default: the file's directory).
         #[arg(long)]
         images: Option<PathBuf>,
+        /// Print one JSON object (`all`, `kinds`, `tasks`, each with n, accuracy, precision,
+        /// recall and f1 in %) instead of the Markdown table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -621,6 +673,9 @@ fn run(cli: Cli) -> Result<()> {
             scene_size,
             checkpoint_every,
             grounding_weight,
+            cells,
+            attribute_weight,
+            optim,
             resume,
             device,
         }) => {
@@ -632,6 +687,9 @@ fn run(cli: Cli) -> Result<()> {
                 scene_size,
                 checkpoint_every,
                 grounding_weight,
+                cells: (cells > 0).then_some(cells),
+                attribute_weight,
+                optim: optim.config(),
             };
             let device = device.device()?.autodiff();
             mmke::train::clip::pretrain(&preset, image_size, &config, &out, resume, &device)?;
@@ -688,13 +746,18 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
             data,
             images,
+            json,
             device,
         }) => {
             let device = device.device()?;
             let root =
                 images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
             let report = mmke::eval::scope::evaluate_run(&checkpoint, &data, &root, &device)?;
-            print!("{}", report.markdown());
+            if json {
+                println!("{}", serde_json::to_string(&report.percentages())?);
+            } else {
+                print!("{}", report.markdown());
+            }
         }
         Command::Eval(EvalCommand::Vlm {
             model,
@@ -702,6 +765,7 @@ fn run(cli: Cli) -> Result<()> {
             images,
             counterfactual,
             records,
+            json,
             device,
         }) => {
             let device = device.device()?;
@@ -717,33 +781,13 @@ fn run(cli: Cli) -> Result<()> {
             let examples: Vec<_> = file.iter().flat_map(|r| knowledge.examples(r)).collect();
             let speaker = mmke::edit::speaker::Speaker::load(&model, &device)?;
             let mut batcher = speaker.batcher;
-            let right = mmke::train::vlm::answers_right(
-                &speaker.model,
-                &examples,
-                &mut batcher,
-                64,
-                &device,
-            )?;
-            let mut families: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-            for (example, ok) in examples.iter().zip(&right) {
-                let family = match example.image {
-                    None => "text-only",
-                    Some(_) => scenes::answer_family(&example.answer).unwrap_or("other"),
-                };
-                let entry = families.entry(family).or_default();
-                entry.0 += *ok as usize;
-                entry.1 += 1;
+            let report =
+                mmke::eval::knowledge::evaluate(&speaker.model, &examples, &mut batcher, &device)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.markdown());
             }
-            let total = right.iter().filter(|&&r| r).count();
-            println!("| family | examples | exact match % |\n| --- | --- | --- |");
-            for (family, (ok, n)) in &families {
-                println!("| {family} | {n} | {:.2} |", 100.0 * *ok as f64 / *n as f64);
-            }
-            println!(
-                "| all | {} | {:.2} |",
-                right.len(),
-                100.0 * total as f64 / right.len().max(1) as f64
-            );
         }
         Command::Export { checkpoint, out } => {
             let device = backend::device(Backend::Flex, None)?;

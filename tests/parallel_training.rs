@@ -30,6 +30,9 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         scene_size: 32,
         checkpoint_every: 2,
         grounding_weight: 1.0,
+        cells: Some(3),
+        attribute_weight: 1.0,
+        optim: Default::default(),
     };
     let clip_dir = pretrained_clip(out, "clip-tiny", 32, &clip, &device).unwrap();
     let train = |seed: u64| VlmTrainConfig {
@@ -40,6 +43,7 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         checkpoint_every: 3,
         seed,
         freeze_vision: false,
+        optim: Default::default(),
     };
     let (base, counterfactual) = (train(0), train(5));
     let side_by_side = out.join("side-by-side");

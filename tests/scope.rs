@@ -298,6 +298,9 @@ fn pretrain_train_export_and_reload_a_classifier() {
         scene_size: IMAGE as u32,
         checkpoint_every: 2,
         grounding_weight: 1.0,
+        cells: Some(3),
+        attribute_weight: 1.0,
+        optim: Default::default(),
     };
     pretrain("clip-tiny", IMAGE, &clip_train, &clip_dir, false, &device).unwrap();
     // The pre-trained CLIP is a Hugging Face directory.

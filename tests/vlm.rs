@@ -67,6 +67,7 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
         checkpoint_every: 25,
         seed: 0,
         freeze_vision: false,
+        optim: Default::default(),
     };
     let before = answer_loss(&model, &batch).0.into_scalar::<f32>();
     let out = dir.path().join("run");

@@ -233,7 +233,8 @@ pub(crate) mod tests {
                 ImagePreprocessor::clip(IMAGE),
                 2,
                 3,
-            ),
+            )
+            .with_prefix_lm(config.prefix_lm),
             hooks: Default::default(),
         }
     }

@@ -50,7 +50,8 @@ impl Speaker {
                 preprocessor,
                 config.lm.bos_token_id,
                 config.lm.eos_token_id,
-            ),
+            )
+            .with_prefix_lm(config.prefix_lm),
             hooks: Hooks::default(),
         })
     }

@@ -1,4 +1,5 @@
 pub mod editing;
+pub mod knowledge;
 pub mod metrics;
 pub mod protocol;
 pub mod scope;

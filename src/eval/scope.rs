@@ -25,6 +25,42 @@ pub struct ScopeReport {
 }
 
 impl ScopeReport {
+    /// `{"all": {...}, "kinds": {"hard-in-scope": {...}, ...}, "tasks": {...}}`, each with
+    /// n, accuracy, precision, recall and f1 in % (0-100).
+    pub fn percentages(&self) -> serde_json::Value {
+        let pct = |m: &BinaryMetrics| {
+            serde_json::json!({
+                "n": m.n,
+                "accuracy": 100.0 * m.accuracy,
+                "precision": 100.0 * m.precision,
+                "recall": 100.0 * m.recall,
+                "f1": 100.0 * m.f1,
+            })
+        };
+        let name = |key: serde_json::Value| key.as_str().unwrap_or("?").to_string();
+        let kinds: serde_json::Map<String, serde_json::Value> = self
+            .by_kind
+            .iter()
+            .map(|(k, m)| {
+                (
+                    name(serde_json::to_value(k).expect("kinds serialize")),
+                    pct(m),
+                )
+            })
+            .collect();
+        let tasks: serde_json::Map<String, serde_json::Value> = self
+            .by_task
+            .iter()
+            .map(|(t, m)| {
+                (
+                    name(serde_json::to_value(t).expect("tasks serialize")),
+                    pct(m),
+                )
+            })
+            .collect();
+        serde_json::json!({ "all": pct(&self.overall), "kinds": kinds, "tasks": tasks })
+    }
+
     /// A Markdown table: one row overall, one per task, one per pair kind.
     pub fn markdown(&self) -> String {
         let mut out = String::from(

@@ -92,7 +92,6 @@ pub fn run(
         )?;
         let clip_seconds = start.elapsed().as_secs_f64();
         for &fusion in &preset.fusions {
-            let run_dir = out.join(format!("{clip}-{}", fusion.name()));
             let config = ScopeRunConfig {
                 model: ScopeConfig {
                     fusion,
@@ -101,21 +100,9 @@ pub fn run(
                 train: preset.train.clone(),
             };
             let start = Instant::now();
-            if !run_dir.join("model.bpk").is_file() {
-                eprintln!(
-                    "training {clip} / {} -> {}",
-                    fusion.name(),
-                    run_dir.display()
-                );
-                crate::train::scope::run(
-                    &config,
-                    &clip_dir,
-                    &data_dir,
-                    &run_dir,
-                    true,
-                    &train_device,
-                )?;
-            }
+            let name = format!("{clip}-{}", fusion.name());
+            let run_dir =
+                super::trained_scope(out, &name, &config, &clip_dir, &data_dir, &train_device)?;
             let seconds =
                 start.elapsed().as_secs_f64() + clip_seconds / preset.fusions.len() as f64;
             let report = evaluate_run(&run_dir, &data_dir.join("test.json"), &data_dir, device)?;

@@ -1,12 +1,14 @@
 //! Runnable experiments: each reproduces a table or figure of the papers from a file under
 //! `experiments/` that names its presets (`quick`: minutes on a 2-core CPU; `full`: the
-//! numbers in README). Everything an experiment trains is cached in its output directory, so
-//! a second run (or one resumed after a kill) redoes only what is missing.
+//! numbers in README). Everything an experiment trains is cached in its output directory with
+//! the configuration that made it ([`provenance`]), so a second run (or one resumed after a
+//! kill) redoes only what is missing or was made by another configuration.
 
 pub mod fusion_ablation;
 pub mod mscke_table1;
 pub mod mscke_table3;
 pub mod mscke_table4;
+pub mod provenance;
 pub mod unike;
 
 use std::collections::BTreeMap;
@@ -158,7 +160,16 @@ fn trained_vlm(
     train_device: &burn::tensor::Device,
 ) -> Result<PathBuf> {
     let dir = out.join(name);
-    if !dir.join("model.bpk").is_file() {
+    let wanted = serde_json::json!({
+        "kind": name,
+        "knowledge": format!("{knowledge:?}"),
+        "preset": preset,
+        "image_size": image_size,
+        "train": config,
+        "clip": provenance::read(clip_dir),
+        "data": provenance::data(data_dir)?,
+    });
+    if !provenance::reusable(&dir, "model.bpk", &wanted)? {
         let exact = crate::train::vlm::run(
             knowledge,
             preset,
@@ -185,7 +196,13 @@ pub fn trained_scope(
     train_device: &burn::tensor::Device,
 ) -> Result<PathBuf> {
     let dir = out.join(name);
-    if !dir.join("model.bpk").is_file() {
+    let wanted = serde_json::json!({
+        "kind": "scope",
+        "config": config,
+        "clip": provenance::read(clip_dir),
+        "data": provenance::data(data_dir)?,
+    });
+    if !provenance::reusable(&dir, "model.bpk", &wanted)? {
         crate::train::scope::run(config, clip_dir, data_dir, &dir, true, train_device)?;
     }
     Ok(dir)
@@ -228,7 +245,14 @@ pub fn pretrained_clip(
     train_device: &burn::tensor::Device,
 ) -> Result<PathBuf> {
     let dir = out.join(preset);
-    if !dir.join("model.safetensors").is_file() {
+    let wanted = serde_json::json!({
+        "kind": "clip",
+        "preset": preset,
+        "image_size": image_size,
+        "train": config,
+        "scenes_generator": scenes::GENERATOR_VERSION,
+    });
+    if !provenance::reusable(&dir, "model.safetensors", &wanted)? {
         eprintln!("pre-training {preset} -> {}", dir.display());
         crate::train::clip::pretrain(preset, image_size, config, &dir, true, train_device)?;
     }
@@ -265,7 +289,14 @@ pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
     train_device: &burn::tensor::Device,
 ) -> Result<PathBuf> {
     let dir = out.join(N::NAME);
-    if !dir.join(format!("{}.bpk", N::NAME)).is_file() {
+    let wanted = serde_json::json!({
+        "kind": N::NAME,
+        "config": config,
+        "train": train,
+        "vlm": provenance::read(&out.join("vlm")),
+        "data": provenance::data(data_dir)?,
+    });
+    if !provenance::reusable(&dir, &format!("{}.bpk", N::NAME), &wanted)? {
         let losses = crate::train::meta::run::<N>(
             &out.join("vlm"),
             data_dir,

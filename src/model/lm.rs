@@ -489,7 +489,10 @@ impl OptForCausalLM {
     }
 
     /// The forward pass from input embeddings (token embeddings, or a visual prefix followed
-    /// by them): positions are added here.
+    /// by them): positions are added here. `attention_mask` is 0 for padding, 1 for a causal
+    /// token and 2 for a token of the bidirectional prefix (a prefix LM, as PaliGemma: the
+    /// image and the prompt attend to each other in full, the answer causally); with only 0s
+    /// and 1s this is OPT's causal LM.
     pub fn forward_embeds(
         &self,
         embeds: Tensor<3>,
@@ -502,6 +505,8 @@ impl OptForCausalLM {
             .layers
             .first()
             .map_or(1, |l| l.self_attn.num_heads());
+        let prefix = attention_mask.clone().equal_elem(2);
+        let attention_mask = attention_mask.clamp_max(1);
         // OPT: position = (number of tokens up to here) - 1, padding at -1; plus the offset.
         let positions = (attention_mask.clone().cumsum(1) * attention_mask.clone() - 1)
             + POSITION_OFFSET as i64;
@@ -522,7 +527,17 @@ impl OptForCausalLM {
             .reshape([batch, 1, 1, seq])
             .expand([batch, heads, seq, seq])
             .bool_and(off_diagonal);
-        let mask = causal.bool_or(padding);
+        // Within the bidirectional prefix every token sees every other.
+        let both_in_prefix = prefix
+            .clone()
+            .reshape([batch, 1, seq, 1])
+            .expand([batch, heads, seq, seq])
+            .bool_and(
+                prefix
+                    .reshape([batch, 1, 1, seq])
+                    .expand([batch, heads, seq, seq]),
+            );
+        let mask = causal.bool_or(padding).bool_and(both_in_prefix.bool_not());
 
         let mut hidden_states = Vec::new();
         let mut ffn_inputs = Vec::new();

@@ -11,7 +11,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::clip::{ClipConfig, ClipModel};
+use super::clip::{ClipConfig, ClipModel, pool_cells};
 use super::fusion::{Fusion, FusionKind};
 
 /// rho >= this: in scope.
@@ -54,6 +54,10 @@ pub struct ScopeConfig {
     /// the sense of eq. 8).
     #[serde(default)]
     pub learned_metric: bool,
+    /// Attend over the class token and `cells x cells` pooled object-level tokens rather
+    /// than every patch ([`pool_cells`]).
+    #[serde(default)]
+    pub cells: Option<usize>,
 }
 
 fn default_fusion() -> FusionKind {
@@ -75,6 +79,7 @@ impl ScopeConfig {
             dim: default_dim(),
             attention_dim: default_dim(),
             learned_metric: false,
+            cells: None,
         }
     }
 
@@ -172,10 +177,13 @@ impl ScopeClassifier {
         }
     }
 
-    /// Aligned class and patch tokens, `[batch, 1 + patches, dim]`: CLIP's projected tokens
-    /// through A_i.
+    /// Aligned class and patch (or cell) tokens, `[batch, 1 + patches, dim]`: CLIP's projected
+    /// tokens through A_i.
     pub fn image_tokens(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let tokens = self.clip.image_tokens(pixels);
+        let mut tokens = self.clip.image_tokens(pixels);
+        if let Some(cells) = self.config.cells {
+            tokens = pool_cells(tokens, cells);
+        }
         let [batch, n, p] = tokens.dims();
         let aligned = self.align_image.forward(tokens.reshape([batch * n, p]));
         let dim = aligned.dims()[1];

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,7 @@ use crate::data::scenes;
 use crate::data::text::TextTokenizer;
 use crate::error::{Error, Result, write_atomic};
 use crate::model::clip::ClipConfig;
-use crate::model::clip::{ClipModel, l2_normalize};
+use crate::model::clip::{ClipModel, l2_normalize, pool_cells};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +34,83 @@ pub struct ClipTrainConfig {
     /// Weight of the grounding loss next to InfoNCE (0: InfoNCE only).
     #[serde(default)]
     pub grounding_weight: f64,
+    /// Grounding and attribute supervision act on the class token and the patch grid pooled
+    /// to `cells x cells` object-level tokens (`None`: on every patch).
+    #[serde(default)]
+    pub cells: Option<usize>,
+    /// Weight of the dense attribute loss ([`attribute_loss`]; needs `cells = 3`).
+    #[serde(default)]
+    pub attribute_weight: f64,
+    #[serde(default)]
+    pub optim: super::OptimConfig,
+}
+
+/// What CLIP pre-training trains: CLIP itself and a linear probe that reads each cell token's
+/// object attributes (dense supervision from the scene graph; the probe is dropped after
+/// pre-training, and no editor ever sees a scene graph).
+#[derive(Module, Debug)]
+pub struct ClipPretraining {
+    pub clip: ClipModel,
+    pub attributes: Linear,
+}
+
+/// Classes per attribute read from a cell token, each with "no object" as class 0: shape,
+/// color, size.
+pub const ATTRIBUTE_CLASSES: [usize; 3] = [1 + 6, 1 + 8, 1 + 2];
+
+/// Per cell of the 3x3 layout, the classes of the object there ([`ATTRIBUTE_CLASSES`]).
+pub fn cell_attributes(scene: &scenes::scene::Scene) -> [[usize; 3]; 9] {
+    use scenes::scene::{Color, Shape, Size};
+    fn class<T: PartialEq>(all: &[T], value: T) -> usize {
+        1 + all.iter().position(|x| *x == value).expect("a known value")
+    }
+    let mut out = [[0; 3]; 9];
+    for o in &scene.objects {
+        out[o.cell.0 as usize] = [
+            class(&Shape::ALL, o.shape),
+            class(&Color::ALL, o.color),
+            class(&Size::ALL, o.size),
+        ];
+    }
+    out
+}
+
+/// Dense attribute supervision: cross-entropy of each cell token's predicted shape, color
+/// and size (or "none") against the scene graph, mean over cells and attributes; and the
+/// share of cells whose three predictions are all right, then of the occupied cells, the
+/// shares with the right shape, color and size.
+pub fn attribute_loss(logits: Tensor<3>, targets: &[[usize; 3]]) -> (Tensor<1>, [f64; 4]) {
+    let [batch, cells, _] = logits.dims();
+    let device = logits.device();
+    let logits = logits.reshape([batch * cells, ATTRIBUTE_CLASSES.iter().sum::<usize>()]);
+    let ce = CrossEntropyLossConfig::new().init(&device);
+    let mut loss = Tensor::<1>::zeros([1], &device);
+    let mut right = Tensor::<1>::ones([batch * cells], &device);
+    let mut offset = 0;
+    let mut accuracy = [0.0; 4];
+    // Only cells holding an object count for the per-attribute accuracies.
+    let occupied: Vec<f32> = targets.iter().map(|t| (t[0] > 0) as u8 as f32).collect();
+    let occupied = Tensor::<1>::from_data(TensorData::new(occupied, [batch * cells]), &device);
+    let objects = occupied.clone().sum().into_scalar::<f32>().max(1.0) as f64;
+    for (a, &classes) in ATTRIBUTE_CLASSES.iter().enumerate() {
+        let column: Vec<i64> = targets.iter().map(|t| t[a] as i64).collect();
+        let column = Tensor::<1, Int>::from_data(TensorData::new(column, [batch * cells]), &device);
+        let part = logits.clone().narrow(1, offset, classes);
+        let hit = part
+            .clone()
+            .detach()
+            .argmax(1)
+            .reshape([batch * cells])
+            .equal(column.clone())
+            .float();
+        accuracy[1 + a] =
+            (hit.clone() * occupied.clone()).sum().into_scalar::<f32>() as f64 / objects;
+        right = right * hit;
+        loss = loss + ce.forward(part, column);
+        offset += classes;
+    }
+    accuracy[0] = right.mean().into_scalar::<f32>() as f64;
+    (loss / ATTRIBUTE_CLASSES.len() as f64, accuracy)
 }
 
 /// Symmetric InfoNCE over a batch of matching (image, text) embeddings: cross-entropy of
@@ -97,6 +175,8 @@ struct Batch {
     ids: Tensor<2, Int>,
     padding: Tensor<2, Bool>,
     target: Tensor<2>,
+    /// Per image, per cell of the 3x3 layout: [`cell_attributes`].
+    attributes: Vec<[usize; 3]>,
 }
 
 fn batch(
@@ -111,12 +191,14 @@ fn batch(
     let mut pixels = Vec::new();
     let mut texts = vec![String::new(); 2 * n];
     let mut target = Vec::new();
+    let mut attributes = Vec::new();
     for i in 0..n {
         let scene = scenes::pretrain_scene(config.seed, (step * n + i) as u64, config.scene_size);
         pixels.extend(preprocessor.apply(&image::DynamicImage::ImageRgb8(scene.image)));
         texts[i] = scene.caption;
         texts[n + i] = scene.question;
         target.extend(cell_target(scene.cell, grid));
+        attributes.extend(cell_attributes(&scene.scene));
     }
     let (h, w) = preprocessor.output_size(config.scene_size, config.scene_size);
     let pixels = Tensor::from_data(
@@ -130,12 +212,13 @@ fn batch(
         ids,
         padding,
         target,
+        attributes,
     })
 }
 
 /// Trains `model` (on an autodiff device); with `resume`, continues from `dir`'s checkpoint.
 pub fn train(
-    mut model: ClipModel,
+    mut model: ClipPretraining,
     tokenizer: &TextTokenizer,
     preprocessor: &ImagePreprocessor,
     config: &ClipTrainConfig,
@@ -143,37 +226,59 @@ pub fn train(
     resume: bool,
     device: &Device,
 ) -> Result<ClipModel> {
-    let mut optim = AdamConfig::new().init();
+    let patches = model
+        .clip
+        .vision_model
+        .embeddings
+        .position_embedding
+        .weight
+        .dims()[0]
+        - 1;
+    let grid = config.cells.unwrap_or_else(|| grid_side(patches));
+    if config.attribute_weight > 0.0 && grid != 3 {
+        return Err(Error::Config {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "the attribute loss reads one token per cell of the 3x3 layout, not a {grid}x{grid} \
+                 grid: set cells = 3"
+            ),
+        });
+    }
+    let mut optim = config.optim.init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
         (model, optim, state) = (m, o, s);
         eprintln!("resuming {} at step {}", dir.display(), state.step);
     }
     let progress = super::progress_bar(config.steps, state.step);
-    let grid = grid_side(
-        model
-            .vision_model
-            .embeddings
-            .position_embedding
-            .weight
-            .dims()[0]
-            - 1,
-    );
-    let mut grounding_value = f64::NAN;
-    let mut pointing = f64::NAN;
+    let (mut grounding_value, mut pointing) = (f64::NAN, f64::NAN);
+    let (mut attribute_value, mut attribute_accuracy) = (f64::NAN, [f64::NAN; 4]);
     while state.step < config.steps {
         let b = batch(state.step, config, tokenizer, preprocessor, grid, device)?;
         let n = config.batch_size;
-        let tokens = model.image_tokens(b.pixels);
+        let mut tokens = model.clip.image_tokens(b.pixels);
+        if let Some(cells) = config.cells {
+            tokens = pool_cells(tokens, cells);
+        }
         let [_, t, p] = tokens.dims();
-        let texts = model.text_features(b.ids, b.padding);
+        let texts = model.clip.text_features(b.ids, b.padding);
         let contrastive = info_nce(
-            &model,
+            &model.clip,
             tokens.clone().narrow(1, 0, 1).reshape([n, p]),
             texts.clone().narrow(0, 0, n),
         );
         let value = contrastive.clone().into_scalar::<f32>() as f64;
-        let loss = if config.grounding_weight > 0.0 {
+        let mut loss = contrastive;
+        if config.attribute_weight > 0.0 {
+            let cells = tokens.clone().narrow(1, 1, t - 1).reshape([n * (t - 1), p]);
+            let classes = ATTRIBUTE_CLASSES.iter().sum::<usize>();
+            let logits = model.attributes.forward(cells).reshape([n, t - 1, classes]);
+            let (attributes, accuracy) = attribute_loss(logits, &b.attributes);
+            attribute_value = attributes.clone().into_scalar::<f32>() as f64;
+            attribute_accuracy = accuracy;
+            loss = loss + attributes * config.attribute_weight;
+        }
+        if config.grounding_weight > 0.0 {
             let questions = texts.narrow(0, n, n);
             debug_assert_eq!(t, 1 + grid * grid);
             pointing = pointing_accuracy(
@@ -183,33 +288,34 @@ pub fn train(
             );
             let grounding = grounding_loss(questions, tokens, b.target);
             grounding_value = grounding.clone().into_scalar::<f32>() as f64;
-            contrastive + grounding * config.grounding_weight
-        } else {
-            contrastive
-        };
+            loss = loss + grounding * config.grounding_weight;
+        }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(config.lr, model, grads);
+        let lr = config.optim.lr(config.lr, state.step, config.steps);
+        model = optim.step(lr, model, grads);
         // Keep the temperature in CLIP's range: exp(s) <= 100.
-        model.logit_scale = model
+        model.clip.logit_scale = model
+            .clip
             .logit_scale
             .map(|s| s.clamp_max(100f32.ln()).detach().require_grad());
         state.step += 1;
         progress.inc(1);
-        progress.set_message(format!(
-            "InfoNCE {value:.4}  grounding {grounding_value:.4}  pointing {pointing:.3}"
-        ));
+        let message = format!(
+            "InfoNCE {value:.4}  grounding {grounding_value:.4}  pointing {pointing:.3}  \
+             attributes {attribute_value:.4}  cells right {:.3} (shape {:.3} color {:.3} size {:.3})",
+            attribute_accuracy[0],
+            attribute_accuracy[1],
+            attribute_accuracy[2],
+            attribute_accuracy[3]
+        );
+        progress.set_message(message.clone());
         if state.step % config.checkpoint_every == 0 || state.step == config.steps {
             checkpoint::save(dir, &model, &optim, &state)?;
-            progress.suspend(|| {
-                eprintln!(
-                    "step {}: InfoNCE {value:.4}  grounding {grounding_value:.4}  pointing {pointing:.3}",
-                    state.step
-                )
-            });
+            progress.suspend(|| eprintln!("step {}: {message}", state.step));
         }
     }
     progress.finish();
-    Ok(model)
+    Ok(model.clip)
 }
 
 /// The side of a square patch grid of `patches` patches.
@@ -261,7 +367,11 @@ pub fn pretrain(
     )?;
     let preprocessor = ImagePreprocessor::clip(image_size as u32);
     device.seed(config.seed);
-    let model = ClipModel::new(&clip_config, device);
+    let classes = ATTRIBUTE_CLASSES.iter().sum();
+    let model = ClipPretraining {
+        clip: ClipModel::new(&clip_config, device),
+        attributes: LinearConfig::new(clip_config.projection_dim, classes).init(device),
+    };
     let model = train(
         model,
         &tokenizer,

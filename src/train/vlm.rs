@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -163,6 +163,8 @@ pub struct VlmTrainConfig {
     /// Keep the (pre-trained) vision tower fixed; only the projector and the LM learn.
     #[serde(default)]
     pub freeze_vision: bool,
+    #[serde(default)]
+    pub optim: super::OptimConfig,
 }
 
 /// Examples as tensors: `[BOS] prompt answer [EOS]`, right-padded, and per position the
@@ -187,6 +189,9 @@ pub struct LmBatcher {
     images: HashMap<PathBuf, Vec<f32>>,
     bos: i64,
     eos: i64,
+    /// Mark the BOS and prompt tokens as the bidirectional prefix (mask value 2) for a
+    /// prefix-LM VLM.
+    prefix_lm: bool,
 }
 
 impl LmBatcher {
@@ -202,7 +207,14 @@ impl LmBatcher {
             images: HashMap::new(),
             bos: bos as i64,
             eos: eos as i64,
+            prefix_lm: false,
         }
+    }
+
+    /// Batches for a prefix-LM model ([`crate::model::vlm::VlmConfig::prefix_lm`]).
+    pub fn with_prefix_lm(mut self, prefix_lm: bool) -> Self {
+        self.prefix_lm = prefix_lm;
+        self
     }
 
     pub fn tokenizer(&self) -> &TextTokenizer {
@@ -262,9 +274,10 @@ impl LmBatcher {
         let mut targets = vec![0i64; n * seq];
         let mut weights = vec![0f32; n * seq];
         for (b, (tokens, &(start, end))) in sequences.iter().zip(&answer_spans).enumerate() {
+            let prefix_mask = if self.prefix_lm { 2 } else { 1 };
             for (t, &id) in tokens.iter().enumerate() {
                 ids[b * seq + t] = id;
-                mask[b * seq + t] = 1;
+                mask[b * seq + t] = if t < start { prefix_mask } else { 1 };
             }
             // Position t predicts token t + 1: the answer and the end token.
             for t in start - 1..end - 1 {
@@ -327,6 +340,28 @@ pub fn locality_kl(base: Tensor<3>, edited: Tensor<3>, batch: &LmBatch) -> Tenso
 
 /// [`answer_loss`] with `hooks` in the forward pass.
 pub fn answer_loss_with(model: &Vlm, batch: &LmBatch, hooks: &Hooks) -> (Tensor<1>, Vec<bool>) {
+    let (loss, scores) = answer_loss_and_scores(model, batch, hooks);
+    (loss, scores.iter().map(AnswerScore::exact).collect())
+}
+
+/// How many of an answer's scored positions (its tokens and the end token) are the argmax.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnswerScore {
+    pub right: usize,
+    pub positions: usize,
+}
+
+impl AnswerScore {
+    pub fn exact(&self) -> bool {
+        self.right == self.positions
+    }
+}
+
+fn answer_loss_and_scores(
+    model: &Vlm,
+    batch: &LmBatch,
+    hooks: &Hooks,
+) -> (Tensor<1>, Vec<AnswerScore>) {
     let logits = model
         .forward(
             batch.pixels.clone(),
@@ -338,20 +373,64 @@ pub fn answer_loss_with(model: &Vlm, batch: &LmBatch, hooks: &Hooks) -> (Tensor<
     let [n, seq, _] = logits.dims();
     let loss = answer_nll(logits.clone(), batch);
     let weights = batch.weights.clone();
-
     let correct = logits
         .argmax(2)
         .reshape([n, seq])
         .equal(batch.targets.clone())
         .float();
-    // An example is right when no weighted position is wrong.
-    let wrong = ((correct.neg() + 1.0) * weights).sum_dim(1).reshape([n]);
-    let wrong: Vec<f32> = wrong
+    let right: Vec<f32> = (correct * weights.clone())
+        .sum_dim(1)
+        .reshape([n])
         .into_data()
         .convert::<f32>()
         .try_into_vec()
         .expect("f32 values");
-    (loss, wrong.iter().map(|&w| w == 0.0).collect())
+    let positions: Vec<f32> = weights
+        .sum_dim(1)
+        .reshape([n])
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .expect("f32 values");
+    let scores = right
+        .iter()
+        .zip(&positions)
+        .map(|(&r, &p)| AnswerScore {
+            right: r.round() as usize,
+            positions: p.round() as usize,
+        })
+        .collect();
+    (loss, scores)
+}
+
+/// Per example of `examples` (in order), its teacher-forced [`AnswerScore`]; run in batches
+/// of `batch_size`.
+pub fn answer_scores(
+    model: &Vlm,
+    examples: &[LmExample],
+    batcher: &mut LmBatcher,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<AnswerScore>> {
+    let unscored = AnswerScore {
+        right: 0,
+        positions: 0,
+    };
+    let mut scores = vec![unscored; examples.len()];
+    for with_image in [true, false] {
+        let group: Vec<usize> = (0..examples.len())
+            .filter(|&i| examples[i].image.is_some() == with_image)
+            .collect();
+        for chunk in group.chunks(batch_size.max(1)) {
+            let chosen: Vec<&LmExample> = chunk.iter().map(|&i| &examples[i]).collect();
+            let batch = batcher.batch(&chosen, device)?;
+            let (_, batch_scores) = answer_loss_and_scores(model, &batch, &Hooks::default());
+            for (&i, score) in chunk.iter().zip(batch_scores) {
+                scores[i] = score;
+            }
+        }
+    }
+    Ok(scores)
 }
 
 /// Per example of `examples` (in order), whether its teacher-forced answer is exactly right;
@@ -363,20 +442,8 @@ pub fn answers_right(
     batch_size: usize,
     device: &Device,
 ) -> Result<Vec<bool>> {
-    let mut right = vec![false; examples.len()];
-    for with_image in [true, false] {
-        let group: Vec<usize> = (0..examples.len())
-            .filter(|&i| examples[i].image.is_some() == with_image)
-            .collect();
-        for chunk in group.chunks(batch_size.max(1)) {
-            let chosen: Vec<&LmExample> = chunk.iter().map(|&i| &examples[i]).collect();
-            let batch = batcher.batch(&chosen, device)?;
-            for (&i, r) in chunk.iter().zip(answer_loss(model, &batch).1) {
-                right[i] = r;
-            }
-        }
-    }
-    Ok(right)
+    let scores = answer_scores(model, examples, batcher, batch_size, device)?;
+    Ok(scores.iter().map(AnswerScore::exact).collect())
 }
 
 /// Teacher-forced exact match over `examples`, in batches of `batch_size`.
@@ -426,7 +493,7 @@ pub fn train(
     // draws alone.
     let mut initialising = Some(INITIALISING.lock().unwrap_or_else(|e| e.into_inner()));
     device.seed(config.seed);
-    let mut optim = AdamConfig::new().init();
+    let mut optim = config.optim.init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
         (model, optim, state) = (m, o, s);
@@ -448,7 +515,8 @@ pub fn train(
         let (loss, right) = answer_loss(&model, &batch);
         let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(config.lr, model, grads);
+        let lr = config.optim.lr(config.lr, state.step, config.steps);
+        model = optim.step(lr, model, grads);
         state.step += 1;
         if initialising.is_some() {
             model.visit(&mut Materialise);
@@ -583,7 +651,8 @@ pub fn run(
         ImagePreprocessor::clip(image_size as u32),
         lm.bos_token_id,
         lm.eos_token_id,
-    );
+    )
+    .with_prefix_lm(vlm_config.prefix_lm);
     let mut model = Vlm::new(&vlm_config, device);
     if let Some(dir) = clip_dir {
         let clip = crate::model::clip::Clip::load(dir, device)?;

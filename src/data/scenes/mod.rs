@@ -401,6 +401,8 @@ pub struct PretrainScene {
     pub caption: String,
     pub question: String,
     pub cell: Cell,
+    /// The scene graph, for dense supervision of the vision tower (never seen by an editor).
+    pub scene: Scene,
 }
 
 /// Item `index` of the pre-training stream of `seed`.
@@ -433,5 +435,6 @@ pub fn pretrain_scene(seed: u64, index: u64, size: u32) -> PretrainScene {
         image,
         question,
         cell: scene.objects[object].cell,
+        scene,
     }
 }

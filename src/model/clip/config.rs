@@ -171,12 +171,21 @@ impl ClipConfig {
 
     /// CLIPs sized for the scenes benchmark and trained from scratch in mmke, for its word-level
     /// tokenizer (`[PAD]` 0, `[BOS]` 2, `[EOS]` 3): `clip-tiny` plays the role of ViT-B/32 in
-    /// MSCKE's Table 2 and `clip-small` that of ViT-L/14.
+    /// MSCKE's Table 2 and `clip-small` that of ViT-L/14. At an `image_size` divisible by 3
+    /// the patches are the cells of the scenes' 3x3 layout (96 px: 32-pixel patches, one
+    /// token per cell); otherwise 8-pixel patches.
     pub fn scenes_preset(name: &str, vocab_size: usize, image_size: usize) -> Option<Self> {
         let (width, layers, heads, patch) = match name {
             "clip-tiny" => (64, 2, 4, 8),
             "clip-small" => (128, 4, 4, 8),
             _ => return None,
+        };
+        // One patch per cell of the scenes' 3x3 layout when the size allows: each patch token
+        // then sees exactly one object (objects never leave their cell).
+        let patch = if image_size % 3 == 0 {
+            image_size / 3
+        } else {
+            patch
         };
         Some(Self {
             text_config: ClipTextConfig {

@@ -85,3 +85,21 @@ pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
     let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
     x / norm
 }
+
+/// Object-level tokens: the class token, then the patch grid average-pooled to `cells x cells`
+/// (`[batch, 1 + patches, d]` -> `[batch, 1 + cells^2, d]`). With a grid that `cells` divides
+/// (9x9 patches, 3x3 cells) each pooled token covers exactly one cell of the scene layout.
+pub fn pool_cells(tokens: Tensor<3>, cells: usize) -> Tensor<3> {
+    let [batch, n, d] = tokens.dims();
+    let grid = ((n - 1) as f64).sqrt().round() as usize;
+    assert_eq!(grid * grid, n - 1, "a square patch grid");
+    let class = tokens.clone().narrow(1, 0, 1);
+    let patches = tokens
+        .narrow(1, 1, n - 1)
+        .swap_dims(1, 2)
+        .reshape([batch, d, grid, grid]);
+    let pooled = burn::tensor::module::adaptive_avg_pool2d(patches, [cells, cells])
+        .reshape([batch, d, cells * cells])
+        .swap_dims(1, 2);
+    Tensor::cat(vec![class, pooled], 1)
+}
