@@ -141,6 +141,60 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
         serde_json::from_str::<serde_json::Value>(&state).unwrap()["step"].clone()
     };
     assert_eq!((step("mend"), step("transfer/mend")), (2.into(), 3.into()));
+
+    // A changed preset retrains exactly the models its change affects.
+    let artifacts = [
+        "clip-tiny/model.safetensors",
+        "scope-text/model.bpk",
+        "scope-multimodal/model.bpk",
+        "vlm/model.bpk",
+        "counterfactual/model.bpk",
+        "mend/mend.bpk",
+    ];
+    let stamps = || -> Vec<std::time::SystemTime> {
+        artifacts
+            .iter()
+            .map(|a| std::fs::metadata(out.join(a)).unwrap().modified().unwrap())
+            .collect()
+    };
+    let retrained = |before: &[std::time::SystemTime]| -> Vec<&str> {
+        let after = stamps();
+        artifacts
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| b != a)
+            .map(|(name, _)| name.split('/').next().unwrap())
+            .collect()
+    };
+    let before = stamps();
+    mscke_table1::prepare(&preset, None, &out, &Device::flex()).unwrap();
+    assert_eq!(retrained(&before), Vec::<&str>::new(), "nothing changed");
+    let mut changed = preset.clone();
+    changed.counterfactual.steps = 3;
+    let before = stamps();
+    mscke_table1::prepare(&changed, None, &out, &Device::flex()).unwrap();
+    assert_eq!(retrained(&before), ["counterfactual"]);
+    assert_eq!(step("counterfactual"), serde_json::Value::from(3));
+    // MEND is meta-trained on the base model: it follows it.
+    changed.vlm.lr = 2e-3;
+    let before = stamps();
+    mscke_table1::prepare(&changed, None, &out, &Device::flex()).unwrap();
+    assert_eq!(retrained(&before), ["vlm", "mend"]);
+    // The CLIP is under everything but MEND's own settings.
+    changed.clip.steps = 3;
+    let before = stamps();
+    mscke_table1::prepare(&changed, None, &out, &Device::flex()).unwrap();
+    assert_eq!(
+        retrained(&before),
+        [
+            "clip-tiny",
+            "scope-text",
+            "scope-multimodal",
+            "vlm",
+            "counterfactual",
+            "mend"
+        ]
+    );
 }
 
 #[test]

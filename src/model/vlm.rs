@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipVisionConfig, ClipVisionTransformer, pool_cells};
 use super::lm::{Hooks, LmOutput, OptConfig, OptForCausalLM};
+use super::objects::{AttributeProbe, probe_width};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -40,6 +41,11 @@ pub struct VlmConfig {
     /// without them it cannot tell which cell a token is ("the shape in the top left").
     #[serde(default)]
     pub visual_positions: bool,
+    /// Object-level tokens: each visual token is replaced by the scenes attribute probe's
+    /// distributions over shape, color and size of its cell ([`AttributeProbe`], through
+    /// CLIP's `visual_projection`), so the LM reads one disentangled description per cell.
+    #[serde(default)]
+    pub object_tokens: bool,
 }
 
 impl VlmConfig {
@@ -76,6 +82,7 @@ impl VlmConfig {
             cells: Some(3),
             prefix_lm: true,
             visual_positions: true,
+            object_tokens: true,
         })
     }
 
@@ -159,6 +166,9 @@ impl Projector {
 #[derive(Module, Debug)]
 pub struct Vlm {
     pub vision_model: ClipVisionTransformer,
+    /// CLIP's `visual_projection` and the attribute probe, with `object_tokens`.
+    pub visual_projection: Option<Linear>,
+    pub attribute_probe: Option<AttributeProbe>,
     pub projector: Projector,
     pub lm: OptForCausalLM,
     #[module(skip)]
@@ -171,9 +181,21 @@ impl Vlm {
     pub fn new(config: &VlmConfig, device: &Device) -> Self {
         Self {
             vision_model: ClipVisionTransformer::new(&config.vision, device),
+            visual_projection: config.object_tokens.then(|| {
+                LinearConfig::new(config.vision.hidden_size, config.vision.projection_dim)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            attribute_probe: config
+                .object_tokens
+                .then(|| AttributeProbe::new(config.vision.projection_dim, device)),
             projector: Projector::new(
                 config.projector,
-                config.vision.hidden_size,
+                if config.object_tokens {
+                    probe_width()
+                } else {
+                    config.vision.hidden_size
+                },
                 config.lm.hidden_size,
                 config.visual_positions.then(|| config.prefix_len()),
                 device,
@@ -208,6 +230,9 @@ impl Vlm {
         let mut tokens = self.vision_model.normed_tokens(pixels);
         if let Some(cells) = self.cells {
             tokens = pool_cells(tokens, cells);
+        }
+        if let (Some(projection), Some(probe)) = (&self.visual_projection, &self.attribute_probe) {
+            tokens = probe.distributions(projection.forward(tokens));
         }
         self.projector.forward(tokens)
     }

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -20,6 +19,7 @@ use crate::data::text::TextTokenizer;
 use crate::error::{Error, Result, write_atomic};
 use crate::model::clip::ClipConfig;
 use crate::model::clip::{ClipModel, l2_normalize, pool_cells};
+use crate::model::objects::{ATTRIBUTE_CLASSES, AttributeProbe, PROBE_FILE};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,12 +51,8 @@ pub struct ClipTrainConfig {
 #[derive(Module, Debug)]
 pub struct ClipPretraining {
     pub clip: ClipModel,
-    pub attributes: Linear,
+    pub attributes: AttributeProbe,
 }
-
-/// Classes per attribute read from a cell token, each with "no object" as class 0: shape,
-/// color, size.
-pub const ATTRIBUTE_CLASSES: [usize; 3] = [1 + 6, 1 + 8, 1 + 2];
 
 /// Per cell of the 3x3 layout, the classes of the object there ([`ATTRIBUTE_CLASSES`]).
 pub fn cell_attributes(scene: &scenes::scene::Scene) -> [[usize; 3]; 9] {
@@ -225,7 +221,7 @@ pub fn train(
     dir: &Path,
     resume: bool,
     device: &Device,
-) -> Result<ClipModel> {
+) -> Result<ClipPretraining> {
     let patches = model
         .clip
         .vision_model
@@ -270,9 +266,7 @@ pub fn train(
         let value = contrastive.clone().into_scalar::<f32>() as f64;
         let mut loss = contrastive;
         if config.attribute_weight > 0.0 {
-            let cells = tokens.clone().narrow(1, 1, t - 1).reshape([n * (t - 1), p]);
-            let classes = ATTRIBUTE_CLASSES.iter().sum::<usize>();
-            let logits = model.attributes.forward(cells).reshape([n, t - 1, classes]);
+            let logits = model.attributes.logits(tokens.clone().narrow(1, 1, t - 1));
             let (attributes, accuracy) = attribute_loss(logits, &b.attributes);
             attribute_value = attributes.clone().into_scalar::<f32>() as f64;
             attribute_accuracy = accuracy;
@@ -315,7 +309,7 @@ pub fn train(
         }
     }
     progress.finish();
-    Ok(model.clip)
+    Ok(model)
 }
 
 /// The side of a square patch grid of `patches` patches.
@@ -367,10 +361,9 @@ pub fn pretrain(
     )?;
     let preprocessor = ImagePreprocessor::clip(image_size as u32);
     device.seed(config.seed);
-    let classes = ATTRIBUTE_CLASSES.iter().sum();
     let model = ClipPretraining {
         clip: ClipModel::new(&clip_config, device),
-        attributes: LinearConfig::new(clip_config.projection_dim, classes).init(device),
+        attributes: AttributeProbe::new(clip_config.projection_dim, device),
     };
     let model = train(
         model,
@@ -381,7 +374,11 @@ pub fn pretrain(
         resume,
         device,
     )?;
-    model.valid().save_pretrained(&clip_config, out)
+    let model = model.valid();
+    if config.attribute_weight > 0.0 {
+        super::checkpoint::save_module(&model.attributes, &out.join(PROBE_FILE))?;
+    }
+    model.clip.save_pretrained(&clip_config, out)
 }
 
 #[cfg(test)]

@@ -486,6 +486,8 @@ pub fn train(
 ) -> Result<Vlm> {
     if config.freeze_vision {
         model.vision_model = model.vision_model.no_grad();
+        model.visual_projection = model.visual_projection.map(|p| p.no_grad());
+        model.attribute_probe = model.attribute_probe.map(|p| p.no_grad());
     }
     // Burn draws a parameter's initial values from the device's one generator at the
     // parameter's first use, here in the first step. From seeding until every parameter has
@@ -663,6 +665,20 @@ pub fn run(
             });
         }
         model.vision_model = clip.model.vision_model;
+        if vlm_config.object_tokens {
+            let probe_path = dir.join(crate::model::objects::PROBE_FILE);
+            let probe = crate::model::objects::AttributeProbe::new(
+                vlm_config.vision.projection_dim,
+                device,
+            )
+            .try_load_file(&probe_path)
+            .map_err(|e| crate::Error::Weights {
+                path: probe_path.clone(),
+                reason: format!("object tokens need the CLIP's attribute probe: {e}"),
+            })?;
+            model.visual_projection = Some(clip.model.visual_projection);
+            model.attribute_probe = Some(probe);
+        }
     }
     let model = train(
         model,
