@@ -349,6 +349,10 @@ struct VlmArgs {
     /// Keep the vision tower (from --clip) fixed: only the projector and the LM learn.
     #[arg(long)]
     freeze_vision: bool,
+    /// Weight of the referent loss (a head on the middle layer predicts the cell of the
+    /// object the question refers to; scenes data only).
+    #[arg(long, default_value_t = 0.0)]
+    referent_weight: f64,
     #[command(flatten)]
     optim: OptimArgs,
     #[command(flatten)]
@@ -398,6 +402,7 @@ impl VlmArgs {
             seed: self.seed,
             freeze_vision: self.freeze_vision,
             optim: self.optim.config(),
+            referent_weight: self.referent_weight,
         };
         let device = self.device.device()?.autodiff();
         let exact = mmke::train::vlm::run(

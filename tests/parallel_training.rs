@@ -44,6 +44,8 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         seed,
         freeze_vision: false,
         optim: Default::default(),
+        // The referent head is drawn from the generator too: side by side must still match.
+        referent_weight: 1.0,
     };
     let (base, counterfactual) = (train(0), train(5));
     let side_by_side = out.join("side-by-side");

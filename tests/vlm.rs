@@ -35,6 +35,7 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
         image: Some(first.image.clone()),
         prompt: first.prompt.clone(),
         answer: first.original.clone().unwrap(),
+        referent: None,
     }));
     assert!(
         !examples
@@ -68,6 +69,7 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
         seed: 0,
         freeze_vision: false,
         optim: Default::default(),
+        referent_weight: 0.0,
     };
     let before = answer_loss(&model, &batch).0.into_scalar::<f32>();
     let out = dir.path().join("run");

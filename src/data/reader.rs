@@ -314,6 +314,8 @@ impl Record<'_> {
             hard: bool,
             #[serde(default)]
             near: bool,
+            #[serde(default)]
+            cell: Option<u8>,
         }
         let Some(value) = self.map.get("scope") else {
             return Ok(Vec::new());
@@ -329,6 +331,7 @@ impl Record<'_> {
                 in_scope: r.in_scope,
                 hard: r.hard,
                 near: r.near,
+                cell: r.cell,
             })
             .collect())
     }

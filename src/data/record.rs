@@ -55,6 +55,8 @@ pub struct ScopeQuery {
     pub in_scope: bool,
     pub hard: bool,
     pub near: bool,
+    /// The referred object's cell on the edit image (scenes only; for pre-training).
+    pub cell: Option<u8>,
 }
 
 /// The edit image's caption before and after the edit (the scenes benchmark's captioning

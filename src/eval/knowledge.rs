@@ -113,6 +113,7 @@ mod tests {
             image: image.then(|| "x.png".into()),
             prompt: prompt.into(),
             answer: answer.into(),
+            referent: None,
         };
         let examples = [
             example(

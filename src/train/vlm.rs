@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -30,6 +31,9 @@ pub struct LmExample {
     pub image: Option<PathBuf>,
     pub prompt: String,
     pub answer: String,
+    /// The cell of the object the prompt refers to, when the data says (scenes scope
+    /// questions): the target of the referent loss while pre-training the base model.
+    pub referent: Option<u8>,
 }
 
 /// What the unedited model should answer about `record`: everything true of S.
@@ -38,11 +42,15 @@ pub fn pre_edit_examples(record: &EditRecord) -> Vec<LmExample> {
         image: Some(image.to_path_buf()),
         prompt: prompt.to_string(),
         answer: answer.to_string(),
+        referent: None,
     };
     let mut out: Vec<LmExample> = record
         .scope
         .iter()
-        .map(|q| on(&record.image, &q.prompt, &q.answer_before))
+        .map(|q| LmExample {
+            referent: q.cell,
+            ..on(&record.image, &q.prompt, &q.answer_before)
+        })
         .collect();
     if let Some(original) = &record.original {
         out.push(on(&record.image, &record.prompt, original));
@@ -66,6 +74,7 @@ pub fn pre_edit_examples(record: &EditRecord) -> Vec<LmExample> {
             image: None,
             prompt: q.prompt.clone(),
             answer: q.answer.clone(),
+            referent: None,
         });
     }
     out
@@ -87,6 +96,7 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
         image: Some(image.to_path_buf()),
         prompt: format!("{context}{prompt}"),
         answer: answer.to_string(),
+        referent: None,
     };
     let mut out = vec![on(&record.image, &record.prompt, &record.target)];
     if let Some(rephrase) = &record.rephrase {
@@ -126,6 +136,7 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
             image: Some(image),
             prompt: format!("{context}{prompt}"),
             answer: caption.target.clone(),
+            referent: None,
         }));
     }
     out
@@ -165,6 +176,9 @@ pub struct VlmTrainConfig {
     pub freeze_vision: bool,
     #[serde(default)]
     pub optim: super::OptimConfig,
+    /// Weight of [`referent_loss`] (0: none).
+    #[serde(default)]
+    pub referent_weight: f64,
 }
 
 /// Examples as tensors: `[BOS] prompt answer [EOS]`, right-padded, and per position the
@@ -180,6 +194,8 @@ pub struct LmBatch {
     /// Per example, the positions whose predictions are scored (the answer's tokens and the
     /// end token are predicted there).
     pub spans: Vec<std::ops::Range<usize>>,
+    /// Per example, [`LmExample::referent`].
+    pub referents: Vec<Option<u8>>,
 }
 
 /// Tokenizes examples and keeps preprocessed images in memory.
@@ -305,6 +321,7 @@ impl LmBatcher {
                 .iter()
                 .map(|&(start, end)| start - 1..end - 1)
                 .collect(),
+            referents: examples.iter().map(|e| e.referent).collect(),
         })
     }
 }
@@ -370,8 +387,13 @@ fn answer_loss_and_scores(
             hooks,
         )
         .logits;
-    let [n, seq, _] = logits.dims();
     let loss = answer_nll(logits.clone(), batch);
+    (loss, answer_scores_of(logits, batch))
+}
+
+/// The [`AnswerScore`]s of `batch`'s examples under `logits`.
+fn answer_scores_of(logits: Tensor<3>, batch: &LmBatch) -> Vec<AnswerScore> {
+    let [n, seq, _] = logits.dims();
     let weights = batch.weights.clone();
     let correct = logits
         .argmax(2)
@@ -392,15 +414,58 @@ fn answer_loss_and_scores(
         .convert::<f32>()
         .try_into_vec()
         .expect("f32 values");
-    let scores = right
+    right
         .iter()
         .zip(&positions)
         .map(|(&r, &p)| AnswerScore {
             right: r.round() as usize,
             positions: p.round() as usize,
         })
-        .collect();
-    (loss, scores)
+        .collect()
+}
+
+/// The referent loss: from the hidden state of each prompt's last token after the first
+/// half of the LM's layers, a linear head predicts the cell of the object the prompt refers
+/// to (cross-entropy over the 9 cells, mean over the examples that have a referent); and the
+/// share predicted right. Dense supervision from the scene graph for pre-training only: it
+/// asks the LM to find the referred object before it reads its attributes.
+pub fn referent_loss(
+    head: &Linear,
+    hidden: Tensor<3>,
+    prefix_len: usize,
+    batch: &LmBatch,
+) -> Option<(Tensor<1>, f64)> {
+    let [n, total, d] = hidden.dims();
+    let (rows, cells): (Vec<i64>, Vec<i64>) = batch
+        .referents
+        .iter()
+        .enumerate()
+        .filter_map(|(b, r)| {
+            r.map(|c| {
+                let row = b * total + prefix_len + batch.spans[b].start;
+                (row as i64, c as i64)
+            })
+        })
+        .unzip();
+    if rows.is_empty() {
+        return None;
+    }
+    let device = hidden.device();
+    let count = rows.len();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [count]), &device);
+    let cells = Tensor::<1, Int>::from_data(TensorData::new(cells, [count]), &device);
+    let logits = head.forward(hidden.reshape([n * total, d]).select(0, rows));
+    let right = logits
+        .clone()
+        .detach()
+        .argmax(1)
+        .reshape([count])
+        .equal(cells.clone())
+        .float()
+        .mean()
+        .into_scalar::<f32>() as f64;
+    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
+    Some((ce.forward(logits, cells), right))
 }
 
 /// Per example of `examples` (in order), its teacher-forced [`AnswerScore`]; run in batches
@@ -495,6 +560,12 @@ pub fn train(
     // draws alone.
     let mut initialising = Some(INITIALISING.lock().unwrap_or_else(|e| e.into_inner()));
     device.seed(config.seed);
+    let width = model.lm.model.decoder.embed_tokens.weight.dims()[1];
+    let layers = model.lm.model.decoder.layers.len();
+    let mut model = VlmTraining {
+        vlm: model,
+        referent: (config.referent_weight > 0.0).then(|| LinearConfig::new(width, 9).init(device)),
+    };
     let mut optim = config.optim.init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
@@ -504,6 +575,7 @@ pub fn train(
     let (visual, text): (Vec<&LmExample>, Vec<&LmExample>) =
         examples.iter().partition(|e| e.image.is_some());
     let progress = super::progress_bar(config.steps, state.step);
+    let mut referent_right = f64::NAN;
     while state.step < config.steps {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(state.step as u64);
@@ -514,8 +586,31 @@ pub fn train(
             .filter_map(|_| pool.choose(&mut rng).copied())
             .collect();
         let batch = batcher.batch(&chosen, device)?;
-        let (loss, right) = answer_loss(&model, &batch);
+        let hooks = Hooks {
+            capture: model.referent.is_some(),
+            ..Hooks::default()
+        };
+        let out = model.vlm.forward(
+            batch.pixels.clone(),
+            batch.ids.clone(),
+            batch.mask.clone(),
+            &hooks,
+        );
+        let mut loss = answer_nll(out.logits.clone(), &batch);
         let value = loss.clone().into_scalar::<f32>();
+        let right = answer_scores_of(out.logits, &batch);
+        if let Some(head) = &model.referent {
+            let prefix_len = if batch.pixels.is_some() {
+                model.vlm.prefix_len()
+            } else {
+                0
+            };
+            let hidden = out.hidden_states[layers / 2].clone();
+            if let Some((referent, share)) = referent_loss(head, hidden, prefix_len, &batch) {
+                loss = loss + referent * config.referent_weight;
+                referent_right = share;
+            }
+        }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = config.optim.lr(config.lr, state.step, config.steps);
         model = optim.step(lr, model, grads);
@@ -525,16 +620,26 @@ pub fn train(
             initialising = None;
         }
         progress.inc(1);
-        let share = right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
-        progress.set_message(format!("loss {value:.4}  batch exact match {share:.2}"));
+        let share = right.iter().filter(|s| s.exact()).count() as f64 / right.len().max(1) as f64;
+        let message =
+            format!("loss {value:.4}  batch exact match {share:.2}  referent {referent_right:.2}");
+        progress.set_message(message.clone());
         if state.step % config.checkpoint_every == 0 || state.step == config.steps {
             checkpoint::save(dir, &model, &optim, &state)?;
             let name = dir.display();
-            progress.suspend(|| eprintln!("{name}: step {}: loss {value:.4}", state.step));
+            progress.suspend(|| eprintln!("{name}: step {}: {message}", state.step));
         }
     }
     progress.finish();
-    Ok(model)
+    Ok(model.vlm)
+}
+
+/// What VLM training trains: the VLM and, with a referent loss, its head (dropped after
+/// training).
+#[derive(Module, Debug)]
+pub struct VlmTraining {
+    pub vlm: Vlm,
+    pub referent: Option<Linear>,
 }
 
 #[cfg(test)]
@@ -557,6 +662,7 @@ mod tests {
             image: None,
             prompt: "what color".into(),
             answer: "red".into(),
+            referent: None,
         };
         let batch = batcher.batch(&[&example], &Device::flex()).unwrap();
         let ids: Vec<i64> = batch

@@ -26,6 +26,10 @@ pub struct ScopeQuestion {
     pub in_scope: bool,
     pub hard: bool,
     pub near: bool,
+    /// The cell (0-8, reading order) of the object the question refers to, on the unedited
+    /// image: dense supervision for pre-training the base model (never read by an editor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cell: Option<u8>,
     #[serde(skip)]
     pub query: Query,
 }
@@ -137,6 +141,10 @@ fn label_scope(
             a_after,
             hard: is_hard(query, edit, edit_ref),
             near,
+            cell: query
+                .reference()
+                .and_then(|r| r.resolve(before))
+                .map(|o| before.objects[o].cell.0),
             query,
         };
         if question.hard {
