@@ -120,8 +120,8 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
     assert_eq!(
         rows,
         [
-            "MSCKE on vlm-tiny",
-            "MSCKE-MEND on vlm-tiny",
+            "MSCKE on vlm-tiny-objects",
+            "MSCKE-MEND on vlm-tiny-objects",
             "MSCKE on vlm-small",
             "MSCKE-MEND on vlm-small"
         ]

@@ -50,10 +50,17 @@ pub struct VlmConfig {
 
 impl VlmConfig {
     /// `vlm-tiny` (trains in minutes on a CPU) and `vlm-small`, for a vocabulary of
-    /// `vocab_size` words and `image_size` inputs.
+    /// `vocab_size` words and `image_size` inputs; `vlm-tiny-objects` and `vlm-small-objects`
+    /// read object-level tokens (a CLIP pre-trained with `attribute_weight` > 0).
     pub fn preset(name: &str, vocab_size: usize, image_size: usize) -> Option<Self> {
         // The vision tower is a scenes CLIP preset's; the LM is sized per preset.
-        let (clip, width, layers, heads) = match name {
+        // `-objects`: the LM reads one object-level token per cell (the attribute probe's
+        // distributions, at learned positions) with the prompt in a bidirectional prefix.
+        let (base, objects) = match name.strip_suffix("-objects") {
+            Some(base) => (base, true),
+            None => (name, false),
+        };
+        let (clip, width, layers, heads) = match base {
             "vlm-tiny" => ("clip-tiny", 128, 4, 4),
             "vlm-small" => ("clip-small", 256, 6, 8),
             _ => return None,
@@ -79,10 +86,10 @@ impl VlmConfig {
             },
             projector: ProjectorKind::Mlp,
             // One prefix token per cell of the scenes' 3x3 layout.
-            cells: Some(3),
-            prefix_lm: true,
-            visual_positions: true,
-            object_tokens: true,
+            cells: objects.then_some(3),
+            prefix_lm: objects,
+            visual_positions: objects,
+            object_tokens: objects,
         })
     }
 
@@ -312,7 +319,7 @@ mod tests {
     use burn::tensor::Distribution;
 
     fn tiny() -> VlmConfig {
-        let mut config = VlmConfig::preset("vlm-tiny", 40, 32).unwrap();
+        let mut config = VlmConfig::preset("vlm-tiny-objects", 40, 32).unwrap();
         config.lm.hidden_size = 32;
         config.lm.ffn_dim = 64;
         config.lm.num_hidden_layers = 2;

@@ -51,7 +51,8 @@ pub struct ClipTrainConfig {
 #[derive(Module, Debug)]
 pub struct ClipPretraining {
     pub clip: ClipModel,
-    pub attributes: AttributeProbe,
+    /// Present with `attribute_weight > 0`.
+    pub attributes: Option<AttributeProbe>,
 }
 
 /// Per cell of the 3x3 layout, the classes of the object there ([`ATTRIBUTE_CLASSES`]).
@@ -265,8 +266,8 @@ pub fn train(
         );
         let value = contrastive.clone().into_scalar::<f32>() as f64;
         let mut loss = contrastive;
-        if config.attribute_weight > 0.0 {
-            let logits = model.attributes.logits(tokens.clone().narrow(1, 1, t - 1));
+        if let Some(probe) = &model.attributes {
+            let logits = probe.logits(tokens.clone().narrow(1, 1, t - 1));
             let (attributes, accuracy) = attribute_loss(logits, &b.attributes);
             attribute_value = attributes.clone().into_scalar::<f32>() as f64;
             attribute_accuracy = accuracy;
@@ -363,7 +364,8 @@ pub fn pretrain(
     device.seed(config.seed);
     let model = ClipPretraining {
         clip: ClipModel::new(&clip_config, device),
-        attributes: AttributeProbe::new(clip_config.projection_dim, device),
+        attributes: (config.attribute_weight > 0.0)
+            .then(|| AttributeProbe::new(clip_config.projection_dim, device)),
     };
     let model = train(
         model,
@@ -375,8 +377,8 @@ pub fn pretrain(
         device,
     )?;
     let model = model.valid();
-    if config.attribute_weight > 0.0 {
-        super::checkpoint::save_module(&model.attributes, &out.join(PROBE_FILE))?;
+    if let Some(probe) = &model.attributes {
+        super::checkpoint::save_module(probe, &out.join(PROBE_FILE))?;
     }
     model.clip.save_pretrained(&clip_config, out)
 }

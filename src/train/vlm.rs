@@ -105,12 +105,10 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
     if let Some(image) = &record.image_rephrase {
         out.push(on(image, &record.prompt, &record.target));
     }
-    out.extend(
-        record
-            .scope
-            .iter()
-            .map(|q| on(&record.image, &q.prompt, &q.answer_after)),
-    );
+    out.extend(record.scope.iter().map(|q| LmExample {
+        referent: q.cell,
+        ..on(&record.image, &q.prompt, &q.answer_after)
+    }));
     if record.scope.is_empty() {
         for q in record.fg_gen.iter().chain(&record.fg_loc) {
             out.push(on(&q.image, &q.prompt, &q.answer));
@@ -741,7 +739,7 @@ pub fn run(
     let vlm_config =
         VlmConfig::preset(preset, vocab, image_size).ok_or_else(|| crate::Error::Config {
             path: out.to_path_buf(),
-            reason: format!("unknown VLM preset '{preset}': expected vlm-tiny or vlm-small"),
+            reason: format!("unknown VLM preset '{preset}': expected vlm-tiny, vlm-small, vlm-tiny-objects or vlm-small-objects"),
         })?;
     let read = |name: &str| -> Result<Vec<LmExample>> {
         let file = data_dir.join(name);
