@@ -226,6 +226,54 @@ fn train_every_model_then_edit_and_query() {
         "train", "scope", "--config", &config, "--clip", &clip, "--data", &data, "--out", &scope,
     ]);
 
+    // Machine-readable evaluation: one JSON object each, percentages 0-100.
+    let test = dir.path().join("data/test.json");
+    let test = test.to_str().unwrap();
+    for counterfactual in [false, true] {
+        let model = path(if counterfactual {
+            "counterfactual"
+        } else {
+            "vlm"
+        });
+        let mut args = vec!["eval", "vlm", "--model", &model, "--data", test, "--json"];
+        if counterfactual {
+            args.push("--counterfactual");
+        }
+        let json: serde_json::Value = serde_json::from_str(run(&args).trim()).unwrap();
+        let n = json["all"]["n"].as_u64().unwrap();
+        assert!(n > 0, "{json}");
+        let families = json["families"].as_object().unwrap();
+        assert_eq!(
+            families
+                .values()
+                .map(|f| f["n"].as_u64().unwrap())
+                .sum::<u64>(),
+            n
+        );
+        for score in families.values().chain([&json["all"]]) {
+            let exact = score["exact_match"].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&exact), "{json}");
+        }
+    }
+    let json: serde_json::Value = serde_json::from_str(
+        run(&[
+            "eval",
+            "scope",
+            "--checkpoint",
+            &scope,
+            "--data",
+            test,
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    for key in ["n", "accuracy", "precision", "recall", "f1"] {
+        assert!(json["all"][key].is_number(), "{json}");
+    }
+    assert!(json["all"]["accuracy"].as_f64().unwrap() <= 100.0);
+    assert!(json["kinds"]["edit"]["n"].as_u64().unwrap() > 0, "{json}");
+
     let image = dir.path().join("data/images/train_00000.png");
     let stdout = run(&[
         "edit",
