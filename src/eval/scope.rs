@@ -37,27 +37,20 @@ impl ScopeReport {
                 "f1": 100.0 * m.f1,
             })
         };
-        let name = |key: serde_json::Value| key.as_str().unwrap_or("?").to_string();
-        let kinds: serde_json::Map<String, serde_json::Value> = self
-            .by_kind
-            .iter()
-            .map(|(k, m)| {
-                (
-                    name(serde_json::to_value(k).expect("kinds serialize")),
-                    pct(m),
-                )
-            })
-            .collect();
-        let tasks: serde_json::Map<String, serde_json::Value> = self
-            .by_task
-            .iter()
-            .map(|(t, m)| {
-                (
-                    name(serde_json::to_value(t).expect("tasks serialize")),
-                    pct(m),
-                )
-            })
-            .collect();
+        // Keys as they serialize ("hard-in-scope", "image").
+        fn by_name<K: Serialize>(
+            map: &BTreeMap<K, BinaryMetrics>,
+            pct: impl Fn(&BinaryMetrics) -> serde_json::Value,
+        ) -> serde_json::Map<String, serde_json::Value> {
+            map.iter()
+                .map(|(key, m)| {
+                    let key = serde_json::to_value(key).expect("keys serialize");
+                    (key.as_str().unwrap_or("?").to_string(), pct(m))
+                })
+                .collect()
+        }
+        let kinds = by_name(&self.by_kind, pct);
+        let tasks = by_name(&self.by_task, pct);
         serde_json::json!({ "all": pct(&self.overall), "kinds": kinds, "tasks": tasks })
     }
 

@@ -398,20 +398,16 @@ fn answer_scores_of(logits: Tensor<3>, batch: &LmBatch) -> Vec<AnswerScore> {
         .reshape([n, seq])
         .equal(batch.targets.clone())
         .float();
-    let right: Vec<f32> = (correct * weights.clone())
-        .sum_dim(1)
-        .reshape([n])
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .expect("f32 values");
-    let positions: Vec<f32> = weights
-        .sum_dim(1)
-        .reshape([n])
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .expect("f32 values");
+    let per_example = |t: Tensor<2>| -> Vec<f32> {
+        t.sum_dim(1)
+            .reshape([n])
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32 values")
+    };
+    let right = per_example(correct * weights.clone());
+    let positions = per_example(weights);
     right
         .iter()
         .zip(&positions)
