@@ -164,6 +164,16 @@ impl Setup {
 
         let mut base = Speaker::load(&out.join("vlm"), device)?;
         let layers = edited_layers(&base.model, preset.unike.layers);
+        // The knowledge memory and its encoders are built from the base model: a changed
+        // model or config clears them.
+        let knowledge = serde_json::json!({
+            "kind": "knowledge",
+            "config": preset.knowledge,
+            "layers": layers,
+            "vlm": super::provenance::read(&out.join("vlm")),
+            "data": super::provenance::data(&data_dir)?,
+        });
+        super::provenance::reusable(&out.join("knowledge"), "encoders.bpk", &knowledge)?;
         let prepared = crate::train::knowledge::prepare(
             &mut base,
             &pool,
