@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use serde::Serialize;
 
+use crate::data::record::CAPTION_REPHRASE;
 use crate::data::scenes::{self, CAPTION_PROMPT};
 use crate::error::Result;
 use crate::model::vlm::Vlm;
@@ -45,13 +46,16 @@ pub struct KnowledgeReport {
     pub families: BTreeMap<String, KnowledgeScore>,
 }
 
-/// The family of an example: `text-only` facts, `caption`, or the family of its answer
-/// (`color`, `shape`, `size`, `position`, `count`, `yes/no`; `other` for answers outside
-/// the scenes vocabulary).
+/// The family of an example: `text-only` facts, `caption` (either captioning prompt), or the
+/// family of its answer (`color`, `shape`, `size`, `position`, `count`, `yes/no`; `other`
+/// for answers outside the scenes vocabulary).
 pub fn family(example: &LmExample) -> &'static str {
     if example.image.is_none() {
         "text-only"
-    } else if example.prompt.ends_with(CAPTION_PROMPT) {
+    } else if [CAPTION_PROMPT, CAPTION_REPHRASE]
+        .iter()
+        .any(|p| example.prompt.ends_with(p))
+    {
         "caption"
     } else {
         scenes::answer_family(&example.answer).unwrap_or("other")
