@@ -38,7 +38,8 @@ pub struct ClipTrainConfig {
     /// to `cells x cells` object-level tokens (`None`: on every patch).
     #[serde(default)]
     pub cells: Option<usize>,
-    /// Weight of the dense attribute loss ([`attribute_loss`]; needs `cells = 3`).
+    /// Weight of the dense attribute loss ([`attribute_loss`]; needs a 3x3 token grid: the
+    /// patches of a 96-px scenes CLIP, or `cells = 3`).
     #[serde(default)]
     pub attribute_weight: f64,
     #[serde(default)]
@@ -46,8 +47,8 @@ pub struct ClipTrainConfig {
 }
 
 /// What CLIP pre-training trains: CLIP itself and a linear probe that reads each cell token's
-/// object attributes (dense supervision from the scene graph; the probe is dropped after
-/// pre-training, and no editor ever sees a scene graph).
+/// object attributes (dense supervision from the scene graph; the probe is saved next to the
+/// CLIP for object-token VLMs, and no editor ever sees a scene graph).
 #[derive(Module, Debug)]
 pub struct ClipPretraining {
     pub clip: ClipModel,
@@ -405,6 +406,50 @@ mod tests {
             let sum: f32 = cell_target(cell, 8).iter().sum();
             assert!((sum - 1.0).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn the_attribute_loss_scores_each_cell_against_its_object() {
+        use crate::data::scenes::scene::{Color, Object, Scene, Shape, Size};
+        let scene = Scene {
+            objects: vec![Object {
+                shape: Shape::Star,
+                color: Color::Blue,
+                size: Size::Large,
+                cell: Cell(4),
+            }],
+        };
+        let targets = cell_attributes(&scene);
+        // Star is shape 4 of 6, blue color 3 of 8, large size 2 of 2 (0 is "no object").
+        assert_eq!(targets[4], [4, 3, 2]);
+        assert!(
+            targets
+                .iter()
+                .enumerate()
+                .all(|(c, t)| c == 4 || *t == [0, 0, 0])
+        );
+        let device = Device::flex();
+        let width: usize = ATTRIBUTE_CLASSES.iter().sum();
+        let logits_for = |targets: &[[usize; 3]]| {
+            let mut v = vec![0f32; targets.len() * width];
+            for (i, t) in targets.iter().enumerate() {
+                let mut offset = 0;
+                for (a, classes) in ATTRIBUTE_CLASSES.iter().enumerate() {
+                    v[i * width + offset + t[a]] = 20.0;
+                    offset += classes;
+                }
+            }
+            Tensor::<3>::from_data(TensorData::new(v, [1, targets.len(), width]), &device)
+        };
+        let (loss, accuracy) = attribute_loss(logits_for(&targets), &targets);
+        assert!(loss.into_scalar::<f32>() < 1e-6);
+        assert_eq!(accuracy, [1.0; 4]);
+        // Predicting "no object" everywhere: 8 of 9 cells right, the object's attributes wrong.
+        let empty = [[0usize; 3]; 9];
+        let (loss, accuracy) = attribute_loss(logits_for(&empty), &targets);
+        assert!(loss.into_scalar::<f32>() > 1.0);
+        assert!((accuracy[0] - 8.0 / 9.0).abs() < 1e-6);
+        assert_eq!(&accuracy[1..], [0.0; 3]);
     }
 
     #[test]
