@@ -227,11 +227,6 @@ impl Vlm {
         }
     }
 
-    /// Whether the image and the prompt attend to each other in full ([`VlmConfig::prefix_lm`]).
-    pub fn prefix_lm(&self) -> bool {
-        self.prefix_lm
-    }
-
     /// The visual prefix, `[batch, prefix_len, lm hidden]`.
     pub fn visual_prefix(&self, pixels: Tensor<4>) -> Tensor<3> {
         let mut tokens = self.vision_model.normed_tokens(pixels);
