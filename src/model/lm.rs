@@ -419,6 +419,9 @@ pub struct LmOutput {
     pub probes: Vec<FfnProbe>,
     /// `[batch, seq, hidden]` after the final LayerNorm.
     pub last_hidden_state: Tensor<3>,
+    /// A VLM's referent readout logits over the cells, `[batch, cells]`
+    /// ([`crate::model::vlm::VlmConfig::referent_token`]).
+    pub referent_logits: Option<Tensor<2>>,
 }
 
 impl OptForCausalLM {
@@ -563,6 +566,7 @@ impl OptForCausalLM {
             ffn_inputs,
             probes,
             last_hidden_state,
+            referent_logits: None,
         }
     }
 

@@ -46,6 +46,51 @@ pub struct VlmConfig {
     /// CLIP's `visual_projection`), so the LM reads one disentangled description per cell.
     #[serde(default)]
     pub object_tokens: bool,
+    /// With `object_tokens`: each cell token also carries the LM's own embeddings of the words
+    /// that name what the probe sees there (the expectation, under the probe's distributions,
+    /// of the attribute words' embeddings, plus the cell's name). The question's "red" then
+    /// matches the red object's token directly (one attention hop), a soft caption per cell.
+    #[serde(default)]
+    pub object_words: Option<ObjectWords>,
+    /// A question-conditioned visual token after the cells (InstructBLIP's idea in one
+    /// attention): the prompt's mean word embedding attends over the cell tokens (cosine,
+    /// learned projections starting at the identity), and their weighted mean is appended to
+    /// the prefix. Needs `prefix_lm` (the prompt is what carries mask value 2).
+    #[serde(default)]
+    pub referent_token: bool,
+}
+
+/// The vocabulary ids of what each probe class and each cell is called (see
+/// [`VlmConfig::object_words`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectWords {
+    /// Per probe output column ([`probe_width`]), the ids of its name; empty for "no object".
+    pub classes: Vec<Vec<u32>>,
+    /// Per cell in reading order, the ids of its name ("top", "left").
+    pub cells: Vec<Vec<u32>>,
+}
+
+impl ObjectWords {
+    /// `[rows, ids]` summing matrix and the flat ids it sums over: row `r` of
+    /// `matrix @ embed(ids)` is the sum of the embeddings of `names[r]`.
+    fn summing(names: &[Vec<u32>], device: &Device) -> (Tensor<2>, Tensor<2, Int>) {
+        let ids: Vec<i64> = names.iter().flatten().map(|&id| id as i64).collect();
+        let n = ids.len().max(1);
+        let mut matrix = vec![0f32; names.len() * n];
+        let mut column = 0;
+        for (row, name) in names.iter().enumerate() {
+            for _ in name {
+                matrix[row * n + column] = 1.0;
+                column += 1;
+            }
+        }
+        let ids = if ids.is_empty() { vec![0] } else { ids };
+        (
+            Tensor::from_data(TensorData::new(matrix, [names.len(), n]), device),
+            Tensor::from_data(TensorData::new(ids, [1, n]), device),
+        )
+    }
 }
 
 impl VlmConfig {
@@ -90,15 +135,19 @@ impl VlmConfig {
             prefix_lm: objects,
             visual_positions: objects,
             object_tokens: objects,
+            object_words: None,
+            referent_token: false,
         })
     }
 
-    /// Visual prefix length: the class token and every patch (or cell).
+    /// Visual prefix length: the class token and every patch (or cell), and the referent
+    /// token.
     pub fn prefix_len(&self) -> usize {
-        match self.cells {
+        let tokens = match self.cells {
             Some(cells) => 1 + cells * cells,
             None => self.vision.num_positions(),
-        }
+        };
+        tokens + self.referent_token as usize
     }
 }
 
@@ -170,6 +219,58 @@ impl Projector {
     }
 }
 
+/// The question-conditioned readout of [`VlmConfig::referent_token`].
+#[derive(Module, Debug)]
+pub struct ReferentReadout {
+    pub query: Linear,
+    pub key: Linear,
+    /// Log of the cosine similarities' scale.
+    pub log_scale: Param<Tensor<1>>,
+}
+
+impl ReferentReadout {
+    fn new(width: usize, device: &Device) -> Self {
+        let identity = || {
+            let mut linear = LinearConfig::new(width, width)
+                .with_bias(false)
+                .init(device);
+            linear.weight = Param::from_tensor(Tensor::eye(width, device));
+            linear
+        };
+        Self {
+            query: identity(),
+            key: identity(),
+            // Cosines of a few shared words out of a dozen are ~0.2: a scale of 20 makes
+            // that a clear preference from the start.
+            log_scale: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![20f32.ln()], [1]),
+                device,
+            )),
+        }
+    }
+
+    /// `query` `[batch, width]` over `keys` `[batch, n, width]`: the `values`' weighted mean,
+    /// `[batch, 1, width]`, and the attention logits `[batch, n]`.
+    fn forward(
+        &self,
+        query: Tensor<2>,
+        keys: Tensor<3>,
+        values: Tensor<3>,
+    ) -> (Tensor<3>, Tensor<2>) {
+        let unit = |x: Tensor<3>| {
+            let norm = x.clone().powi_scalar(2).sum_dim(2).sqrt().clamp_min(1e-6);
+            x / norm
+        };
+        let q = unit(self.query.forward(query.unsqueeze_dim::<3>(1)));
+        let k = unit(self.key.forward(keys));
+        let scale = self.log_scale.val().exp().reshape([1, 1, 1]);
+        let logits = q.matmul(k.swap_dims(1, 2)) * scale;
+        let [batch, _, n] = logits.dims();
+        let weights = burn::tensor::activation::softmax(logits.clone(), 2);
+        (weights.matmul(values), logits.reshape([batch, n]))
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Vlm {
     pub vision_model: ClipVisionTransformer,
@@ -177,11 +278,14 @@ pub struct Vlm {
     pub visual_projection: Option<Linear>,
     pub attribute_probe: Option<AttributeProbe>,
     pub projector: Projector,
+    pub referent: Option<ReferentReadout>,
     pub lm: OptForCausalLM,
     #[module(skip)]
     cells: Option<usize>,
     #[module(skip)]
     prefix_lm: bool,
+    #[module(skip)]
+    object_words: Option<ObjectWords>,
 }
 
 impl Vlm {
@@ -204,19 +308,25 @@ impl Vlm {
                     config.vision.hidden_size
                 },
                 config.lm.hidden_size,
-                config.visual_positions.then(|| config.prefix_len()),
+                config
+                    .visual_positions
+                    .then(|| config.prefix_len() - config.referent_token as usize),
                 device,
             ),
+            referent: config
+                .referent_token
+                .then(|| ReferentReadout::new(config.lm.hidden_size, device)),
             lm: OptForCausalLM::new(&config.lm, device),
             cells: config.cells,
             prefix_lm: config.prefix_lm,
+            object_words: config.object_words.clone(),
         }
     }
 
     /// Visual prefix length: one token per vision position (class token and patches), or
     /// the class token and one per cell.
     pub fn prefix_len(&self) -> usize {
-        match self.cells {
+        let tokens = match self.cells {
             Some(cells) => 1 + cells * cells,
             None => self
                 .vision_model
@@ -224,11 +334,44 @@ impl Vlm {
                 .position_embedding
                 .weight
                 .dims()[0],
-        }
+        };
+        tokens + self.referent.is_some() as usize
     }
 
-    /// The visual prefix, `[batch, prefix_len, lm hidden]`.
+    /// The visual prefix for a prompt: [`Self::visual_prefix`] and, with a referent token,
+    /// the cells' weighted mean under the prompt's (mask value 2) mean embedding.
+    fn prompted_prefix(
+        &self,
+        pixels: Tensor<4>,
+        text: Tensor<3>,
+        attention_mask: Tensor<2, Int>,
+    ) -> (Tensor<3>, Option<Tensor<2>>) {
+        let (prefix, words) = self.visual_tokens(pixels);
+        let Some(readout) = &self.referent else {
+            return (prefix, None);
+        };
+        let [batch, n, _] = prefix.dims();
+        let [_, seq, width] = text.dims();
+        let prompt = attention_mask
+            .equal_elem(2)
+            .float()
+            .reshape([batch, seq, 1]);
+        let count = prompt.clone().sum_dim(1).clamp_min(1.0).reshape([batch, 1]);
+        let query = (text * prompt).sum_dim(1).reshape([batch, width]) / count;
+        // Keys in word space where there is one: the question's words match the cells' names.
+        let cells = prefix.clone().narrow(1, 1, n - 1);
+        let keys = words.map_or_else(|| cells.clone(), |w| w.narrow(1, 1, n - 1));
+        let (referent, logits) = readout.forward(query, keys, cells);
+        (Tensor::cat(vec![prefix, referent], 1), Some(logits))
+    }
+
+    /// The visual tokens, `[batch, class + cells or patches, lm hidden]` (no referent token).
     pub fn visual_prefix(&self, pixels: Tensor<4>) -> Tensor<3> {
+        self.visual_tokens(pixels).0
+    }
+
+    /// [`Self::visual_prefix`] and, with object words, their word-embedding part.
+    fn visual_tokens(&self, pixels: Tensor<4>) -> (Tensor<3>, Option<Tensor<3>>) {
         let mut tokens = self.vision_model.normed_tokens(pixels);
         if let Some(cells) = self.cells {
             tokens = pool_cells(tokens, cells);
@@ -236,7 +379,37 @@ impl Vlm {
         if let (Some(projection), Some(probe)) = (&self.visual_projection, &self.attribute_probe) {
             tokens = probe.distributions(projection.forward(tokens));
         }
-        self.projector.forward(tokens)
+        let prefix = self.projector.forward(tokens.clone());
+        match &self.object_words {
+            Some(words) => {
+                let words = self.object_word_embeddings(words, tokens);
+                (prefix + words.clone(), Some(words))
+            }
+            None => (prefix, None),
+        }
+    }
+
+    /// The expected embedding of each cell's attribute names under the probe's
+    /// `distributions` (`[batch, 1 + cells, probe_width]`), plus the cell's name (none for the
+    /// class token in front).
+    fn object_word_embeddings(&self, words: &ObjectWords, distributions: Tensor<3>) -> Tensor<3> {
+        let device = distributions.device();
+        let [batch, n, width] = distributions.dims();
+        let embed = |names: &[Vec<u32>]| {
+            let (matrix, ids) = ObjectWords::summing(names, &device);
+            let embeddings = self.lm.embed_tokens(ids);
+            let [_, k, hidden] = embeddings.dims();
+            matrix.matmul(embeddings.reshape([k, hidden]))
+        };
+        let classes = embed(&words.classes);
+        let hidden = classes.dims()[1];
+        let attributes = distributions
+            .reshape([batch * n, width])
+            .matmul(classes)
+            .reshape([batch, n, hidden]);
+        let mut cells = vec![Vec::new(); n - words.cells.len()];
+        cells.extend(words.cells.iter().cloned());
+        attributes + embed(&cells).unsqueeze_dim::<3>(0)
     }
 
     /// The LM over `[visual prefix; text]` (or the text alone without `pixels`). The output's
@@ -254,7 +427,8 @@ impl Vlm {
         let Some(pixels) = pixels else {
             return self.lm.forward_embeds(text, attention_mask, hooks);
         };
-        let prefix = self.visual_prefix(pixels);
+        let (prefix, referent_logits) =
+            self.prompted_prefix(pixels, text.clone(), attention_mask.clone());
         let prefix_len = prefix.dims()[1];
         // The visual tokens belong to the bidirectional prefix when the prompt does (the mask
         // of the text's first token: 2 in a prefix-LM batch, else 1).
@@ -268,6 +442,7 @@ impl Vlm {
             hooks,
         );
         out.logits = out.logits.narrow(1, prefix_len, seq);
+        out.referent_logits = referent_logits;
         out
     }
 

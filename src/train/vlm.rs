@@ -418,37 +418,26 @@ fn answer_scores_of(logits: Tensor<3>, batch: &LmBatch) -> Vec<AnswerScore> {
         .collect()
 }
 
-/// The referent loss: from the hidden state of each prompt's last token after the first
-/// half of the LM's layers, a linear head predicts the cell of the object the prompt refers
-/// to (cross-entropy over the 9 cells, mean over the examples that have a referent); and the
-/// share predicted right. Dense supervision from the scene graph for pre-training only: it
-/// asks the LM to find the referred object before it reads its attributes.
-pub fn referent_loss(
-    head: &Linear,
-    hidden: Tensor<3>,
-    prefix_len: usize,
-    batch: &LmBatch,
-) -> Option<(Tensor<1>, f64)> {
-    let [n, total, d] = hidden.dims();
+/// The referent loss: cross-entropy of `logits` (`[batch, cells]`, one row per example of
+/// `batch`) against the cell of the object each prompt refers to, mean over the examples that
+/// have a referent; and the share predicted right. Dense supervision from the scene graph for
+/// pre-training only: it asks the model to find the referred object before it reads its
+/// attributes.
+pub fn referent_loss(logits: Tensor<2>, batch: &LmBatch) -> Option<(Tensor<1>, f64)> {
     let (rows, cells): (Vec<i64>, Vec<i64>) = batch
         .referents
         .iter()
         .enumerate()
-        .filter_map(|(b, r)| {
-            r.map(|c| {
-                let row = b * total + prefix_len + batch.spans[b].start;
-                (row as i64, c as i64)
-            })
-        })
+        .filter_map(|(b, r)| r.map(|c| (b as i64, c as i64)))
         .unzip();
     if rows.is_empty() {
         return None;
     }
-    let device = hidden.device();
+    let device = logits.device();
     let count = rows.len();
     let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [count]), &device);
     let cells = Tensor::<1, Int>::from_data(TensorData::new(cells, [count]), &device);
-    let logits = head.forward(hidden.reshape([n * total, d]).select(0, rows));
+    let logits = logits.select(0, rows);
     let right = logits
         .clone()
         .detach()
@@ -460,6 +449,16 @@ pub fn referent_loss(
         .into_scalar::<f32>() as f64;
     let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
     Some((ce.forward(logits, cells), right))
+}
+
+/// The rows of `hidden` (`[batch, seq, d]`) at each example's last prompt token.
+fn last_prompt_states(hidden: Tensor<3>, prefix_len: usize, batch: &LmBatch) -> Tensor<2> {
+    let [n, total, d] = hidden.dims();
+    let rows: Vec<i64> = (0..n)
+        .map(|b| (b * total + prefix_len + batch.spans[b].start) as i64)
+        .collect();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &hidden.device());
+    hidden.reshape([n * total, d]).select(0, rows)
 }
 
 /// Per example of `examples` (in order), its teacher-forced [`AnswerScore`]; run in batches
@@ -556,9 +555,10 @@ pub fn train(
     device.seed(config.seed);
     let width = model.lm.model.decoder.embed_tokens.weight.dims()[1];
     let layers = model.lm.model.decoder.layers.len();
+    let head = config.referent_weight > 0.0 && model.referent.is_none();
     let mut model = VlmTraining {
         vlm: model,
-        referent: (config.referent_weight > 0.0).then(|| LinearConfig::new(width, 9).init(device)),
+        referent: head.then(|| LinearConfig::new(width, 9).init(device)),
     };
     let mut optim = config.optim.init();
     let mut state = TrainState::default();
@@ -593,17 +593,26 @@ pub fn train(
         let mut loss = answer_nll(out.logits.clone(), &batch);
         let value = loss.clone().into_scalar::<f32>();
         let right = answer_scores_of(out.logits, &batch);
-        if let Some(head) = &model.referent {
-            let prefix_len = if batch.pixels.is_some() {
-                model.vlm.prefix_len()
-            } else {
-                0
-            };
-            let hidden = out.hidden_states[layers / 2].clone();
-            if let Some((referent, share)) = referent_loss(head, hidden, prefix_len, &batch) {
-                loss = loss + referent * config.referent_weight;
-                referent_right = share;
+        // The readout's own attention where the VLM has one, else a head on the middle layer.
+        let referent_logits = match (&out.referent_logits, &model.referent) {
+            (Some(logits), _) => Some(logits.clone()),
+            (None, Some(head)) => {
+                let prefix_len = if batch.pixels.is_some() {
+                    model.vlm.prefix_len()
+                } else {
+                    0
+                };
+                let hidden = out.hidden_states[layers / 2].clone();
+                Some(head.forward(last_prompt_states(hidden, prefix_len, &batch)))
             }
+            (None, None) => None,
+        };
+        if config.referent_weight > 0.0
+            && let Some((referent, share)) =
+                referent_logits.and_then(|logits| referent_loss(logits, &batch))
+        {
+            loss = loss + referent * config.referent_weight;
+            referent_right = share;
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = config.optim.lr(config.lr, state.step, config.steps);
@@ -697,6 +706,32 @@ pub fn load(
     Ok((model, config, tokenizer))
 }
 
+/// The vocabulary ids of the scenes' attribute and cell names, in the attribute probe's
+/// column order ([`crate::model::objects::ATTRIBUTE_CLASSES`]), or `None` when the
+/// vocabulary lacks one of them (data from another world).
+pub fn scenes_object_words(tokenizer: &TextTokenizer) -> Option<crate::model::vlm::ObjectWords> {
+    use crate::data::scenes::scene::{Cell, Color, Shape, Size};
+    let ids = |name: &str| -> Option<Vec<u32>> {
+        name.split_whitespace()
+            .map(|w| tokenizer.inner().token_to_id(w))
+            .collect()
+    };
+    let none = || Some(Vec::new());
+    let mut classes = vec![none()];
+    classes.extend(Shape::ALL.iter().map(|s| ids(s.name())));
+    classes.push(none());
+    classes.extend(Color::ALL.iter().map(|c| ids(c.name())));
+    classes.push(none());
+    classes.extend(Size::ALL.iter().map(|s| ids(s.name())));
+    Some(crate::model::vlm::ObjectWords {
+        classes: classes.into_iter().collect::<Option<_>>()?,
+        cells: Cell::ALL
+            .iter()
+            .map(|c| ids(c.name()))
+            .collect::<Option<_>>()?,
+    })
+}
+
 /// A trained base VLM on disk: `vlm.json` (the config), `model.bpk`, `tokenizer.json`.
 pub fn save(
     model: &Vlm,
@@ -732,11 +767,15 @@ pub fn run(
     let tokenizer_path = data_dir.join("tokenizer.json");
     let tokenizer = TextTokenizer::from_file(&tokenizer_path, 256, 0)?;
     let vocab = tokenizer.inner().get_vocab_size(true);
-    let vlm_config =
+    let mut vlm_config =
         VlmConfig::preset(preset, vocab, image_size).ok_or_else(|| crate::Error::Config {
             path: out.to_path_buf(),
             reason: format!("unknown VLM preset '{preset}': expected vlm-tiny, vlm-small, vlm-tiny-objects or vlm-small-objects"),
         })?;
+    if vlm_config.object_tokens {
+        vlm_config.object_words = scenes_object_words(&tokenizer);
+        vlm_config.referent_token = vlm_config.object_words.is_some();
+    }
     let read = |name: &str| -> Result<Vec<LmExample>> {
         let file = data_dir.join(name);
         Ok(crate::data::fgvedit::read(&file, data_dir)?
