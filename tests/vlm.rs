@@ -35,7 +35,7 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
         image: Some(first.image.clone()),
         prompt: first.prompt.clone(),
         answer: first.original.clone().unwrap(),
-        referent: None,
+        grounding: None,
     }));
     assert!(
         !examples

@@ -316,6 +316,8 @@ impl Record<'_> {
             near: bool,
             #[serde(default)]
             cell: Option<u8>,
+            #[serde(default)]
+            matches: Option<Vec<u8>>,
         }
         let Some(value) = self.map.get("scope") else {
             return Ok(Vec::new());
@@ -332,6 +334,7 @@ impl Record<'_> {
                 hard: r.hard,
                 near: r.near,
                 cell: r.cell,
+                matches: r.matches,
             })
             .collect())
     }

@@ -57,6 +57,9 @@ pub struct ScopeQuery {
     pub near: bool,
     /// The referred object's cell on the edit image (scenes only; for pre-training).
     pub cell: Option<u8>,
+    /// The cells of the objects a count or existence question picks out (scenes only; for
+    /// pre-training).
+    pub matches: Option<Vec<u8>>,
 }
 
 /// The edit image's caption before and after the edit (the scenes benchmark's captioning

@@ -102,7 +102,7 @@ impl Speaker {
             image: image.map(Path::to_path_buf),
             prompt: prompt.to_string(),
             answer: answer.to_string(),
-            referent: None,
+            grounding: None,
         };
         let batch = self.batcher.batch(&[&example], device)?;
         let capacity = self.text_capacity(image.is_some());

@@ -182,7 +182,7 @@ pub fn knowledge_states(
                 image: t.image.clone(),
                 prompt: t.prompt.clone(),
                 answer: answer(t).clone(),
-                referent: None,
+                grounding: None,
             })
             .collect()
     };
@@ -408,7 +408,7 @@ impl UniKeEditor {
             image: Some(record.image.clone()),
             prompt: prompt.clone(),
             answer: record.target.clone(),
-            referent: None,
+            grounding: None,
         };
         let ffn = capture(&mut self.speaker, &[example], &self.layers, &self.device)?.ffn_span;
         let n = self.config.neurons;
@@ -510,7 +510,7 @@ mod tests {
             image: Some(record.image.clone()),
             prompt: record.prompt.clone(),
             answer: record.target.clone(),
-            referent: None,
+            grounding: None,
         };
         let batch = speaker.batcher.batch(&[&example], device).unwrap();
         speaker

@@ -117,7 +117,7 @@ mod tests {
             image: image.then(|| "x.png".into()),
             prompt: prompt.into(),
             answer: answer.into(),
-            referent: None,
+            grounding: None,
         };
         let examples = [
             example(

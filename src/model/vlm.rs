@@ -58,6 +58,12 @@ pub struct VlmConfig {
     /// the prefix. Needs `prefix_lm` (the prompt is what carries mask value 2).
     #[serde(default)]
     pub referent_token: bool,
+    /// With `referent_token` and the number words in `object_words`: one more token, the
+    /// number of cells the prompt matches ([`ReferentReadout::count`]) as a soft choice among
+    /// the number words' embeddings ("how many red shapes" reads it as "what color" reads the
+    /// referent).
+    #[serde(default)]
+    pub count_token: bool,
 }
 
 /// The vocabulary ids of what each probe class and each cell is called (see
@@ -69,6 +75,9 @@ pub struct ObjectWords {
     pub classes: Vec<Vec<u32>>,
     /// Per cell in reading order, the ids of its name ("top", "left").
     pub cells: Vec<Vec<u32>>,
+    /// The number words from zero up, for [`VlmConfig::count_token`].
+    #[serde(default)]
+    pub numbers: Vec<Vec<u32>>,
 }
 
 impl ObjectWords {
@@ -137,6 +146,7 @@ impl VlmConfig {
             object_tokens: objects,
             object_words: None,
             referent_token: false,
+            count_token: false,
         })
     }
 
@@ -147,7 +157,7 @@ impl VlmConfig {
             Some(cells) => 1 + cells * cells,
             None => self.vision.num_positions(),
         };
-        tokens + self.referent_token as usize
+        tokens + self.referent_token as usize + self.count_token as usize
     }
 }
 
@@ -226,6 +236,8 @@ pub struct ReferentReadout {
     pub key: Linear,
     /// Log of the cosine similarities' scale.
     pub log_scale: Param<Tensor<1>>,
+    /// The logit above which a cell counts as matching the prompt ([`Self::count`]).
+    pub threshold: Param<Tensor<1>>,
 }
 
 impl ReferentReadout {
@@ -246,7 +258,30 @@ impl ReferentReadout {
                 TensorData::new(vec![20f32.ln()], [1]),
                 device,
             )),
+            threshold: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![2f32], [1]),
+                device,
+            )),
         }
+    }
+
+    /// `logits` less the count threshold: a cell matches the prompt where this is positive.
+    pub fn match_logits(&self, logits: Tensor<2>) -> Tensor<2> {
+        logits - self.threshold.val().reshape([1, 1])
+    }
+
+    /// The soft number of occupied cells the prompt matches, as weights over the numbers
+    /// `0..numbers` (`[batch, numbers]`): `n = sum_k occupied_k sigmoid(logit_k - threshold)`,
+    /// then a softmax of `-2 (n - j)^2` over `j`.
+    fn count(&self, logits: Tensor<2>, occupied: Tensor<2>, numbers: usize) -> Tensor<2> {
+        let [batch, _] = logits.dims();
+        let n = (burn::tensor::activation::sigmoid(self.match_logits(logits)) * occupied)
+            .sum_dim(1)
+            .reshape([batch, 1]);
+        let values: Vec<f32> = (0..numbers).map(|j| j as f32).collect();
+        let j = Tensor::<1>::from_data(TensorData::new(values, [numbers]), &n.device())
+            .reshape([1, numbers]);
+        burn::tensor::activation::softmax((n - j).powi_scalar(2) * -2.0, 1)
     }
 
     /// `query` `[batch, width]` over `keys` `[batch, n, width]`: the `values`' weighted mean,
@@ -286,6 +321,8 @@ pub struct Vlm {
     prefix_lm: bool,
     #[module(skip)]
     object_words: Option<ObjectWords>,
+    #[module(skip)]
+    count_token: bool,
 }
 
 impl Vlm {
@@ -308,14 +345,17 @@ impl Vlm {
                     config.vision.hidden_size
                 },
                 config.lm.hidden_size,
-                config
-                    .visual_positions
-                    .then(|| config.prefix_len() - config.referent_token as usize),
+                config.visual_positions.then(|| {
+                    config.prefix_len()
+                        - config.referent_token as usize
+                        - config.count_token as usize
+                }),
                 device,
             ),
             referent: config
                 .referent_token
                 .then(|| ReferentReadout::new(config.lm.hidden_size, device)),
+            count_token: config.count_token,
             lm: OptForCausalLM::new(&config.lm, device),
             cells: config.cells,
             prefix_lm: config.prefix_lm,
@@ -335,7 +375,7 @@ impl Vlm {
                 .weight
                 .dims()[0],
         };
-        tokens + self.referent.is_some() as usize
+        tokens + self.referent.is_some() as usize + self.count_token as usize
     }
 
     /// The visual prefix for a prompt: [`Self::visual_prefix`] and, with a referent token,
@@ -360,9 +400,27 @@ impl Vlm {
         let query = (text * prompt).sum_dim(1).reshape([batch, width]) / count;
         // Keys in word space where there is one: the question's words match the cells' names.
         let cells = prefix.clone().narrow(1, 1, n - 1);
-        let keys = words.map_or_else(|| cells.clone(), |w| w.narrow(1, 1, n - 1));
+        let keys = match &words {
+            Some((w, _)) => w.clone().narrow(1, 1, n - 1),
+            None => cells.clone(),
+        };
         let (referent, logits) = readout.forward(query, keys, cells);
-        (Tensor::cat(vec![prefix, referent], 1), Some(logits))
+        let mut tokens = vec![prefix, referent];
+        if let (true, Some((_, occupied)), Some(names)) =
+            (self.count_token, &words, &self.object_words)
+        {
+            let weights = readout.count(
+                logits.clone(),
+                occupied.clone().narrow(1, 1, n - 1),
+                names.numbers.len(),
+            );
+            let (matrix, ids) = ObjectWords::summing(&names.numbers, &weights.device());
+            let embeddings = self.lm.embed_tokens(ids);
+            let [_, k, hidden] = embeddings.dims();
+            let numbers = matrix.matmul(embeddings.reshape([k, hidden]));
+            tokens.push(weights.matmul(numbers).unsqueeze_dim::<3>(1));
+        }
+        (Tensor::cat(tokens, 1), Some(logits))
     }
 
     /// The visual tokens, `[batch, class + cells or patches, lm hidden]` (no referent token).
@@ -370,8 +428,9 @@ impl Vlm {
         self.visual_tokens(pixels).0
     }
 
-    /// [`Self::visual_prefix`] and, with object words, their word-embedding part.
-    fn visual_tokens(&self, pixels: Tensor<4>) -> (Tensor<3>, Option<Tensor<3>>) {
+    /// [`Self::visual_prefix`] and, with object words, their word-embedding part and each
+    /// token's probability of holding an object (`[batch, tokens]`).
+    fn visual_tokens(&self, pixels: Tensor<4>) -> (Tensor<3>, Option<(Tensor<3>, Tensor<2>)>) {
         let mut tokens = self.vision_model.normed_tokens(pixels);
         if let Some(cells) = self.cells {
             tokens = pool_cells(tokens, cells);
@@ -382,8 +441,11 @@ impl Vlm {
         let prefix = self.projector.forward(tokens.clone());
         match &self.object_words {
             Some(words) => {
+                let [batch, n, _] = tokens.dims();
+                // Column 0 is the probe's "no object" shape.
+                let occupied = tokens.clone().narrow(2, 0, 1).reshape([batch, n]).neg() + 1.0;
                 let words = self.object_word_embeddings(words, tokens);
-                (prefix + words.clone(), Some(words))
+                (prefix + words.clone(), Some((words, occupied)))
             }
             None => (prefix, None),
         }

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -31,9 +30,39 @@ pub struct LmExample {
     pub image: Option<PathBuf>,
     pub prompt: String,
     pub answer: String,
-    /// The cell of the object the prompt refers to, when the data says (scenes scope
-    /// questions): the target of the referent loss while pre-training the base model.
-    pub referent: Option<u8>,
+    /// Which cells the prompt is about, when the data says (scenes scope questions): the
+    /// target of the [`referent_loss`] while pre-training.
+    pub grounding: Option<Grounding>,
+}
+
+/// The cells a question is about (cells in reading order, 0-8).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Grounding {
+    /// The one object an attribute question's expression refers to.
+    Referent(u8),
+    /// The objects a count or existence question picks out (possibly none).
+    Matches(Vec<u8>),
+}
+
+impl Grounding {
+    /// A scope question's grounding on the unedited image.
+    pub fn of(query: &crate::data::record::ScopeQuery) -> Option<Self> {
+        match (query.cell, &query.matches) {
+            (Some(cell), _) => Some(Grounding::Referent(cell)),
+            (None, Some(cells)) => Some(Grounding::Matches(cells.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Per cell of `cells`, 1 where the question is about it.
+    fn targets(&self, cells: usize) -> Vec<f32> {
+        let mut out = vec![0.0; cells];
+        match self {
+            Grounding::Referent(c) => out[*c as usize] = 1.0,
+            Grounding::Matches(cs) => cs.iter().for_each(|&c| out[c as usize] = 1.0),
+        }
+        out
+    }
 }
 
 /// What the unedited model should answer about `record`: everything true of S.
@@ -42,13 +71,13 @@ pub fn pre_edit_examples(record: &EditRecord) -> Vec<LmExample> {
         image: Some(image.to_path_buf()),
         prompt: prompt.to_string(),
         answer: answer.to_string(),
-        referent: None,
+        grounding: None,
     };
     let mut out: Vec<LmExample> = record
         .scope
         .iter()
         .map(|q| LmExample {
-            referent: q.cell,
+            grounding: Grounding::of(q),
             ..on(&record.image, &q.prompt, &q.answer_before)
         })
         .collect();
@@ -74,7 +103,7 @@ pub fn pre_edit_examples(record: &EditRecord) -> Vec<LmExample> {
             image: None,
             prompt: q.prompt.clone(),
             answer: q.answer.clone(),
-            referent: None,
+            grounding: None,
         });
     }
     out
@@ -96,7 +125,7 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
         image: Some(image.to_path_buf()),
         prompt: format!("{context}{prompt}"),
         answer: answer.to_string(),
-        referent: None,
+        grounding: None,
     };
     let mut out = vec![on(&record.image, &record.prompt, &record.target)];
     if let Some(rephrase) = &record.rephrase {
@@ -105,8 +134,9 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
     if let Some(image) = &record.image_rephrase {
         out.push(on(image, &record.prompt, &record.target));
     }
+    // Only the referent carries over: what a count question counts is the unedited image's.
     out.extend(record.scope.iter().map(|q| LmExample {
-        referent: q.cell,
+        grounding: q.cell.map(Grounding::Referent),
         ..on(&record.image, &q.prompt, &q.answer_after)
     }));
     if record.scope.is_empty() {
@@ -134,7 +164,7 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
             image: Some(image),
             prompt: format!("{context}{prompt}"),
             answer: caption.target.clone(),
-            referent: None,
+            grounding: None,
         }));
     }
     out
@@ -192,8 +222,8 @@ pub struct LmBatch {
     /// Per example, the positions whose predictions are scored (the answer's tokens and the
     /// end token are predicted there).
     pub spans: Vec<std::ops::Range<usize>>,
-    /// Per example, [`LmExample::referent`].
-    pub referents: Vec<Option<u8>>,
+    /// Per example, [`LmExample::grounding`].
+    pub groundings: Vec<Option<Grounding>>,
 }
 
 /// Tokenizes examples and keeps preprocessed images in memory.
@@ -319,7 +349,7 @@ impl LmBatcher {
                 .iter()
                 .map(|&(start, end)| start - 1..end - 1)
                 .collect(),
-            referents: examples.iter().map(|e| e.referent).collect(),
+            groundings: examples.iter().map(|e| e.grounding.clone()).collect(),
         })
     }
 }
@@ -418,47 +448,75 @@ fn answer_scores_of(logits: Tensor<3>, batch: &LmBatch) -> Vec<AnswerScore> {
         .collect()
 }
 
-/// The referent loss: cross-entropy of `logits` (`[batch, cells]`, one row per example of
-/// `batch`) against the cell of the object each prompt refers to, mean over the examples that
-/// have a referent; and the share predicted right. Dense supervision from the scene graph for
-/// pre-training only: it asks the model to find the referred object before it reads its
-/// attributes.
-pub fn referent_loss(logits: Tensor<2>, batch: &LmBatch) -> Option<(Tensor<1>, f64)> {
-    let (rows, cells): (Vec<i64>, Vec<i64>) = batch
-        .referents
-        .iter()
-        .enumerate()
-        .filter_map(|(b, r)| r.map(|c| (b as i64, c as i64)))
-        .unzip();
-    if rows.is_empty() {
+/// The referent loss, on the referent readout's logits over the cells (`[batch, cells]`, one
+/// row per example of `batch`) and its match logits (the same less the count threshold): for
+/// attribute questions, cross-entropy against the referred cell; for every grounded question,
+/// binary cross-entropy of each cell matching (the count token counts the matches). Means
+/// over the grounded examples; also the share of referents picked right. Dense supervision
+/// from the scene graph, for pre-training only: the model learns to find the objects a
+/// question is about before it reads them.
+pub fn referent_loss(
+    logits: Tensor<2>,
+    match_logits: Tensor<2>,
+    batch: &LmBatch,
+) -> Option<(Tensor<1>, f64)> {
+    let [_, cells] = logits.dims();
+    let device = logits.device();
+    let rows_of = |f: &dyn Fn(&Grounding) -> bool| -> Vec<i64> {
+        (0..batch.groundings.len())
+            .filter(|&b| batch.groundings[b].as_ref().is_some_and(f))
+            .map(|b| b as i64)
+            .collect()
+    };
+    let select = |t: Tensor<2>, rows: &[i64]| {
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(rows.to_vec(), [rows.len()]), &device);
+        t.select(0, index)
+    };
+    let grounded = rows_of(&|_| true);
+    if grounded.is_empty() {
         return None;
     }
-    let device = logits.device();
-    let count = rows.len();
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [count]), &device);
-    let cells = Tensor::<1, Int>::from_data(TensorData::new(cells, [count]), &device);
-    let logits = logits.select(0, rows);
+    let targets: Vec<f32> = grounded
+        .iter()
+        .flat_map(|&b| {
+            batch.groundings[b as usize]
+                .as_ref()
+                .expect("grounded")
+                .targets(cells)
+        })
+        .collect();
+    let targets =
+        Tensor::<2>::from_data(TensorData::new(targets, [grounded.len(), cells]), &device);
+    let x = select(match_logits, &grounded);
+    let bce = -(targets.clone() * burn::tensor::activation::log_sigmoid(x.clone())
+        + (targets.neg() + 1.0) * burn::tensor::activation::log_sigmoid(x.neg()))
+    .mean();
+    let referents = rows_of(&|g| matches!(g, Grounding::Referent(_)));
+    if referents.is_empty() {
+        return Some((bce, f64::NAN));
+    }
+    let cells_of: Vec<i64> = referents
+        .iter()
+        .map(|&b| match &batch.groundings[b as usize] {
+            Some(Grounding::Referent(c)) => *c as i64,
+            _ => unreachable!("referent rows"),
+        })
+        .collect();
+    let count = cells_of.len();
+    let cells_of = Tensor::<1, Int>::from_data(TensorData::new(cells_of, [count]), &device);
+    let logits = select(logits, &referents);
     let right = logits
         .clone()
         .detach()
         .argmax(1)
         .reshape([count])
-        .equal(cells.clone())
+        .equal(cells_of.clone())
         .float()
         .mean()
         .into_scalar::<f32>() as f64;
     let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
-    Some((ce.forward(logits, cells), right))
-}
-
-/// The rows of `hidden` (`[batch, seq, d]`) at each example's last prompt token.
-fn last_prompt_states(hidden: Tensor<3>, prefix_len: usize, batch: &LmBatch) -> Tensor<2> {
-    let [n, total, d] = hidden.dims();
-    let rows: Vec<i64> = (0..n)
-        .map(|b| (b * total + prefix_len + batch.spans[b].start) as i64)
-        .collect();
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &hidden.device());
-    hidden.reshape([n * total, d]).select(0, rows)
+    Some((ce.forward(logits, cells_of) + bce, right))
 }
 
 /// Per example of `examples` (in order), its teacher-forced [`AnswerScore`]; run in batches
@@ -553,13 +611,6 @@ pub fn train(
     // draws alone.
     let mut initialising = Some(INITIALISING.lock().unwrap_or_else(|e| e.into_inner()));
     device.seed(config.seed);
-    let width = model.lm.model.decoder.embed_tokens.weight.dims()[1];
-    let layers = model.lm.model.decoder.layers.len();
-    let head = config.referent_weight > 0.0 && model.referent.is_none();
-    let mut model = VlmTraining {
-        vlm: model,
-        referent: head.then(|| LinearConfig::new(width, 9).init(device)),
-    };
     let mut optim = config.optim.init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
@@ -580,11 +631,8 @@ pub fn train(
             .filter_map(|_| pool.choose(&mut rng).copied())
             .collect();
         let batch = batcher.batch(&chosen, device)?;
-        let hooks = Hooks {
-            capture: model.referent.is_some(),
-            ..Hooks::default()
-        };
-        let out = model.vlm.forward(
+        let hooks = Hooks::default();
+        let out = model.forward(
             batch.pixels.clone(),
             batch.ids.clone(),
             batch.mask.clone(),
@@ -593,23 +641,10 @@ pub fn train(
         let mut loss = answer_nll(out.logits.clone(), &batch);
         let value = loss.clone().into_scalar::<f32>();
         let right = answer_scores_of(out.logits, &batch);
-        // The readout's own attention where the VLM has one, else a head on the middle layer.
-        let referent_logits = match (&out.referent_logits, &model.referent) {
-            (Some(logits), _) => Some(logits.clone()),
-            (None, Some(head)) => {
-                let prefix_len = if batch.pixels.is_some() {
-                    model.vlm.prefix_len()
-                } else {
-                    0
-                };
-                let hidden = out.hidden_states[layers / 2].clone();
-                Some(head.forward(last_prompt_states(hidden, prefix_len, &batch)))
-            }
-            (None, None) => None,
-        };
         if config.referent_weight > 0.0
+            && let (Some(logits), Some(readout)) = (&out.referent_logits, &model.referent)
             && let Some((referent, share)) =
-                referent_logits.and_then(|logits| referent_loss(logits, &batch))
+                referent_loss(logits.clone(), readout.match_logits(logits.clone()), &batch)
         {
             loss = loss + referent * config.referent_weight;
             referent_right = share;
@@ -634,15 +669,7 @@ pub fn train(
         }
     }
     progress.finish();
-    Ok(model.vlm)
-}
-
-/// What VLM training trains: the VLM and, with a referent loss, its head (dropped after
-/// training).
-#[derive(Module, Debug)]
-pub struct VlmTraining {
-    pub vlm: Vlm,
-    pub referent: Option<Linear>,
+    Ok(model)
 }
 
 #[cfg(test)]
@@ -665,7 +692,7 @@ mod tests {
             image: None,
             prompt: "what color".into(),
             answer: "red".into(),
-            referent: None,
+            grounding: None,
         };
         let batch = batcher.batch(&[&example], &Device::flex()).unwrap();
         let ids: Vec<i64> = batch
@@ -729,6 +756,10 @@ pub fn scenes_object_words(tokenizer: &TextTokenizer) -> Option<crate::model::vl
             .iter()
             .map(|c| ids(c.name()))
             .collect::<Option<_>>()?,
+        numbers: crate::data::scenes::language::NUMBERS
+            .iter()
+            .map(|n| ids(n))
+            .collect::<Option<_>>()?,
     })
 }
 
@@ -775,6 +806,7 @@ pub fn run(
     if vlm_config.object_tokens {
         vlm_config.object_words = scenes_object_words(&tokenizer);
         vlm_config.referent_token = vlm_config.object_words.is_some();
+        vlm_config.count_token = vlm_config.object_words.is_some();
     }
     let read = |name: &str| -> Result<Vec<LmExample>> {
         let file = data_dir.join(name);

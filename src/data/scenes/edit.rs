@@ -30,6 +30,10 @@ pub struct ScopeQuestion {
     /// image: dense supervision for pre-training the base model (never read by an editor).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cell: Option<u8>,
+    /// The cells of the objects a count or existence question picks out, on the unedited
+    /// image (pre-training supervision, like `cell`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matches: Option<Vec<u8>>,
     #[serde(skip)]
     pub query: Query,
 }
@@ -145,6 +149,7 @@ fn label_scope(
                 .reference()
                 .and_then(|r| r.resolve(before))
                 .map(|o| before.objects[o].cell.0),
+            matches: query.matches(before),
             query,
         };
         if question.hard {

@@ -106,7 +106,8 @@ pub enum Family {
     Count,
 }
 
-const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
+/// The answers of count questions, from zero up.
+pub const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 
 impl Query {
     pub fn family(self) -> Family {
@@ -125,6 +126,29 @@ impl Query {
         match self {
             Query::Attribute(_, r) => Some(r),
             _ => None,
+        }
+    }
+
+    /// The cells (reading order) of the objects a count or existence question picks out on
+    /// `scene` (possibly none); `None` for attribute questions, whose one object is their
+    /// reference's.
+    pub fn matches(self, scene: &Scene) -> Option<Vec<u8>> {
+        let cells = |f: &dyn Fn(&super::scene::Object) -> bool| {
+            let mut cells: Vec<u8> = scene
+                .objects
+                .iter()
+                .filter(|o| f(o))
+                .map(|o| o.cell.0)
+                .collect();
+            cells.sort();
+            Some(cells)
+        };
+        match self {
+            Query::Attribute(..) => None,
+            Query::Exists(color, shape) => cells(&|o| o.color == color && o.shape == shape),
+            Query::CountColor(c) => cells(&|o| o.color == c),
+            Query::CountSize(s) => cells(&|o| o.size == s),
+            Query::CountAll => cells(&|_| true),
         }
     }
 

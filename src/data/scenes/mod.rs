@@ -27,7 +27,7 @@ use crate::data::check::ScopeCounts;
 use crate::error::{Error, Result, write_atomic};
 
 /// Bumped whenever the same arguments would produce different files.
-pub const GENERATOR_VERSION: u32 = 2;
+pub const GENERATOR_VERSION: u32 = 3;
 
 /// The prompt of the captioning task (E-IC style): the target is the caption.
 pub const CAPTION_PROMPT: &str = "a photo of";
