@@ -78,6 +78,17 @@ pub struct ObjectWords {
     /// The number words from zero up, for [`VlmConfig::count_token`].
     #[serde(default)]
     pub numbers: Vec<Vec<u32>>,
+    /// Tokens that split a prompt into an edit context and the query (the counterfactual
+    /// model's `>>` and `||`): the referent readout then reads each part.
+    #[serde(default)]
+    pub separators: Vec<u32>,
+}
+
+impl ObjectWords {
+    /// Readouts per prompt: the query's, and the context's where there are separators.
+    pub fn readouts(&self) -> usize {
+        1 + !self.separators.is_empty() as usize
+    }
 }
 
 impl ObjectWords {
@@ -157,7 +168,8 @@ impl VlmConfig {
             Some(cells) => 1 + cells * cells,
             None => self.vision.num_positions(),
         };
-        tokens + self.referent_token as usize + self.count_token as usize
+        let readouts = self.object_words.as_ref().map_or(1, ObjectWords::readouts);
+        tokens + readouts * (self.referent_token as usize + self.count_token as usize)
     }
 }
 
@@ -345,10 +357,9 @@ impl Vlm {
                     config.vision.hidden_size
                 },
                 config.lm.hidden_size,
-                config.visual_positions.then(|| {
-                    config.prefix_len()
-                        - config.referent_token as usize
-                        - config.count_token as usize
+                config.visual_positions.then(|| match config.cells {
+                    Some(cells) => 1 + cells * cells,
+                    None => config.vision.num_positions(),
                 }),
                 device,
             ),
@@ -375,7 +386,8 @@ impl Vlm {
                 .weight
                 .dims()[0],
         };
-        tokens + self.referent.is_some() as usize + self.count_token as usize
+        let readouts = self.object_words.as_ref().map_or(1, ObjectWords::readouts);
+        tokens + readouts * (self.referent.is_some() as usize + self.count_token as usize)
     }
 
     /// The visual prefix for a prompt: [`Self::visual_prefix`] and, with a referent token,
@@ -383,6 +395,7 @@ impl Vlm {
     fn prompted_prefix(
         &self,
         pixels: Tensor<4>,
+        ids: Tensor<2, Int>,
         text: Tensor<3>,
         attention_mask: Tensor<2, Int>,
     ) -> (Tensor<3>, Option<Tensor<2>>) {
@@ -390,24 +403,65 @@ impl Vlm {
         let Some(readout) = &self.referent else {
             return (prefix, None);
         };
+        let [batch, seq] = ids.dims();
+        let prompt = attention_mask.equal_elem(2).float();
+        // With separators, the query is the prompt after the last one and the context (the
+        // edit's question) the prompt before the first; each gets its own readout.
+        let separators = self
+            .object_words
+            .as_ref()
+            .map(|w| w.separators.clone())
+            .unwrap_or_default();
+        let mut segments = vec![prompt.clone()];
+        if !separators.is_empty() {
+            let mut marks = ids.clone().equal_elem(separators[0] as i64).float();
+            for &s in &separators[1..] {
+                marks = marks + ids.clone().equal_elem(s as i64).float();
+            }
+            let seen = marks.clone().cumsum(1);
+            let total = seen.clone().narrow(1, seq - 1, 1).expand([batch, seq]);
+            let after_last = (total - seen.clone() + marks).equal_elem(0.0).float();
+            let before_first = seen.equal_elem(0.0).float();
+            segments = vec![
+                prompt.clone() * after_last,
+                prompt * before_first,
+            ];
+        }
+        let mut tokens = vec![prefix.clone()];
+        let mut query_logits = None;
+        for weights in segments {
+            let (segment_tokens, logits) = self.readout(readout, &prefix, &words, &text, weights);
+            tokens.extend(segment_tokens);
+            query_logits.get_or_insert(logits);
+        }
+        (Tensor::cat(tokens, 1), query_logits)
+    }
+
+    /// The referent (and count) tokens of one prompt segment (`weights` `[batch, seq]`: 1 on
+    /// its tokens) and the readout's logits over the cells.
+    fn readout(
+        &self,
+        readout: &ReferentReadout,
+        prefix: &Tensor<3>,
+        words: &Option<(Tensor<3>, Tensor<2>)>,
+        text: &Tensor<3>,
+        weights: Tensor<2>,
+    ) -> (Vec<Tensor<3>>, Tensor<2>) {
         let [batch, n, _] = prefix.dims();
         let [_, seq, width] = text.dims();
-        let prompt = attention_mask
-            .equal_elem(2)
-            .float()
-            .reshape([batch, seq, 1]);
-        let count = prompt.clone().sum_dim(1).clamp_min(1.0).reshape([batch, 1]);
-        let query = (text * prompt).sum_dim(1).reshape([batch, width]) / count;
+        let weights = weights.reshape([batch, seq, 1]);
+        let count = weights.clone().sum_dim(1).clamp_min(1.0).reshape([batch, 1]);
+        let query = (text.clone() * weights).sum_dim(1).reshape([batch, width]) / count;
         // Keys in word space where there is one: the question's words match the cells' names.
         let cells = prefix.clone().narrow(1, 1, n - 1);
-        let keys = match &words {
+        let keys = match words {
             Some((w, _)) => w.clone().narrow(1, 1, n - 1),
             None => cells.clone(),
         };
         let (referent, logits) = readout.forward(query, keys, cells);
-        let mut tokens = vec![prefix, referent];
+        let mut tokens = vec![referent];
         if let (true, Some((_, occupied)), Some(names)) =
-            (self.count_token, &words, &self.object_words)
+            (self.count_token, words, &self.object_words)
         {
             let weights = readout.count(
                 logits.clone(),
@@ -420,7 +474,7 @@ impl Vlm {
             let numbers = matrix.matmul(embeddings.reshape([k, hidden]));
             tokens.push(weights.matmul(numbers).unsqueeze_dim::<3>(1));
         }
-        (Tensor::cat(tokens, 1), Some(logits))
+        (tokens, logits)
     }
 
     /// The visual tokens, `[batch, class + cells or patches, lm hidden]` (no referent token).
@@ -485,12 +539,12 @@ impl Vlm {
         hooks: &Hooks,
     ) -> LmOutput {
         let [batch, seq] = ids.dims();
-        let text = self.lm.embed_tokens(ids);
+        let text = self.lm.embed_tokens(ids.clone());
         let Some(pixels) = pixels else {
             return self.lm.forward_embeds(text, attention_mask, hooks);
         };
         let (prefix, referent_logits) =
-            self.prompted_prefix(pixels, text.clone(), attention_mask.clone());
+            self.prompted_prefix(pixels, ids, text.clone(), attention_mask.clone());
         let prefix_len = prefix.dims()[1];
         // The visual tokens belong to the bidirectional prefix when the prompt does (the mask
         // of the text's first token: 2 in a prefix-LM batch, else 1).

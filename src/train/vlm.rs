@@ -760,6 +760,7 @@ pub fn scenes_object_words(tokenizer: &TextTokenizer) -> Option<crate::model::vl
             .iter()
             .map(|n| ids(n))
             .collect::<Option<_>>()?,
+        separators: Vec::new(),
     })
 }
 
@@ -805,6 +806,14 @@ pub fn run(
         })?;
     if vlm_config.object_tokens {
         vlm_config.object_words = scenes_object_words(&tokenizer);
+        if knowledge == Knowledge::Counterfactual
+            && let Some(words) = &mut vlm_config.object_words
+        {
+            words.separators = [">>", "||"]
+                .iter()
+                .filter_map(|s| tokenizer.inner().token_to_id(s))
+                .collect();
+        }
         vlm_config.referent_token = vlm_config.object_words.is_some();
         vlm_config.count_token = vlm_config.object_words.is_some();
     }
