@@ -241,6 +241,29 @@ impl Projector {
     }
 }
 
+/// The parts of a prompt (`prompt` `[batch, seq]`: 1 on its tokens) that get a readout each:
+/// the whole prompt without `separators`; else the query after the last separator and the
+/// context before the first.
+pub fn prompt_segments(
+    ids: Tensor<2, Int>,
+    prompt: Tensor<2>,
+    separators: &[u32],
+) -> Vec<Tensor<2>> {
+    let Some((&first, rest)) = separators.split_first() else {
+        return vec![prompt];
+    };
+    let [batch, seq] = ids.dims();
+    let mut marks = ids.clone().equal_elem(first as i64).float();
+    for &s in rest {
+        marks = marks + ids.clone().equal_elem(s as i64).float();
+    }
+    let seen = marks.clone().cumsum(1);
+    let total = seen.clone().narrow(1, seq - 1, 1).expand([batch, seq]);
+    let after_last = (total - seen.clone() + marks).equal_elem(0.0).float();
+    let before_first = seen.equal_elem(0.0).float();
+    vec![prompt.clone() * after_last, prompt * before_first]
+}
+
 /// The question-conditioned readout of [`VlmConfig::referent_token`].
 #[derive(Module, Debug)]
 pub struct ReferentReadout {
@@ -412,21 +435,7 @@ impl Vlm {
             .as_ref()
             .map(|w| w.separators.clone())
             .unwrap_or_default();
-        let mut segments = vec![prompt.clone()];
-        if !separators.is_empty() {
-            let mut marks = ids.clone().equal_elem(separators[0] as i64).float();
-            for &s in &separators[1..] {
-                marks = marks + ids.clone().equal_elem(s as i64).float();
-            }
-            let seen = marks.clone().cumsum(1);
-            let total = seen.clone().narrow(1, seq - 1, 1).expand([batch, seq]);
-            let after_last = (total - seen.clone() + marks).equal_elem(0.0).float();
-            let before_first = seen.equal_elem(0.0).float();
-            segments = vec![
-                prompt.clone() * after_last,
-                prompt * before_first,
-            ];
-        }
+        let segments = prompt_segments(ids, prompt, &separators);
         let mut tokens = vec![prefix.clone()];
         let mut query_logits = None;
         for weights in segments {
@@ -450,7 +459,11 @@ impl Vlm {
         let [batch, n, _] = prefix.dims();
         let [_, seq, width] = text.dims();
         let weights = weights.reshape([batch, seq, 1]);
-        let count = weights.clone().sum_dim(1).clamp_min(1.0).reshape([batch, 1]);
+        let count = weights
+            .clone()
+            .sum_dim(1)
+            .clamp_min(1.0)
+            .reshape([batch, 1]);
         let query = (text.clone() * weights).sum_dim(1).reshape([batch, width]) / count;
         // Keys in word space where there is one: the question's words match the cells' names.
         let cells = prefix.clone().narrow(1, 1, n - 1);
@@ -673,6 +686,61 @@ mod tests {
         let causal = Tensor::<2, Int>::ones([1, 5], &device);
         let c = logits(ids(11), causal.clone());
         assert_eq!(change(c, logits(other, causal), 1), 0.0);
+    }
+
+    #[test]
+    fn the_readout_starts_at_the_cell_whose_words_the_prompt_shares() {
+        let device = Device::flex();
+        let width = 64;
+        let readout = ReferentReadout::new(width, &device);
+        device.seed(5);
+        let words = Tensor::<2>::random([6, width], Distribution::Normal(0.0, 1.0), &device);
+        let word = |i: usize| words.clone().narrow(0, i, 1);
+        // Cells hold words {0, 1}, {2, 3}, {4}; the prompt says words 2 and 5.
+        let keys = Tensor::cat(vec![word(0) + word(1), word(2) + word(3), word(4)], 0)
+            .unsqueeze_dim::<3>(0);
+        let query = word(2) + word(5);
+        let values = Tensor::<2>::eye(3, &device).reshape([1, 3, 3]);
+        let (referent, logits) = readout.forward(query, keys, values);
+        let picked: Vec<f32> = referent.into_data().try_to_vec().unwrap();
+        assert!(picked[1] > 0.9, "{picked:?}");
+        assert_eq!(logits.dims(), [1, 3]);
+        // The count: two cells clearly above the threshold, one below, one empty.
+        let logits =
+            Tensor::<2>::from_data(TensorData::new(vec![12f32, 12., -8., 12.], [1, 4]), &device);
+        let occupied =
+            Tensor::<2>::from_data(TensorData::new(vec![1f32, 1., 1., 0.], [1, 4]), &device);
+        let weights: Vec<f32> = readout
+            .count(logits, occupied, 5)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let best = (0..5)
+            .max_by(|&a, &b| weights[a].total_cmp(&weights[b]))
+            .unwrap();
+        assert_eq!(best, 2, "{weights:?}");
+    }
+
+    #[test]
+    fn separators_split_the_prompt_into_query_and_context() {
+        let device = Device::flex();
+        // [BOS] src >> alt || query [answer]: the separators are 8 and 9.
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![2i64, 5, 8, 6, 9, 7, 7, 11], [1, 8]),
+            &device,
+        );
+        let prompt = Tensor::<2>::from_data(
+            TensorData::new(vec![1f32, 1., 1., 1., 1., 1., 1., 0.], [1, 8]),
+            &device,
+        );
+        let parts = prompt_segments(ids.clone(), prompt.clone(), &[8, 9]);
+        let rows: Vec<Vec<f32>> = parts
+            .into_iter()
+            .map(|p| p.into_data().try_to_vec().unwrap())
+            .collect();
+        assert_eq!(rows[0], [0., 0., 0., 0., 0., 1., 1., 0.], "the query");
+        assert_eq!(rows[1], [1., 1., 0., 0., 0., 0., 0., 0.], "the context");
+        assert_eq!(prompt_segments(ids, prompt, &[]).len(), 1);
     }
 
     #[test]

@@ -677,6 +677,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_referent_loss_rewards_the_referred_cell_and_the_matches() {
+        let device = Device::flex();
+        let example = |grounding| LmExample {
+            image: None,
+            prompt: "q".into(),
+            answer: "a".into(),
+            grounding,
+        };
+        let examples = [
+            example(Some(Grounding::Referent(1))),
+            example(Some(Grounding::Matches(vec![0, 2]))),
+            example(None),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let json = crate::data::scenes::word_level_tokenizer()
+            .to_string(false)
+            .unwrap();
+        std::fs::write(&path, json).unwrap();
+        let tokenizer = TextTokenizer::from_file(&path, 64, 0).unwrap();
+        let mut batcher = LmBatcher::new(tokenizer, ImagePreprocessor::clip(16), 2, 3);
+        let batch = batcher
+            .batch(&examples.iter().collect::<Vec<_>>(), &device)
+            .unwrap();
+        let logits = |rows: [[f32; 3]; 3]| {
+            let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+            Tensor::<2>::from_data(TensorData::new(flat, [3, 3]), &device)
+        };
+        // Right: cell 1 for the referent, cells 0 and 2 matching (and the ungrounded row
+        // wrong, which must not count).
+        let right = logits([[-5., 5., -5.], [5., -5., 5.], [5., 5., 5.]]);
+        let wrong = logits([[5., -5., -5.], [-5., 5., -5.], [-5., -5., -5.]]);
+        let (good, share) = referent_loss(right.clone(), right, &batch).unwrap();
+        let (bad, bad_share) = referent_loss(wrong.clone(), wrong, &batch).unwrap();
+        assert_eq!((share, bad_share), (1.0, 0.0));
+        let (good, bad) = (good.into_scalar::<f32>(), bad.into_scalar::<f32>());
+        assert!(good < 0.05 && bad > 5.0, "{good} {bad}");
+        // Nothing grounded: no loss.
+        let plain = batcher.batch(&[&examples[2]], &device).unwrap();
+        let one = Tensor::<2>::zeros([1, 3], &device);
+        assert!(referent_loss(one.clone(), one, &plain).is_none());
+    }
+
+    #[test]
     fn targets_are_the_answer_and_end_tokens_shifted_by_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");

@@ -303,3 +303,49 @@ pub fn caption(scene: &Scene) -> String {
         None => String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::scenes::scene::{Cell, Object};
+
+    #[test]
+    fn count_and_existence_questions_match_the_cells_of_what_they_pick_out() {
+        let object = |shape, color, size, cell| Object {
+            shape,
+            color,
+            size,
+            cell: Cell(cell),
+        };
+        let scene = Scene {
+            objects: vec![
+                object(Shape::Circle, Color::Red, Size::Small, 4),
+                object(Shape::Square, Color::Red, Size::Large, 0),
+                object(Shape::Circle, Color::Blue, Size::Large, 8),
+            ],
+        };
+        assert_eq!(
+            Query::CountColor(Color::Red).matches(&scene),
+            Some(vec![0, 4])
+        );
+        assert_eq!(
+            Query::CountSize(Size::Large).matches(&scene),
+            Some(vec![0, 8])
+        );
+        assert_eq!(Query::CountAll.matches(&scene), Some(vec![0, 4, 8]));
+        assert_eq!(
+            Query::Exists(Color::Blue, Shape::Circle).matches(&scene),
+            Some(vec![8])
+        );
+        assert_eq!(
+            Query::Exists(Color::Blue, Shape::Square).matches(&scene),
+            Some(vec![])
+        );
+        let r = Ref(Value::Color(Color::Blue));
+        assert_eq!(Query::Attribute(Attribute::Shape, r).matches(&scene), None);
+        assert_eq!(
+            Query::CountColor(Color::Red).answer(&scene).as_deref(),
+            Some("two")
+        );
+    }
+}
