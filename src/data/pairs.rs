@@ -65,6 +65,10 @@ pub struct ScopePair {
     pub query_image: Option<PathBuf>,
     pub query_text: String,
     pub kind: PairKind,
+    /// The cells of the objects the edit and the query refer to, where the data says
+    /// (scenes): supervision for the fusion's attention while training, never at test time.
+    pub edit_cell: Option<u8>,
+    pub query_cell: Option<u8>,
 }
 
 impl ScopePair {
@@ -88,14 +92,25 @@ pub fn pairs(record: &EditRecord) -> Vec<ScopePair> {
         query_image: image.cloned(),
         query_text: text.to_string(),
         kind,
+        edit_cell: record.edit_cell,
+        query_cell: None,
+    };
+    // The edit question asks about the edited object, on the re-rendered image too.
+    let about_the_edit = |image, text: &str, kind| ScopePair {
+        query_cell: record.edit_cell,
+        ..pair(image, text, kind)
     };
     let image = Some(&record.image);
-    let mut out = vec![pair(image, &record.prompt, PairKind::Edit)];
+    let mut out = vec![about_the_edit(image, &record.prompt, PairKind::Edit)];
     if let Some(rephrase) = &record.rephrase {
-        out.push(pair(image, rephrase, PairKind::Rephrase));
+        out.push(about_the_edit(image, rephrase, PairKind::Rephrase));
     }
     if let Some(other) = &record.image_rephrase {
-        out.push(pair(Some(other), &record.prompt, PairKind::ImageRephrase));
+        out.push(about_the_edit(
+            Some(other),
+            &record.prompt,
+            PairKind::ImageRephrase,
+        ));
     }
     if record.scope.is_empty() {
         // FGVEdit: one in-visual-scope and one out-of-visual-scope question.
@@ -114,7 +129,10 @@ pub fn pairs(record: &EditRecord) -> Vec<ScopePair> {
             (false, false, true) => PairKind::Near,
             (false, false, false) => PairKind::OutOfScope,
         };
-        out.push(pair(image, &q.prompt, kind));
+        out.push(ScopePair {
+            query_cell: q.cell,
+            ..pair(image, &q.prompt, kind)
+        });
     }
     if let Some(loc) = &record.loc {
         out.push(pair(None, &loc.prompt, PairKind::TextLocality));

@@ -187,6 +187,7 @@ impl Fields<'_> {
                 fg_loc: Some(same_image(r.string("fg_loc_q")?, r.string("fg_loc_a")?)),
                 scope: r.scope(task)?,
                 caption: r.caption()?,
+                edit_cell: r.edit_cell()?,
                 image,
             },
             Format::MmEdit(_) => EditRecord {
@@ -207,6 +208,7 @@ impl Fields<'_> {
                 fg_loc: None,
                 scope: r.scope(task)?,
                 caption: None,
+                edit_cell: None,
                 image,
             },
         };
@@ -300,6 +302,36 @@ impl Record<'_> {
             before: self.string("caption_pred")?,
             after: self.string("caption_alt")?,
         }))
+    }
+
+    /// The edited object's cell from a scenes record's `scene` and `edit`, when present.
+    fn edit_cell(&self) -> Result<Option<u8>> {
+        #[derive(Deserialize)]
+        struct Object {
+            cell: u8,
+        }
+        #[derive(Deserialize)]
+        struct Scene {
+            objects: Vec<Object>,
+        }
+        #[derive(Deserialize)]
+        struct Edit {
+            object: usize,
+        }
+        let (Some(scene), Some(edit)) = (self.map.get("scene"), self.map.get("edit")) else {
+            return Ok(None);
+        };
+        let scene: Scene = serde_json::from_value(scene.clone())
+            .map_err(|e| self.fields.error("scene", e.to_string()))?;
+        let edit: Edit = serde_json::from_value(edit.clone())
+            .map_err(|e| self.fields.error("edit", e.to_string()))?;
+        let object = scene.objects.get(edit.object).ok_or_else(|| {
+            self.fields.error(
+                "edit",
+                format!("object {} is not in the scene", edit.object),
+            )
+        })?;
+        Ok(Some(object.cell))
     }
 
     /// The scenes benchmark's `scope` list, when present.

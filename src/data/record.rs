@@ -102,6 +102,9 @@ pub struct EditRecord {
     pub scope: Vec<ScopeQuery>,
     /// The edit image's caption before and after the edit (the scenes benchmark only).
     pub caption: Option<CaptionPair>,
+    /// The cell of the edited object on the edit image (scenes records, from their scene
+    /// graph): pre-training supervision only, never read by an editor.
+    pub edit_cell: Option<u8>,
 }
 
 impl EditRecord {
@@ -122,6 +125,7 @@ impl EditRecord {
             fg_loc: None,
             scope: Vec::new(),
             caption: None,
+            edit_cell: None,
         }
     }
 
@@ -145,6 +149,7 @@ impl EditRecord {
             fg_loc: None,
             scope: Vec::new(),
             caption: None,
+            edit_cell: self.edit_cell,
         })
     }
 }

@@ -88,9 +88,30 @@ impl Fusion {
     /// `text`: `[batch, d]`; `tokens`: `[batch, 1 + patches, d]` (class token first).
     /// Returns z: `[batch, 2d]`.
     pub fn forward(&self, text: Tensor<2>, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward_with_query(text.clone(), text, tokens)
+    }
+
+    /// [`Self::forward`] with the attention's query (`[batch, d]`) apart from z's text half.
+    pub fn forward_with_query(
+        &self,
+        text: Tensor<2>,
+        query: Tensor<2>,
+        tokens: Tensor<3>,
+    ) -> Tensor<2> {
+        self.forward_with_attention(text, query, tokens).0
+    }
+
+    /// [`Self::forward_with_query`] and, for the attention variants, the attention logits
+    /// over the tokens (`[batch, tokens]`).
+    pub fn forward_with_attention(
+        &self,
+        text: Tensor<2>,
+        query: Tensor<2>,
+        tokens: Tensor<3>,
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
         let [batch, n, d] = tokens.dims();
-        let image = match (self.kind, &self.cross) {
-            (FusionKind::Concat, _) => tokens.narrow(1, 0, 1).reshape([batch, d]),
+        let (image, logits) = match (self.kind, &self.cross) {
+            (FusionKind::Concat, _) => (tokens.narrow(1, 0, 1).reshape([batch, d]), None),
             (FusionKind::DotProduct, _) => {
                 let tau = self
                     .log_temperature
@@ -100,20 +121,22 @@ impl Fusion {
                     .exp()
                     .reshape([1, 1, 1]);
                 // Raw dot products times tau: undo attend's 1/sqrt(d).
-                let q = text.clone().reshape([batch, 1, d]) * tau * (d as f64).sqrt();
-                attend(q, tokens.clone(), tokens)
+                let q = query.reshape([batch, 1, d]) * tau * (d as f64).sqrt();
+                let (image, logits) = attend(q, tokens.clone(), tokens);
+                (image, Some(logits))
             }
             (FusionKind::CrossAttention, Some(c)) => {
                 let a = c.query.weight.dims()[1];
                 let flat = tokens.reshape([batch * n, d]);
-                let q = c.query.forward(text.clone()).reshape([batch, 1, a]);
+                let q = c.query.forward(query).reshape([batch, 1, a]);
                 let k = c.key.forward(flat.clone()).reshape([batch, n, a]);
                 let v = c.value.forward(flat).reshape([batch, n, a]);
-                c.output.forward(attend(q, k, v))
+                let (image, logits) = attend(q, k, v);
+                (c.output.forward(image), Some(logits))
             }
             (FusionKind::CrossAttention, None) => unreachable!("built with its projections"),
         };
-        Tensor::cat(vec![text, image], 1)
+        (Tensor::cat(vec![text, image], 1), logits)
     }
 
     /// z for text without an image: the image part is zero.
@@ -123,12 +146,17 @@ impl Fusion {
     }
 }
 
-/// softmax(q kᵀ / sqrt(d)) v for one query per example: `[b, 1, d] x [b, n, d]` -> `[b, d]`.
-fn attend(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<2> {
+/// softmax(q kᵀ / sqrt(d)) v for one query per example: `[b, 1, d] x [b, n, d]` -> `[b, d]`,
+/// and the logits `[b, n]`.
+fn attend(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> (Tensor<2>, Tensor<2>) {
     let [batch, _, d] = q.dims();
+    let n = k.dims()[1];
     let dv = v.dims()[2];
     let scores = q.matmul(k.swap_dims(1, 2)) / (d as f64).sqrt();
-    softmax(scores, 2).matmul(v).reshape([batch, dv])
+    (
+        softmax(scores.clone(), 2).matmul(v).reshape([batch, dv]),
+        scores.reshape([batch, n]),
+    )
 }
 
 #[cfg(test)]

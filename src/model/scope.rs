@@ -58,6 +58,11 @@ pub struct ScopeConfig {
     /// than every patch ([`pool_cells`]).
     #[serde(default)]
     pub cells: Option<usize>,
+    /// The attention's query gets its own alignment A_q (identity at first) instead of
+    /// sharing h^t: the query must point at the object the question refers to, while z's
+    /// text half should say what is asked whichever expression names the object.
+    #[serde(default)]
+    pub query_projection: bool,
 }
 
 fn default_fusion() -> FusionKind {
@@ -80,6 +85,7 @@ impl ScopeConfig {
             attention_dim: default_dim(),
             learned_metric: false,
             cells: None,
+            query_projection: false,
         }
     }
 
@@ -108,6 +114,8 @@ pub struct ScopeClassifier {
     pub align_text: Linear,
     /// A_i (eq. 4-5).
     pub align_image: Linear,
+    /// A_q, with [`ScopeConfig::query_projection`].
+    pub align_query: Option<Linear>,
     pub fusion: Fusion,
     /// log of the per-dimension metric scale (with `learned_metric`).
     pub metric_log_scale: Option<Param<Tensor<1>>>,
@@ -127,6 +135,9 @@ impl ScopeClassifier {
             clip,
             align_text: identity_linear(p, config.dim, device),
             align_image: identity_linear(p, config.dim, device),
+            align_query: config
+                .query_projection
+                .then(|| identity_linear(p, config.dim, device)),
             fusion: Fusion::new(config.fusion, config.dim, config.attention_dim, device),
             metric_log_scale: config.learned_metric.then(|| {
                 let width = match config.mode {
@@ -145,34 +156,47 @@ impl ScopeClassifier {
 
     /// z for a batch (eq. 6-7): `[batch, dim]` text-only, `[batch, 2 dim]` multimodal.
     pub fn encode(&self, input: &ScopeInput) -> Tensor<2> {
-        let z = self.encode_unscaled(input);
-        match &self.metric_log_scale {
+        self.encode_with_attention(input).0
+    }
+
+    /// [`Self::encode`] and, where the fusion attends over image tokens, its attention logits
+    /// (`[batch, tokens]`; meaningless on rows without an image).
+    pub fn encode_with_attention(&self, input: &ScopeInput) -> (Tensor<2>, Option<Tensor<2>>) {
+        let (z, logits) = self.encode_unscaled(input);
+        let z = match &self.metric_log_scale {
             Some(log_scale) => {
                 let width = log_scale.dims()[0];
                 z * log_scale.val().exp().reshape([1, width])
             }
             None => z,
-        }
+        };
+        (z, logits)
     }
 
-    fn encode_unscaled(&self, input: &ScopeInput) -> Tensor<2> {
+    fn encode_unscaled(&self, input: &ScopeInput) -> (Tensor<2>, Option<Tensor<2>>) {
         let text = self
             .clip
             .text_features(input.ids.clone(), input.padding.clone());
-        let h_t = self.align_text.forward(text);
+        let h_t = self.align_text.forward(text.clone());
         if self.config.mode == ScopeMode::TextOnly {
-            return h_t;
+            return (h_t, None);
         }
+        let query = match &self.align_query {
+            Some(a_q) => a_q.forward(text),
+            None => h_t.clone(),
+        };
         match &input.images {
-            None => self.fusion.text_only(h_t),
+            None => (self.fusion.text_only(h_t), None),
             Some((pixels, has_image)) => {
-                let z = self
-                    .fusion
-                    .forward(h_t.clone(), self.image_tokens(pixels.clone()));
+                let (z, logits) = self.fusion.forward_with_attention(
+                    h_t.clone(),
+                    query,
+                    self.image_tokens(pixels.clone()),
+                );
                 let text_only = self.fusion.text_only(h_t);
                 // Rows without an image keep the text-only encoding.
                 let mask = has_image.clone();
-                z * mask.clone() + text_only * (mask.neg() + 1.0)
+                (z * mask.clone() + text_only * (mask.neg() + 1.0), logits)
             }
         }
     }

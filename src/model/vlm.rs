@@ -426,7 +426,6 @@ impl Vlm {
         let Some(readout) = &self.referent else {
             return (prefix, None);
         };
-        let [batch, seq] = ids.dims();
         let prompt = attention_mask.equal_elem(2).float();
         // With separators, the query is the prompt after the last one and the context (the
         // edit's question) the prompt before the first; each gets its own readout.

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -44,6 +44,34 @@ pub struct ScopeTrainConfig {
     pub validate_every: usize,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// Weight of [`attention_loss`] (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attention_weight: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// Cross-entropy of the fusion's attention logits (`[batch, 1 + cells]`, class token first)
+/// against the cell each row's text refers to, mean over the rows that have one (`cells`).
+/// Grounding supervision from the scenes' scene graphs, for training only: the attention
+/// learns to point at the object before z compares it.
+pub fn attention_loss(logits: Tensor<2>, cells: &[Option<u8>]) -> Option<Tensor<1>> {
+    let (rows, targets): (Vec<i64>, Vec<i64>) = cells
+        .iter()
+        .enumerate()
+        .filter_map(|(row, cell)| cell.map(|c| (row as i64, 1 + c as i64)))
+        .unzip();
+    if rows.is_empty() || logits.dims()[1] != 10 {
+        return None;
+    }
+    let device = logits.device();
+    let n = rows.len();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
+    Some(ce.forward(logits.select(0, rows), targets))
 }
 
 /// Pairs grouped by label and kind, for stratified sampling.
@@ -109,8 +137,22 @@ pub fn train(
         let edits = batcher.edits(&batch, device)?;
         let queries = batcher.queries(&batch, device)?;
         let labels = ScopeBatcher::labels(&batch, device);
-        let log_rho = model.log_similarity(model.encode(&edits), model.encode(&queries));
-        let loss = bce(log_rho, labels);
+        let (z_e, edit_attention) = model.encode_with_attention(&edits);
+        let (z, query_attention) = model.encode_with_attention(&queries);
+        let log_rho = model.log_similarity(z_e, z);
+        let mut loss = bce(log_rho, labels);
+        if config.attention_weight > 0.0 {
+            let edit_cells: Vec<Option<u8>> = batch.iter().map(|p| p.edit_cell).collect();
+            let query_cells: Vec<Option<u8>> = batch
+                .iter()
+                .map(|p| p.query_cell.filter(|_| p.query_image.is_some()))
+                .collect();
+            for (logits, cells) in [(edit_attention, edit_cells), (query_attention, query_cells)] {
+                if let Some(term) = logits.and_then(|l| attention_loss(l, &cells)) {
+                    loss = loss + term * config.attention_weight;
+                }
+            }
+        }
         recent_loss.push(loss.clone().into_scalar::<f32>() as f64);
         let mut grads = loss.backward();
         if let Some(clip_lr) = config.clip_lr.filter(|_| !config.freeze_clip) {
@@ -305,5 +347,31 @@ pub fn run(
             &batcher,
             &device.clone().without_autodiff(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attention_loss_scores_the_cell_after_the_class_token() {
+        let device = Device::flex();
+        // Row 0 points at token 3 (cell 2), row 1 at token 1 (cell 0); row 2 has no cell.
+        let mut flat = vec![0f32; 30];
+        flat[3] = 20.0;
+        flat[10 + 1] = 20.0;
+        let logits = Tensor::<2>::from_data(TensorData::new(flat, [3, 10]), &device);
+        let loss = |cells: &[Option<u8>]| {
+            attention_loss(logits.clone(), cells)
+                .unwrap()
+                .into_scalar::<f32>()
+        };
+        assert!(loss(&[Some(2), Some(0), None]) < 1e-3);
+        assert!(loss(&[Some(0), Some(2), None]) > 10.0);
+        assert!(attention_loss(logits.clone(), &[None, None, None]).is_none());
+        // Not the 3x3 layout's tokens: nothing to supervise.
+        let patches = Tensor::<2>::zeros([1, 17], &device);
+        assert!(attention_loss(patches, &[Some(1)]).is_none());
     }
 }
