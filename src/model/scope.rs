@@ -315,6 +315,7 @@ mod tests {
         // Starts as the identity metric.
         let plain: Vec<f32> = model
             .encode_unscaled(&input)
+            .0
             .into_data()
             .try_to_vec()
             .unwrap();
