@@ -349,8 +349,8 @@ struct VlmArgs {
     /// Keep the vision tower (from --clip) fixed: only the projector and the LM learn.
     #[arg(long)]
     freeze_vision: bool,
-    /// Weight of the referent loss (a head on the middle layer predicts the cell of the
-    /// object the question refers to; scenes data only).
+    /// Weight of the referent loss (`-objects` presets on scenes data: the question's
+    /// readout over the cells learns which cells the question is about).
     #[arg(long, default_value_t = 0.0)]
     referent_weight: f64,
     #[command(flatten)]

@@ -44,7 +44,8 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         seed,
         freeze_vision: false,
         optim: Default::default(),
-        // The referent head is drawn from the generator too: side by side must still match.
+        // With an -objects preset the referent readout's loss joins in; side by side must
+        // still match.
         referent_weight: 1.0,
     };
     let (base, counterfactual) = (train(0), train(5));
@@ -59,11 +60,11 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         &clip_dir,
         32,
         VlmSpec {
-            preset: "vlm-tiny",
+            preset: "vlm-tiny-objects",
             train: &base,
         },
         VlmSpec {
-            preset: "vlm-tiny",
+            preset: "vlm-tiny-objects",
             train: &counterfactual,
         },
         &device,
@@ -76,7 +77,7 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         let alone = out.join("alone").join(name);
         mmke::train::vlm::run(
             knowledge,
-            "vlm-tiny",
+            "vlm-tiny-objects",
             32,
             Some(&clip_dir),
             &data_dir,

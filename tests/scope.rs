@@ -185,6 +185,7 @@ fn train_config(steps: usize) -> ScopeTrainConfig {
         validate_every: 2,
         checkpoint_every: 2,
         seed: 5,
+        attention_weight: 0.0,
     }
 }
 
