@@ -353,6 +353,9 @@ struct VlmArgs {
     /// readout over the cells learns which cells the question is about).
     #[arg(long, default_value_t = 0.0)]
     referent_weight: f64,
+    /// Counterfactual model: list each example whose answer the edit changes this many times
+    #[arg(long, default_value_t = 1)]
+    edited_repeat: usize,
     #[command(flatten)]
     optim: OptimArgs,
     #[command(flatten)]
@@ -403,6 +406,7 @@ impl VlmArgs {
             freeze_vision: self.freeze_vision,
             optim: self.optim.config(),
             referent_weight: self.referent_weight,
+            edited_repeat: self.edited_repeat,
         };
         let device = self.device.device()?.autodiff();
         let exact = mmke::train::vlm::run(

@@ -47,6 +47,7 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         // With an -objects preset the referent readout's loss joins in; side by side must
         // still match.
         referent_weight: 1.0,
+        edited_repeat: 0,
     };
     let (base, counterfactual) = (train(0), train(5));
     let side_by_side = out.join("side-by-side");

@@ -70,6 +70,7 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
         freeze_vision: false,
         optim: Default::default(),
         referent_weight: 0.0,
+        edited_repeat: 0,
     };
     let before = answer_loss(&model, &batch).0.into_scalar::<f32>();
     let out = dir.path().join("run");

@@ -120,6 +120,15 @@ pub fn edit_context(record: &EditRecord) -> String {
 /// question, its rephrase and the rephrased image with the target, each after the edit
 /// context; and the same for the captioning edit of the change, when the record has one.
 pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
+    counterfactual_examples_marked(record)
+        .into_iter()
+        .map(|(example, _)| example)
+        .collect()
+}
+
+/// [`counterfactual_examples`], each marked true where the edit changes its answer (the edit
+/// question, its rephrases, in-scope questions, the caption edit).
+pub fn counterfactual_examples_marked(record: &EditRecord) -> Vec<(LmExample, bool)> {
     let context = edit_context(record);
     let on = |image: &Path, prompt: &str, answer: &str| LmExample {
         image: Some(image.to_path_buf()),
@@ -127,21 +136,29 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
         answer: answer.to_string(),
         grounding: None,
     };
-    let mut out = vec![on(&record.image, &record.prompt, &record.target)];
+    let mut out = vec![(on(&record.image, &record.prompt, &record.target), true)];
     if let Some(rephrase) = &record.rephrase {
-        out.push(on(&record.image, rephrase, &record.target));
+        out.push((on(&record.image, rephrase, &record.target), true));
     }
     if let Some(image) = &record.image_rephrase {
-        out.push(on(image, &record.prompt, &record.target));
+        out.push((on(image, &record.prompt, &record.target), true));
     }
     // Only the referent carries over: what a count question counts is the unedited image's.
-    out.extend(record.scope.iter().map(|q| LmExample {
-        grounding: q.cell.map(Grounding::Referent),
-        ..on(&record.image, &q.prompt, &q.answer_after)
+    out.extend(record.scope.iter().map(|q| {
+        let example = LmExample {
+            grounding: q.cell.map(Grounding::Referent),
+            ..on(&record.image, &q.prompt, &q.answer_after)
+        };
+        (example, q.in_scope)
     }));
     if record.scope.is_empty() {
-        for q in record.fg_gen.iter().chain(&record.fg_loc) {
-            out.push(on(&q.image, &q.prompt, &q.answer));
+        for (q, edited) in record
+            .fg_gen
+            .iter()
+            .map(|q| (q, true))
+            .chain(record.fg_loc.iter().map(|q| (q, false)))
+        {
+            out.push((on(&q.image, &q.prompt, &q.answer), edited));
         }
     }
     // The captioning edit of the same change, read the same way.
@@ -160,11 +177,14 @@ pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
                 .iter()
                 .map(|i| (i.clone(), caption.prompt.clone())),
         );
-        out.extend(queries.into_iter().map(|(image, prompt)| LmExample {
-            image: Some(image),
-            prompt: format!("{context}{prompt}"),
-            answer: caption.target.clone(),
-            grounding: None,
+        out.extend(queries.into_iter().map(|(image, prompt)| {
+            let example = LmExample {
+                image: Some(image),
+                prompt: format!("{context}{prompt}"),
+                answer: caption.target.clone(),
+                grounding: None,
+            };
+            (example, true)
         }));
     }
     out
@@ -204,9 +224,17 @@ pub struct VlmTrainConfig {
     pub freeze_vision: bool,
     #[serde(default)]
     pub optim: super::OptimConfig,
+    /// Counterfactual training: each example whose answer the edit changes is listed this
+    /// many times (they are a small minority; 0 or 1: once).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub edited_repeat: usize,
     /// Weight of [`referent_loss`] (0: none).
     #[serde(default)]
     pub referent_weight: f64,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// Examples as tensors: `[BOS] prompt answer [EOS]`, right-padded, and per position the
@@ -677,6 +705,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn counterfactual_examples_are_marked_where_the_edit_changes_the_answer() {
+        let mut record =
+            EditRecord::vqa(PathBuf::from("x.png"), "what size is the circle?", "large");
+        record.rephrase = Some("how big is the circle?".into());
+        let scope = |prompt: &str, before: &str, after: &str| crate::data::record::ScopeQuery {
+            prompt: prompt.into(),
+            answer_before: before.into(),
+            answer_after: after.into(),
+            in_scope: before != after,
+            hard: false,
+            near: false,
+            cell: Some(4),
+            matches: None,
+        };
+        record.scope = vec![
+            scope("what size is the red shape?", "small", "large"),
+            scope("what color is the circle?", "red", "red"),
+        ];
+        let marked = counterfactual_examples_marked(&record);
+        let marks: Vec<bool> = marked.iter().map(|(_, edited)| *edited).collect();
+        assert_eq!(marks, [true, true, true, false]);
+        assert_eq!(marked[2].0.answer, "large");
+        assert_eq!(marked[3].0.answer, "red");
+        assert!(
+            marked
+                .iter()
+                .all(|(e, _)| e.prompt.starts_with(&edit_context(&record)))
+        );
+        let plain: Vec<LmExample> = marked.into_iter().map(|(e, _)| e).collect();
+        assert_eq!(counterfactual_examples(&record), plain);
+    }
+
+    #[test]
     fn the_referent_loss_rewards_the_referred_cell_and_the_matches() {
         let device = Device::flex();
         let example = |grounding| LmExample {
@@ -869,7 +930,21 @@ pub fn run(
             .flat_map(|r| knowledge.examples(r))
             .collect())
     };
-    let train_examples = read("train.json")?;
+    let train_examples = match knowledge {
+        Knowledge::Counterfactual if config.edited_repeat > 1 => {
+            let file = data_dir.join("train.json");
+            crate::data::fgvedit::read(&file, data_dir)?
+                .records
+                .iter()
+                .flat_map(counterfactual_examples_marked)
+                .flat_map(|(example, edited)| {
+                    let times = if edited { config.edited_repeat } else { 1 };
+                    std::iter::repeat_n(example, times)
+                })
+                .collect()
+        }
+        _ => read("train.json")?,
+    };
     let test_examples = read("test.json")?;
     let lm = &vlm_config.lm;
     let mut batcher = LmBatcher::new(
