@@ -29,8 +29,11 @@ use crate::train::vlm::VlmTrainConfig;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transfer {
-    /// The CLIP whose vision tower the second VLM starts from (trained like the first).
+    /// The CLIP whose vision tower the second VLM starts from.
     pub clip_preset: String,
+    /// Its pre-training; the preset's `clip` when absent.
+    #[serde(default)]
+    pub clip: Option<crate::train::clip::ClipTrainConfig>,
     pub vlm_preset: String,
     pub vlm: VlmTrainConfig,
     pub counterfactual: VlmTrainConfig,
@@ -73,7 +76,7 @@ pub fn run(
         &second,
         &transfer.clip_preset,
         preset.clip_image_size,
-        &preset.clip,
+        transfer.clip.as_ref().unwrap_or(&preset.clip),
         &train_device,
     )?;
     super::trained_vlms(
