@@ -704,6 +704,18 @@ pub fn train(
 mod tests {
     use super::*;
 
+    /// The scenes vocabulary's tokenizer, from the file it is read from (kept in the dir).
+    fn scenes_tokenizer() -> (tempfile::TempDir, TextTokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let json = crate::data::scenes::word_level_tokenizer()
+            .to_string(false)
+            .unwrap();
+        std::fs::write(&path, json).unwrap();
+        let tokenizer = TextTokenizer::from_file(&path, 64, 0).unwrap();
+        (dir, tokenizer)
+    }
+
     #[test]
     fn counterfactual_examples_are_marked_where_the_edit_changes_the_answer() {
         let mut record =
@@ -751,13 +763,7 @@ mod tests {
             example(Some(Grounding::Matches(vec![0, 2]))),
             example(None),
         ];
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        let json = crate::data::scenes::word_level_tokenizer()
-            .to_string(false)
-            .unwrap();
-        std::fs::write(&path, json).unwrap();
-        let tokenizer = TextTokenizer::from_file(&path, 64, 0).unwrap();
+        let (_dir, tokenizer) = scenes_tokenizer();
         let mut batcher = LmBatcher::new(tokenizer, ImagePreprocessor::clip(16), 2, 3);
         let batch = batcher
             .batch(&examples.iter().collect::<Vec<_>>(), &device)
@@ -783,13 +789,7 @@ mod tests {
 
     #[test]
     fn targets_are_the_answer_and_end_tokens_shifted_by_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        let json = crate::data::scenes::word_level_tokenizer()
-            .to_string(false)
-            .unwrap();
-        std::fs::write(&path, json).unwrap();
-        let tokenizer = TextTokenizer::from_file(&path, 64, 0).unwrap();
+        let (_dir, tokenizer) = scenes_tokenizer();
         let id = |w: &str| tokenizer.encode(w, false).unwrap()[0];
         let (red, what, color) = (id("red"), id("what"), id("color"));
         let mut batcher = LmBatcher::new(tokenizer, ImagePreprocessor::clip(16), 2, 3);
