@@ -89,9 +89,7 @@ impl ObjectWords {
     pub fn readouts(&self) -> usize {
         1 + !self.separators.is_empty() as usize
     }
-}
 
-impl ObjectWords {
     /// `[rows, ids]` summing matrix and the flat ids it sums over: row `r` of
     /// `matrix @ embed(ids)` is the sum of the embeddings of `names[r]`.
     fn summing(names: &[Vec<u32>], device: &Device) -> (Tensor<2>, Tensor<2, Int>) {
@@ -161,15 +159,29 @@ impl VlmConfig {
         })
     }
 
-    /// Visual prefix length: the class token and every patch (or cell), and the referent
-    /// token.
-    pub fn prefix_len(&self) -> usize {
-        let tokens = match self.cells {
+    /// The `-objects` presets' reading of the scenes for a vocabulary with their names:
+    /// `words` in the cell tokens, with the referent and count tokens; `None` (another
+    /// world's vocabulary) leaves the cell tokens as they are.
+    pub fn with_object_words(mut self, words: Option<ObjectWords>) -> Self {
+        let on = self.object_tokens && words.is_some();
+        self.object_words = words.filter(|_| self.object_tokens);
+        self.referent_token = on;
+        self.count_token = on;
+        self
+    }
+
+    /// The class token and every patch (or cell).
+    pub fn visual_tokens(&self) -> usize {
+        match self.cells {
             Some(cells) => 1 + cells * cells,
             None => self.vision.num_positions(),
-        };
+        }
+    }
+
+    /// Visual prefix length: [`Self::visual_tokens`] and the readouts' tokens.
+    pub fn prefix_len(&self) -> usize {
         let readouts = self.object_words.as_ref().map_or(1, ObjectWords::readouts);
-        tokens + readouts * (self.referent_token as usize + self.count_token as usize)
+        self.visual_tokens() + readouts * (self.referent_token as usize + self.count_token as usize)
     }
 }
 
@@ -380,10 +392,7 @@ impl Vlm {
                     config.vision.hidden_size
                 },
                 config.lm.hidden_size,
-                config.visual_positions.then(|| match config.cells {
-                    Some(cells) => 1 + cells * cells,
-                    None => config.vision.num_positions(),
-                }),
+                config.visual_positions.then(|| config.visual_tokens()),
                 device,
             ),
             referent: config
@@ -480,10 +489,7 @@ impl Vlm {
                 occupied.clone().narrow(1, 1, n - 1),
                 names.numbers.len(),
             );
-            let (matrix, ids) = ObjectWords::summing(&names.numbers, &weights.device());
-            let embeddings = self.lm.embed_tokens(ids);
-            let [_, k, hidden] = embeddings.dims();
-            let numbers = matrix.matmul(embeddings.reshape([k, hidden]));
+            let numbers = self.embed_names(&names.numbers);
             tokens.push(weights.matmul(numbers).unsqueeze_dim::<3>(1));
         }
         (tokens, logits)
@@ -521,15 +527,8 @@ impl Vlm {
     /// `distributions` (`[batch, 1 + cells, probe_width]`), plus the cell's name (none for the
     /// class token in front).
     fn object_word_embeddings(&self, words: &ObjectWords, distributions: Tensor<3>) -> Tensor<3> {
-        let device = distributions.device();
         let [batch, n, width] = distributions.dims();
-        let embed = |names: &[Vec<u32>]| {
-            let (matrix, ids) = ObjectWords::summing(names, &device);
-            let embeddings = self.lm.embed_tokens(ids);
-            let [_, k, hidden] = embeddings.dims();
-            matrix.matmul(embeddings.reshape([k, hidden]))
-        };
-        let classes = embed(&words.classes);
+        let classes = self.embed_names(&words.classes);
         let hidden = classes.dims()[1];
         let attributes = distributions
             .reshape([batch * n, width])
@@ -537,7 +536,16 @@ impl Vlm {
             .reshape([batch, n, hidden]);
         let mut cells = vec![Vec::new(); n - words.cells.len()];
         cells.extend(words.cells.iter().cloned());
-        attributes + embed(&cells).unsqueeze_dim::<3>(0)
+        attributes + self.embed_names(&cells).unsqueeze_dim::<3>(0)
+    }
+
+    /// Per name (a list of ids), the sum of its words' embeddings: `[names, hidden]`.
+    fn embed_names(&self, names: &[Vec<u32>]) -> Tensor<2> {
+        let device = self.lm.model.decoder.embed_tokens.weight.device();
+        let (matrix, ids) = ObjectWords::summing(names, &device);
+        let embeddings = self.lm.embed_tokens(ids);
+        let [_, k, hidden] = embeddings.dims();
+        matrix.matmul(embeddings.reshape([k, hidden]))
     }
 
     /// The LM over `[visual prefix; text]` (or the text alone without `pixels`). The output's
@@ -685,6 +693,47 @@ mod tests {
         let causal = Tensor::<2, Int>::ones([1, 5], &device);
         let c = logits(ids(11), causal.clone());
         assert_eq!(change(c, logits(other, causal), 1), 0.0);
+    }
+
+    #[test]
+    fn readouts_add_their_tokens_to_the_prefix_and_score_the_cells() {
+        let device = Device::flex();
+        let names = |n: usize, from: u32| (0..n as u32).map(|i| vec![from + i]).collect();
+        let mut classes: Vec<Vec<u32>> = names(crate::model::objects::probe_width(), 4);
+        classes[0].clear();
+        let words = ObjectWords {
+            classes,
+            cells: names(9, 10),
+            numbers: names(5, 20),
+            separators: vec![30, 31],
+        };
+        let config = tiny().with_object_words(Some(words));
+        assert!(config.referent_token && config.count_token);
+        // Cells and class token, then referent + count for the query and for the context.
+        assert_eq!(config.prefix_len(), 10 + 2 * 2);
+        let model = Vlm::new(&config, &device);
+        assert_eq!(model.prefix_len(), config.prefix_len());
+        // [BOS] context >> alt || query, all prompt (prefix-LM mask 2), then the answer.
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![2i64, 5, 30, 6, 31, 7, 8, 9], [1, 8]),
+            &device,
+        );
+        let mask = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![2i64, 2, 2, 2, 2, 2, 2, 1], [1, 8]),
+            &device,
+        );
+        let image = Tensor::<4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+        let hooks = Hooks {
+            capture: true,
+            ..Hooks::default()
+        };
+        let out = model.forward(Some(image), ids, mask, &hooks);
+        assert_eq!(out.hidden_states[0].dims(), [1, 14 + 8, 32]);
+        assert_eq!(out.logits.dims(), [1, 8, 40]);
+        assert_eq!(out.referent_logits.map(|l| l.dims()), Some([1, 9]));
+        // Another world's vocabulary: no readouts.
+        let plain = tiny().with_object_words(None);
+        assert!(!plain.referent_token && plain.prefix_len() == 10);
     }
 
     #[test]

@@ -904,24 +904,22 @@ pub fn run(
     let tokenizer_path = data_dir.join("tokenizer.json");
     let tokenizer = TextTokenizer::from_file(&tokenizer_path, 256, 0)?;
     let vocab = tokenizer.inner().get_vocab_size(true);
-    let mut vlm_config =
+    let vlm_config =
         VlmConfig::preset(preset, vocab, image_size).ok_or_else(|| crate::Error::Config {
             path: out.to_path_buf(),
             reason: format!("unknown VLM preset '{preset}': expected vlm-tiny, vlm-small, vlm-tiny-objects or vlm-small-objects"),
         })?;
-    if vlm_config.object_tokens {
-        vlm_config.object_words = scenes_object_words(&tokenizer);
-        if knowledge == Knowledge::Counterfactual
-            && let Some(words) = &mut vlm_config.object_words
-        {
-            words.separators = [">>", "||"]
-                .iter()
-                .filter_map(|s| tokenizer.inner().token_to_id(s))
-                .collect();
-        }
-        vlm_config.referent_token = vlm_config.object_words.is_some();
-        vlm_config.count_token = vlm_config.object_words.is_some();
+    let mut words = scenes_object_words(&tokenizer);
+    // The counterfactual model reads the edit in its context apart from the query.
+    if knowledge == Knowledge::Counterfactual
+        && let Some(words) = &mut words
+    {
+        words.separators = [">>", "||"]
+            .iter()
+            .filter_map(|s| tokenizer.inner().token_to_id(s))
+            .collect();
     }
+    let vlm_config = vlm_config.with_object_words(words);
     let read = |name: &str| -> Result<Vec<LmExample>> {
         let file = data_dir.join(name);
         Ok(crate::data::fgvedit::read(&file, data_dir)?
