@@ -180,6 +180,7 @@ fn train_config(steps: usize) -> ScopeTrainConfig {
         batch_size: 8,
         lr: 1e-3,
         freeze_clip: false,
+        freeze_vision: false,
         // CLIP on its own learning rate: the resume test covers the two-group update.
         clip_lr: Some(5e-4),
         validate_every: 2,
@@ -357,4 +358,51 @@ fn scores_encode_each_edit_once_and_match_pairwise_similarity() {
     for (i, (a, b)) in rho.iter().zip(&want).enumerate() {
         assert!((a - b).abs() < 1e-5, "pair {i}: {a} vs {b}");
     }
+}
+
+#[test]
+fn the_object_readout_attends_the_named_cell_and_ignores_the_edit_target() {
+    let f = fixture();
+    let device = Device::flex();
+    let config = ScopeConfig {
+        object_readout: true,
+        cells: Some(3),
+        ..ScopeConfig::multimodal(FusionKind::DotProduct)
+    };
+    let words = mmke::model::objects::scenes_object_words(&f.batcher.tokenizer);
+    assert!(words.is_some(), "the scenes tokenizer names every class");
+    let mut model = classifier(&f, &config, &device).with_object_words(words);
+    // A probe that sees nothing yet: every cell's key is the same mixture of class names
+    // plus its own name.
+    let mut probe = model.attribute_probe.take().unwrap();
+    probe.linear.weight = burn::module::Param::from_tensor(probe.linear.weight.val().zeros_like());
+    model.attribute_probe = Some(probe);
+    let image = &f.pairs[0].edit_image;
+    let edit = |question: &str, target: &str| {
+        let input = f
+            .batcher
+            .edit_side(&[(question, target, image)], &device)
+            .unwrap();
+        let (z, logits) = model.encode_with_attention(&input);
+        let cell: Vec<i64> = logits
+            .unwrap()
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        let image_half: Vec<f32> = z
+            .narrow(1, config.dim, config.dim)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        (cell[0], image_half)
+    };
+    // Identity projections from the start: the cell name in the question picks its cell.
+    let (top_left, purple) = edit("what color is the shape in the top left?", "purple");
+    let (bottom_right, _) = edit("what color is the shape in the bottom right?", "purple");
+    assert_eq!((top_left, bottom_right), (0, 8));
+    // The target is not part of the readout's query: the image half stays.
+    let (_, green) = edit("what color is the shape in the top left?", "green");
+    assert_eq!(purple, green);
 }

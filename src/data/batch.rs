@@ -208,7 +208,56 @@ impl ScopeBatcher {
     ) -> crate::Result<crate::model::scope::ScopeInput> {
         let texts: Vec<&str> = texts.collect();
         let (ids, padding) = self.tokenizer.encode_batch(&texts)?.to_tensors(device);
-        let images = if images.iter().all(Option::is_none) {
+        let images = self.pixels(images, device);
+        Ok(crate::model::scope::ScopeInput {
+            ids,
+            padding,
+            images,
+            focus: None,
+        })
+    }
+
+    /// The edit side for `(question, target, image)` triples: "question target" on the edit
+    /// image, the object readout's focus on the question's tokens (the common prefix of its
+    /// encoding and the whole text's).
+    pub fn edit_side(
+        &self,
+        edits: &[(&str, &str, &PathBuf)],
+        device: &Device,
+    ) -> crate::Result<crate::model::scope::ScopeInput> {
+        let texts: Vec<String> = edits.iter().map(|(q, t, _)| format!("{q} {t}")).collect();
+        let batch = self.tokenizer.encode_batch(&texts)?;
+        let mut focus = vec![0f32; batch.batch * batch.seq];
+        for (row, (question, _, _)) in edits.iter().enumerate() {
+            let question = self.tokenizer.encode(question, true)?;
+            let whole = &batch.ids[row * batch.seq..(row + 1) * batch.seq];
+            let shared = question
+                .iter()
+                .zip(whole)
+                .take_while(|(a, b)| a == b)
+                .count();
+            focus[row * batch.seq..row * batch.seq + shared].fill(1.0);
+        }
+        let (ids, padding) = batch.to_tensors(device);
+        let images: Vec<Option<&PathBuf>> = edits.iter().map(|(_, _, i)| Some(*i)).collect();
+        Ok(crate::model::scope::ScopeInput {
+            ids,
+            padding,
+            images: self.pixels(&images, device),
+            focus: Some(Tensor::from_data(
+                TensorData::new(focus, [batch.batch, batch.seq]),
+                device,
+            )),
+        })
+    }
+
+    /// `[batch, 3, h, w]` pixels and `[batch, 1]` has-image flags; `None` without any image.
+    fn pixels(
+        &self,
+        images: &[Option<&PathBuf>],
+        device: &Device,
+    ) -> Option<(Tensor<4>, Tensor<2>)> {
+        if images.iter().all(Option::is_none) {
             None
         } else {
             let (h, w) = self.size;
@@ -232,12 +281,7 @@ impl ScopeBatcher {
                 Tensor::from_data(TensorData::new(pixels, [n, 3, h, w]), device),
                 Tensor::from_data(TensorData::new(has, [n, 1]), device),
             ))
-        };
-        Ok(crate::model::scope::ScopeInput {
-            ids,
-            padding,
-            images,
-        })
+        }
     }
 
     /// The edit side of the pairs: edit image with "question + target".
@@ -246,8 +290,17 @@ impl ScopeBatcher {
         pairs: &[&super::pairs::ScopePair],
         device: &Device,
     ) -> crate::Result<crate::model::scope::ScopeInput> {
-        let images: Vec<_> = pairs.iter().map(|p| Some(&p.edit_image)).collect();
-        self.side(pairs.iter().map(|p| p.edit_text.as_str()), &images, device)
+        let edits: Vec<(&str, &str, &PathBuf)> = pairs
+            .iter()
+            .map(|p| {
+                (
+                    p.edit_question.as_str(),
+                    p.edit_target.as_str(),
+                    &p.edit_image,
+                )
+            })
+            .collect();
+        self.edit_side(&edits, device)
     }
 
     /// The query side of the pairs: query image (if any) with the question.

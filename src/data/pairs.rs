@@ -60,8 +60,9 @@ pub struct ScopePair {
     /// Index of the edit record.
     pub record: usize,
     pub edit_image: PathBuf,
-    /// The edit question followed by its target.
-    pub edit_text: String,
+    /// The edit's question and target (the edit side reads "question target").
+    pub edit_question: String,
+    pub edit_target: String,
     pub query_image: Option<PathBuf>,
     pub query_text: String,
     pub kind: PairKind,
@@ -77,18 +78,13 @@ impl ScopePair {
     }
 }
 
-/// The edit side's text: question and target, as stored in the edit memory.
-pub fn edit_text(record: &EditRecord) -> String {
-    format!("{} {}", record.prompt, record.target)
-}
-
 /// Every labelled pair one record provides.
 pub fn pairs(record: &EditRecord) -> Vec<ScopePair> {
-    let edit = edit_text(record);
     let pair = |image: Option<&PathBuf>, text: &str, kind| ScopePair {
         record: record.index,
         edit_image: record.image.clone(),
-        edit_text: edit.clone(),
+        edit_question: record.prompt.clone(),
+        edit_target: record.target.clone(),
         query_image: image.cloned(),
         query_text: text.to_string(),
         kind,

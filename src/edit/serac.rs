@@ -12,7 +12,6 @@ use burn::tensor::Device;
 use super::memory::{EditMemory, Route};
 use super::speaker::{Prediction, Query, Speaker};
 use crate::data::batch::ScopeBatcher;
-use crate::data::pairs::edit_text;
 use crate::data::record::EditRecord;
 use crate::error::Result;
 use crate::model::scope::ScopeClassifier;
@@ -97,10 +96,8 @@ impl MemoryEditor {
     /// Stores an edit: its z_e (edit image with "question + target") joins the memory.
     pub fn edit(&mut self, record: &EditRecord) -> Result<()> {
         self.batcher.preload([&record.image])?;
-        let text = edit_text(record);
-        let input = self.batcher.side(
-            std::iter::once(text.as_str()),
-            &[Some(&record.image)],
+        let input = self.batcher.edit_side(
+            &[(&record.prompt, &record.target, &record.image)],
             &self.device,
         )?;
         self.memory.insert(self.classifier.encode(&input));

@@ -100,13 +100,17 @@ pub fn scores(
     batcher: &ScopeBatcher,
     device: &Device,
 ) -> Result<Vec<f32>> {
-    let mut edit_index: BTreeMap<(&Path, &str), usize> = BTreeMap::new();
+    let mut edit_index: BTreeMap<(&Path, &str, &str), usize> = BTreeMap::new();
     let mut edits: Vec<&ScopePair> = Vec::new();
     let slots: Vec<usize> = pairs
         .iter()
         .map(|p| {
             *edit_index
-                .entry((p.edit_image.as_path(), p.edit_text.as_str()))
+                .entry((
+                    p.edit_image.as_path(),
+                    p.edit_question.as_str(),
+                    p.edit_target.as_str(),
+                ))
                 .or_insert_with(|| {
                     edits.push(p);
                     edits.len() - 1

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipConfig, ClipModel, pool_cells};
 use super::fusion::{Fusion, FusionKind};
+use super::objects::{AttributeProbe, ObjectWords, ReferentReadout, object_word_embeddings};
 
 /// rho >= this: in scope.
 pub const THRESHOLD: f32 = 0.5;
@@ -63,6 +64,13 @@ pub struct ScopeConfig {
     /// text half should say what is asked whichever expression names the object.
     #[serde(default)]
     pub query_projection: bool,
+    /// Dot-product fusion over object tokens in word space (the VLM's referent readout): the
+    /// keys are CLIP's token embeddings of the names the attribute probe reads in each cell
+    /// plus the cell's name, the query the mean token embedding of the question (the edit's
+    /// question without its target), cosine attention; the values stay the aligned cell
+    /// tokens. Needs a scenes CLIP with its attribute probe and the 3x3 cell tokens.
+    #[serde(default)]
+    pub object_readout: bool,
 }
 
 fn default_fusion() -> FusionKind {
@@ -86,6 +94,7 @@ impl ScopeConfig {
             learned_metric: false,
             cells: None,
             query_projection: false,
+            object_readout: false,
         }
     }
 
@@ -105,6 +114,9 @@ pub struct ScopeInput {
     /// `[batch, 3, h, w]` and `[batch, 1]` (1 where the row really has an image; rows without
     /// one hold zeros and are encoded as text-only).
     pub images: Option<(Tensor<4>, Tensor<2>)>,
+    /// `[batch, seq]`, 1 on the tokens an object readout reads (the edit's question, not its
+    /// target); `None`: every token that is not padding.
+    pub focus: Option<Tensor<2>>,
 }
 
 #[derive(Module, Debug)]
@@ -119,6 +131,11 @@ pub struct ScopeClassifier {
     pub fusion: Fusion,
     /// log of the per-dimension metric scale (with `learned_metric`).
     pub metric_log_scale: Option<Param<Tensor<1>>>,
+    /// With `object_readout`: the CLIP's attribute probe and the word-space attention.
+    pub attribute_probe: Option<AttributeProbe>,
+    pub readout: Option<ReferentReadout>,
+    #[module(skip)]
+    object_words: Option<ObjectWords>,
     #[module(skip)]
     config: ScopeConfig,
 }
@@ -146,8 +163,21 @@ impl ScopeClassifier {
                 };
                 Param::from_tensor(Tensor::zeros([width], device))
             }),
+            attribute_probe: config
+                .object_readout
+                .then(|| AttributeProbe::new(p, device)),
+            readout: config
+                .object_readout
+                .then(|| ReferentReadout::new(clip_config.text_config.hidden_size, device)),
+            object_words: None,
             config: config.clone(),
         }
+    }
+
+    /// The names the object readout's keys are made of (ids in the CLIP's vocabulary).
+    pub fn with_object_words(mut self, words: Option<ObjectWords>) -> Self {
+        self.object_words = words;
+        self
     }
 
     pub fn config(&self) -> &ScopeConfig {
@@ -181,37 +211,90 @@ impl ScopeClassifier {
         if self.config.mode == ScopeMode::TextOnly {
             return (h_t, None);
         }
-        let query = match &self.align_query {
-            Some(a_q) => a_q.forward(text),
-            None => h_t.clone(),
+        let Some((pixels, has_image)) = &input.images else {
+            return (self.fusion.text_only(h_t), None);
         };
-        match &input.images {
-            None => (self.fusion.text_only(h_t), None),
-            Some((pixels, has_image)) => {
-                let (z, logits) = self.fusion.forward_with_attention(
+        let (z, logits) = match (&self.readout, &self.attribute_probe) {
+            (Some(readout), Some(probe)) => {
+                let (image, logits) = self.object_readout(readout, probe, input, pixels.clone());
+                (Tensor::cat(vec![h_t.clone(), image], 1), Some(logits))
+            }
+            _ => {
+                let query = match &self.align_query {
+                    Some(a_q) => a_q.forward(text),
+                    None => h_t.clone(),
+                };
+                self.fusion.forward_with_attention(
                     h_t.clone(),
                     query,
                     self.image_tokens(pixels.clone()),
-                );
-                let text_only = self.fusion.text_only(h_t);
-                // Rows without an image keep the text-only encoding.
-                let mask = has_image.clone();
-                (z * mask.clone() + text_only * (mask.neg() + 1.0), logits)
+                )
             }
+        };
+        let text_only = self.fusion.text_only(h_t);
+        // Rows without an image keep the text-only encoding.
+        let mask = has_image.clone();
+        (z * mask.clone() + text_only * (mask.neg() + 1.0), logits)
+    }
+
+    /// [`ScopeConfig::object_readout`]: the aligned cell tokens' mean under the word-space
+    /// attention, `[batch, dim]`, and the attention logits over the cells, `[batch, cells]`.
+    fn object_readout(
+        &self,
+        readout: &ReferentReadout,
+        probe: &AttributeProbe,
+        input: &ScopeInput,
+        pixels: Tensor<4>,
+    ) -> (Tensor<2>, Tensor<2>) {
+        let words = self
+            .object_words
+            .as_ref()
+            .expect("an object readout is built with its words (with_object_words)");
+        let tokens = self.clip_tokens(pixels);
+        let aligned = self.align(tokens.clone());
+        let [batch, n, dim] = aligned.dims();
+        let embedding = &self.clip.text_model.embeddings.token_embedding;
+        let device = aligned.device();
+        let keys = object_word_embeddings(words, probe.distributions(tokens), |names| {
+            super::objects::embed_names(names, |ids| embedding.forward(ids), &device)
+        });
+        let focus = match &input.focus {
+            Some(focus) => focus.clone(),
+            None => input.padding.clone().bool_not().float(),
+        };
+        let text = embedding.forward(input.ids.clone());
+        let [_, seq, width] = text.dims();
+        let count = focus.clone().sum_dim(1).clamp_min(1.0);
+        let query = (text * focus.reshape([batch, seq, 1]))
+            .sum_dim(1)
+            .reshape([batch, width])
+            / count;
+        let (image, logits) =
+            readout.forward(query, keys.narrow(1, 1, n - 1), aligned.narrow(1, 1, n - 1));
+        (image.reshape([batch, dim]), logits)
+    }
+
+    /// CLIP's projected class and patch (or cell) tokens, `[batch, 1 + patches, p]`.
+    fn clip_tokens(&self, pixels: Tensor<4>) -> Tensor<3> {
+        let tokens = self.clip.image_tokens(pixels);
+        match self.config.cells {
+            Some(cells) => pool_cells(tokens, cells),
+            None => tokens,
         }
+    }
+
+    /// A_i over every token.
+    fn align(&self, tokens: Tensor<3>) -> Tensor<3> {
+        let [batch, n, p] = tokens.dims();
+        let aligned = self.align_image.forward(tokens.reshape([batch * n, p]));
+        let dim = aligned.dims()[1];
+        aligned.reshape([batch, n, dim])
     }
 
     /// Aligned class and patch (or cell) tokens, `[batch, 1 + patches, dim]`: CLIP's projected
     /// tokens through A_i.
     pub fn image_tokens(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let mut tokens = self.clip.image_tokens(pixels);
-        if let Some(cells) = self.config.cells {
-            tokens = pool_cells(tokens, cells);
-        }
-        let [batch, n, p] = tokens.dims();
-        let aligned = self.align_image.forward(tokens.reshape([batch * n, p]));
-        let dim = aligned.dims()[1];
-        aligned.reshape([batch, n, dim])
+        self.align(self.clip_tokens(pixels))
     }
 
     /// log rho for aligned rows, `z_e[i]` against `z[i]`, `[batch]`. For the released
@@ -311,6 +394,7 @@ mod tests {
             ids,
             padding: Tensor::<2, Bool>::from_data(TensorData::new(vec![false; 3], [1, 3]), &device),
             images: None,
+            focus: None,
         };
         // Starts as the identity metric.
         let plain: Vec<f32> = model

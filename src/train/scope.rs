@@ -26,8 +26,10 @@ use crate::error::{Error, Result, write_atomic};
 use crate::eval::scope::ScopeReport;
 use crate::eval::scope::evaluate;
 use crate::model::clip::{Clip, ClipConfig, ClipModel};
-use crate::model::scope::ScopeConfig;
+use crate::model::fusion::FusionKind;
+use crate::model::objects::{AttributeProbe, ObjectWords, scenes_object_words};
 use crate::model::scope::{ScopeClassifier, bce};
+use crate::model::scope::{ScopeConfig, ScopeMode};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +40,11 @@ pub struct ScopeTrainConfig {
     /// Keep CLIP's weights fixed and train only alignment and fusion.
     #[serde(default)]
     pub freeze_clip: bool,
+    /// Keep CLIP's vision tower (and the attribute probe) fixed but fine-tune its text
+    /// encoder: z's text half must learn what a question asks, which frozen caption features
+    /// do not say, while the cells the attention compares stay the pre-trained ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_vision: bool,
     /// Learning rate of CLIP's weights when fine-tuned (default: `lr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_lr: Option<f64>,
@@ -53,17 +60,24 @@ fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 
-/// Cross-entropy of the fusion's attention logits (`[batch, 1 + cells]`, class token first)
-/// against the cell each row's text refers to, mean over the rows that have one (`cells`).
+/// Cross-entropy of the fusion's attention logits (`[batch, 1 + cells]`, class token first,
+/// or `[batch, cells]` from an object readout) against the cell each row's text refers to,
+/// mean over the rows that have one (`cells`).
 /// Grounding supervision from the scenes' scene graphs, for training only: the attention
 /// learns to point at the object before z compares it.
 pub fn attention_loss(logits: Tensor<2>, cells: &[Option<u8>]) -> Option<Tensor<1>> {
+    // The 3x3 layout's cells, after the class token where there is one.
+    let offset = match logits.dims()[1] {
+        9 => 0,
+        10 => 1,
+        _ => return None,
+    };
     let (rows, targets): (Vec<i64>, Vec<i64>) = cells
         .iter()
         .enumerate()
-        .filter_map(|(row, cell)| cell.map(|c| (row as i64, 1 + c as i64)))
+        .filter_map(|(row, cell)| cell.map(|c| (row as i64, offset + c as i64)))
         .unzip();
-    if rows.is_empty() || logits.dims()[1] != 10 {
+    if rows.is_empty() {
         return None;
     }
     let device = logits.device();
@@ -119,6 +133,11 @@ pub fn train(
 ) -> Result<(ScopeClassifier, Option<ScopeReport>)> {
     if config.freeze_clip {
         model.clip = model.clip.no_grad();
+    }
+    if config.freeze_clip || config.freeze_vision {
+        model.clip.vision_model = model.clip.vision_model.no_grad();
+        model.clip.visual_projection = model.clip.visual_projection.no_grad();
+        model.attribute_probe = model.attribute_probe.map(|p| p.no_grad());
     }
     let mut optim = AdamConfig::new().init();
     let mut state = TrainState::default();
@@ -219,6 +238,30 @@ pub fn read_pairs(file: &Path, image_root: &Path) -> Result<Vec<ScopePair>> {
         .collect())
 }
 
+/// The scenes names an object readout (`model.object_readout`) reads, in `clip`'s vocabulary;
+/// an error naming `dir` where that is not a scenes CLIP.
+fn object_words(
+    model: &ScopeConfig,
+    tokenizer: &TextTokenizer,
+    dir: &Path,
+) -> Result<Option<ObjectWords>> {
+    if !model.object_readout {
+        return Ok(None);
+    }
+    let bad = |reason: &str| Error::Config {
+        path: dir.to_path_buf(),
+        reason: format!("object_readout: {reason}"),
+    };
+    if model.mode != ScopeMode::Multimodal || model.fusion != FusionKind::DotProduct {
+        return Err(bad(
+            "only for the multimodal classifier with dot-product fusion",
+        ));
+    }
+    scenes_object_words(tokenizer)
+        .map(Some)
+        .ok_or_else(|| bad("the CLIP's tokenizer lacks the scenes' attribute and cell names"))
+}
+
 /// A trained classifier on disk: `run.toml`, `model.bpk` (all weights), and `clip/` (the
 /// fine-tuned CLIP in Hugging Face layout with its tokenizer and preprocessor). An export
 /// (`mmke export`) has `config.json` and `model.safetensors` in place of the first two.
@@ -246,7 +289,8 @@ impl ScopeRun {
             ClipModel::new(&clip.config, device),
             &clip.config,
             device,
-        );
+        )
+        .with_object_words(object_words(&config.model, &clip.tokenizer, dir)?);
         let model = if exported {
             crate::model::clip::weights::load_safetensors(model, &dir.join("model.safetensors"))?
         } else {
@@ -316,9 +360,21 @@ pub fn run(
 
     let clip = Clip::load(clip_dir, device)?;
     let all: Vec<ScopePair> = train_pairs.iter().chain(&valid_pairs).cloned().collect();
+    let words = object_words(&config.model, &clip.tokenizer, clip_dir)?;
     let batcher = ScopeBatcher::new(clip.tokenizer, clip.preprocessor.clone(), &all)?;
     device.seed(config.train.seed);
-    let model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device);
+    let mut model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device)
+        .with_object_words(words);
+    if config.model.object_readout {
+        let path = clip_dir.join(crate::model::objects::PROBE_FILE);
+        let probe = AttributeProbe::new(clip.config.projection_dim, device)
+            .try_load_file(&path)
+            .map_err(|e| Error::Weights {
+                path: path.clone(),
+                reason: format!("an object readout needs the CLIP's attribute probe: {e}"),
+            })?;
+        model.attribute_probe = Some(probe);
+    }
     let (model, report) = train(
         model,
         &train_pairs,

@@ -838,37 +838,6 @@ pub fn load(
     Ok((model, config, tokenizer))
 }
 
-/// The vocabulary ids of the scenes' attribute and cell names, in the attribute probe's
-/// column order ([`crate::model::objects::ATTRIBUTE_CLASSES`]), or `None` when the
-/// vocabulary lacks one of them (data from another world).
-pub fn scenes_object_words(tokenizer: &TextTokenizer) -> Option<crate::model::vlm::ObjectWords> {
-    use crate::data::scenes::scene::{Cell, Color, Shape, Size};
-    let ids = |name: &str| -> Option<Vec<u32>> {
-        name.split_whitespace()
-            .map(|w| tokenizer.inner().token_to_id(w))
-            .collect()
-    };
-    let none = || Some(Vec::new());
-    let mut classes = vec![none()];
-    classes.extend(Shape::ALL.iter().map(|s| ids(s.name())));
-    classes.push(none());
-    classes.extend(Color::ALL.iter().map(|c| ids(c.name())));
-    classes.push(none());
-    classes.extend(Size::ALL.iter().map(|s| ids(s.name())));
-    Some(crate::model::vlm::ObjectWords {
-        classes: classes.into_iter().collect::<Option<_>>()?,
-        cells: Cell::ALL
-            .iter()
-            .map(|c| ids(c.name()))
-            .collect::<Option<_>>()?,
-        numbers: crate::data::scenes::language::NUMBERS
-            .iter()
-            .map(|n| ids(n))
-            .collect::<Option<_>>()?,
-        separators: Vec::new(),
-    })
-}
-
 /// A trained base VLM on disk: `vlm.json` (the config), `model.bpk`, `tokenizer.json`.
 pub fn save(
     model: &Vlm,
@@ -909,7 +878,7 @@ pub fn run(
             path: out.to_path_buf(),
             reason: format!("unknown VLM preset '{preset}': expected vlm-tiny, vlm-small, vlm-tiny-objects or vlm-small-objects"),
         })?;
-    let mut words = scenes_object_words(&tokenizer);
+    let mut words = crate::model::objects::scenes_object_words(&tokenizer);
     // The counterfactual model reads the edit in its context apart from the query.
     if knowledge == Knowledge::Counterfactual
         && let Some(words) = &mut words
