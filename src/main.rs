@@ -356,6 +356,10 @@ struct VlmArgs {
     /// Counterfactual model: list each example whose answer the edit changes this many times
     #[arg(long, default_value_t = 1)]
     edited_repeat: usize,
+    /// Counterfactual model on scenes data: rewrite the object tokens into the edited world
+    /// before answering
+    #[arg(long)]
+    rewrite_objects: bool,
     #[command(flatten)]
     optim: OptimArgs,
     #[command(flatten)]
@@ -407,6 +411,7 @@ impl VlmArgs {
             optim: self.optim.config(),
             referent_weight: self.referent_weight,
             edited_repeat: self.edited_repeat,
+            rewrite_objects: self.rewrite_objects,
         };
         let device = self.device.device()?.autodiff();
         let exact = mmke::train::vlm::run(

@@ -188,6 +188,7 @@ impl Fields<'_> {
                 scope: r.scope(task)?,
                 caption: r.caption()?,
                 edit_cell: r.edit_cell()?,
+                moved_to: r.moved_to()?,
                 image,
             },
             Format::MmEdit(_) => EditRecord {
@@ -209,6 +210,7 @@ impl Fields<'_> {
                 scope: r.scope(task)?,
                 caption: None,
                 edit_cell: None,
+                moved_to: None,
                 image,
             },
         };
@@ -332,6 +334,33 @@ impl Record<'_> {
             )
         })?;
         Ok(Some(object.cell))
+    }
+
+    /// Where a scenes record's position edit (`edit.attribute` "position") moves the object:
+    /// the cell named by `edit.to`.
+    fn moved_to(&self) -> Result<Option<u8>> {
+        #[derive(Deserialize)]
+        struct Edit {
+            attribute: String,
+            to: String,
+        }
+        let Some(edit) = self.map.get("edit") else {
+            return Ok(None);
+        };
+        let edit: Edit = serde_json::from_value(edit.clone())
+            .map_err(|e| self.fields.error("edit", e.to_string()))?;
+        if edit.attribute != "position" {
+            return Ok(None);
+        }
+        use crate::data::scenes::scene::Cell;
+        let cell = Cell::ALL
+            .iter()
+            .position(|c| c.name() == edit.to)
+            .ok_or_else(|| {
+                self.fields
+                    .error("edit", format!("no cell is called {:?}", edit.to))
+            })?;
+        Ok(Some(cell as u8))
     }
 
     /// The scenes benchmark's `scope` list, when present.

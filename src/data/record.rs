@@ -105,6 +105,9 @@ pub struct EditRecord {
     /// The cell of the edited object on the edit image (scenes records, from their scene
     /// graph): pre-training supervision only, never read by an editor.
     pub edit_cell: Option<u8>,
+    /// The cell a position edit moves the edited object to (scenes records), likewise
+    /// supervision only.
+    pub moved_to: Option<u8>,
 }
 
 impl EditRecord {
@@ -126,6 +129,7 @@ impl EditRecord {
             scope: Vec::new(),
             caption: None,
             edit_cell: None,
+            moved_to: None,
         }
     }
 
@@ -150,6 +154,7 @@ impl EditRecord {
             scope: Vec::new(),
             caption: None,
             edit_cell: self.edit_cell,
+            moved_to: self.moved_to,
         })
     }
 }

@@ -243,6 +243,90 @@ pub fn embed_names(
     matrix.matmul(embeddings.reshape([k, hidden]))
 }
 
+/// Above this cosine between an edit's target and a name, the target names that class or
+/// cell ([`edit_target_choice`]); below it for every name, the edit rewrites nothing.
+pub const TARGET_MATCH: f32 = 0.8;
+/// Scale of the cosines in [`edit_target_choice`]: a name that is the target (cosine 1)
+/// takes nearly all the weight from one that shares half its words (0.5) or the threshold.
+const TARGET_SCALE: f32 = 30.0;
+
+/// What an edit's target names, as soft choices: `[batch, probe_width]` over the probe's
+/// classes and `[batch, cells]` over the cells (their sum is the probability that the target
+/// names one at all; the rest goes to "no match" at [`TARGET_MATCH`]). `target` is the mean
+/// embedding of the target's words, `classes` and `cells` the names' embeddings (zero rows
+/// for the "no object" classes, which an edit never names).
+pub fn edit_target_choice(
+    target: Tensor<2>,
+    classes: Tensor<2>,
+    cells: Tensor<2>,
+) -> (Tensor<2>, Tensor<2>) {
+    let [batch, _] = target.dims();
+    let width = classes.dims()[0];
+    let names = Tensor::cat(vec![classes, cells], 0);
+    let norms = names.clone().powi_scalar(2).sum_dim(1).sqrt(); // [names, 1]
+    let unnamed = norms.clone().lower_elem(1e-6).float();
+    let names = names / norms.clamp_min(1e-6);
+    let target = target.clone() / target.powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-6);
+    let cos = target.matmul(names.transpose()); // [batch, names]
+    let logits = (cos - unnamed.transpose() * 1e4) * TARGET_SCALE;
+    let threshold = Tensor::<2>::full([batch, 1], TARGET_MATCH * TARGET_SCALE, &logits.device());
+    let weights = softmax(Tensor::cat(vec![logits, threshold], 1), 1);
+    let total = weights.dims()[1];
+    (
+        weights.clone().narrow(1, 0, width),
+        weights.narrow(1, width, total - 1 - width),
+    )
+}
+
+/// The object tokens of the world an edit describes (the counterfactual model's reading of
+/// its edit): `distributions` `[batch, 1 + cells, probe_width]` (class token first), the
+/// edited object as weights over the cells `referent` `[batch, cells]`, and what the target
+/// names ([`edit_target_choice`]). An attribute class replaces that attribute's distribution
+/// in the referred cell; a cell moves the referred object there and leaves its cell empty.
+/// With one-hot weights this is exactly the edited scene graph's description; soft weights
+/// interpolate, so the readout that finds the referent learns through it.
+pub fn rewrite_objects(
+    distributions: Tensor<3>,
+    referent: Tensor<2>,
+    attribute: Tensor<2>,
+    position: Tensor<2>,
+) -> Tensor<3> {
+    let [batch, n, width] = distributions.dims();
+    let cells = n - 1;
+    let class = distributions.clone().narrow(1, 0, 1);
+    let mut objects = distributions.narrow(1, 1, cells);
+    let p = referent.reshape([batch, cells, 1]);
+    // Attributes: the referred cell's distribution moves to the target's, by how much the
+    // target names a class of that attribute.
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    for classes in ATTRIBUTE_CLASSES {
+        let target = attribute.clone().narrow(1, offset, classes);
+        let named = target.clone().sum_dim(1).reshape([batch, 1, 1]);
+        let current = objects.clone().narrow(2, offset, classes);
+        let target = target.reshape([batch, 1, classes]);
+        parts.push(current.clone() + p.clone() * (target - named * current));
+        offset += classes;
+    }
+    objects = Tensor::cat(parts, 2);
+    // Position: the referred object moves to the target cell, its own cell empties.
+    let moved = position.clone().sum_dim(1).reshape([batch, 1, 1]);
+    let to = (position.clone() / position.sum_dim(1).clamp_min(1e-6)).reshape([batch, cells, 1]);
+    let object = (p.clone() * objects.clone()).sum_dim(1); // [batch, 1, width]
+    let mut nothing = vec![0f32; width];
+    let mut offset = 0;
+    for classes in ATTRIBUTE_CLASSES {
+        nothing[offset] = 1.0;
+        offset += classes;
+    }
+    let nothing = Tensor::<1>::from_data(TensorData::new(nothing, [width]), &objects.device())
+        .reshape([1, 1, width]);
+    let stay = (p.clone().neg() + 1.0) * (to.clone().neg() + 1.0);
+    let after = objects.clone() * stay + to.clone() * object + p * (to.neg() + 1.0) * nothing;
+    objects = objects.clone() + moved * (after - objects);
+    Tensor::cat(vec![class, objects], 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +351,106 @@ mod tests {
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
             offset += classes;
         }
+    }
+
+    /// One object per cell as one-hot classes: (shape, color, size) indices, 0 = none.
+    fn scene(objects: &[(usize, usize, usize)], device: &Device) -> Tensor<3> {
+        let width = probe_width();
+        let mut flat = vec![0f32; width]; // the class token
+        for &(shape, color, size) in objects {
+            let mut row = vec![0f32; width];
+            row[shape] = 1.0;
+            row[ATTRIBUTE_CLASSES[0] + color] = 1.0;
+            row[ATTRIBUTE_CLASSES[0] + ATTRIBUTE_CLASSES[1] + size] = 1.0;
+            flat.extend(row);
+        }
+        let n = 1 + objects.len();
+        Tensor::from_data(TensorData::new(flat, [1, n, width]), device)
+    }
+
+    fn one_hot(width: usize, at: Option<usize>, device: &Device) -> Tensor<2> {
+        let mut v = vec![0f32; width];
+        if let Some(i) = at {
+            v[i] = 1.0;
+        }
+        Tensor::from_data(TensorData::new(v, [1, width]), device)
+    }
+
+    fn close(a: Tensor<3>, b: Tensor<3>) {
+        let a: Vec<f32> = a.into_data().try_to_vec().unwrap();
+        let b: Vec<f32> = b.into_data().try_to_vec().unwrap();
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5),
+            "{a:?}\n{b:?}"
+        );
+    }
+
+    #[test]
+    fn a_sure_edit_rewrites_exactly_the_edited_scene() {
+        let device = Device::flex();
+        let width = probe_width();
+        // Cell 0: shape 1, color 2, size 1; cell 1 empty; cell 2: shape 3, color 4, size 2.
+        let before = scene(&[(1, 2, 1), (0, 0, 0), (3, 4, 2)], &device);
+        let referent = one_hot(3, Some(2), &device);
+        // Recolor cell 2 to color 6.
+        let color = one_hot(width, Some(ATTRIBUTE_CLASSES[0] + 6), &device);
+        let after = rewrite_objects(
+            before.clone(),
+            referent.clone(),
+            color,
+            one_hot(3, None, &device),
+        );
+        close(after, scene(&[(1, 2, 1), (0, 0, 0), (3, 6, 2)], &device));
+        // Move cell 2's object to cell 1.
+        let none = one_hot(width, None, &device);
+        let after = rewrite_objects(
+            before.clone(),
+            referent,
+            none.clone(),
+            one_hot(3, Some(1), &device),
+        );
+        close(after, scene(&[(1, 2, 1), (3, 4, 2), (0, 0, 0)], &device));
+        // A target that names nothing changes nothing.
+        let after = rewrite_objects(
+            before.clone(),
+            one_hot(3, Some(0), &device),
+            none,
+            one_hot(3, None, &device),
+        );
+        close(after, before);
+    }
+
+    #[test]
+    fn the_target_choice_finds_the_named_class_or_cell_or_nothing() {
+        let device = Device::flex();
+        // Names in a 4-word space: class 0 is "none" (no words), class 1 = word 0, class 2 =
+        // word 1; cells: words 2+3 ("top left") and word 2 alone ("top").
+        let e = |w: &[usize]| {
+            let mut v = vec![0f32; 4];
+            w.iter().for_each(|&i| v[i] = 1.0);
+            v
+        };
+        let rows = |names: &[Vec<f32>]| {
+            let flat: Vec<f32> = names.concat();
+            Tensor::<2>::from_data(TensorData::new(flat, [names.len(), 4]), &device)
+        };
+        let classes = rows(&[e(&[]), e(&[0]), e(&[1])]);
+        let cells = rows(&[e(&[2, 3]), e(&[2])]);
+        let choose = |target: &[usize]| {
+            let (a, p) = edit_target_choice(rows(&[e(target)]), classes.clone(), cells.clone());
+            let a: Vec<f32> = a.into_data().try_to_vec().unwrap();
+            let p: Vec<f32> = p.into_data().try_to_vec().unwrap();
+            (a, p)
+        };
+        let (a, p) = choose(&[1]);
+        assert!(
+            a[2] > 0.99 && a[0] < 1e-6 && p.iter().sum::<f32>() < 0.01,
+            "{a:?} {p:?}"
+        );
+        let (a, p) = choose(&[2, 3]);
+        assert!(p[0] > 0.99 && a.iter().sum::<f32>() < 0.01, "{a:?} {p:?}");
+        // "yes" is no class and no cell.
+        let (a, p) = choose(&[]);
+        assert!(a.iter().chain(&p).sum::<f32>() < 0.01, "{a:?} {p:?}");
     }
 }

@@ -68,7 +68,8 @@ pub struct ScopeConfig {
     /// keys are CLIP's token embeddings of the names the attribute probe reads in each cell
     /// plus the cell's name, the query the mean token embedding of the question (the edit's
     /// question without its target), cosine attention; the values stay the aligned cell
-    /// tokens. Needs a scenes CLIP with its attribute probe and the 3x3 cell tokens.
+    /// tokens. Needs a scenes CLIP with its attribute probe and the 3x3 cell tokens; the
+    /// text-only classifier ignores it.
     #[serde(default)]
     pub object_readout: bool,
 }
@@ -148,6 +149,7 @@ impl ScopeClassifier {
         device: &Device,
     ) -> Self {
         let p = clip_config.projection_dim;
+        let readout = config.object_readout && config.mode == ScopeMode::Multimodal;
         Self {
             clip,
             align_text: identity_linear(p, config.dim, device),
@@ -163,11 +165,8 @@ impl ScopeClassifier {
                 };
                 Param::from_tensor(Tensor::zeros([width], device))
             }),
-            attribute_probe: config
-                .object_readout
-                .then(|| AttributeProbe::new(p, device)),
-            readout: config
-                .object_readout
+            attribute_probe: readout.then(|| AttributeProbe::new(p, device)),
+            readout: readout
                 .then(|| ReferentReadout::new(clip_config.text_config.hidden_size, device)),
             object_words: None,
             config: config.clone(),

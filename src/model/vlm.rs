@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipVisionConfig, ClipVisionTransformer, pool_cells};
 use super::lm::{Hooks, LmOutput, OptConfig, OptForCausalLM};
-use super::objects::{AttributeProbe, ObjectWords, ReferentReadout, probe_width};
+use super::objects::{
+    AttributeProbe, ObjectWords, ReferentReadout, edit_target_choice, probe_width, rewrite_objects,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -64,6 +66,13 @@ pub struct VlmConfig {
     /// referent).
     #[serde(default)]
     pub count_token: bool,
+    /// The counterfactual model's reading of its edit (with object words and separators):
+    /// before answering, the object tokens are rewritten into the world the edit describes
+    /// ([`rewrite_objects`]): the context's readout finds the edited object, the words
+    /// between the separators say which class or cell it now has. Questions about it then
+    /// read its new attributes, questions about anything else the unchanged ones.
+    #[serde(default)]
+    pub rewrite_objects: bool,
 }
 
 impl VlmConfig {
@@ -111,6 +120,7 @@ impl VlmConfig {
             object_words: None,
             referent_token: false,
             count_token: false,
+            rewrite_objects: false,
         })
     }
 
@@ -216,9 +226,39 @@ pub fn prompt_segments(
     prompt: Tensor<2>,
     separators: &[u32],
 ) -> Vec<Tensor<2>> {
-    let Some((&first, rest)) = separators.split_first() else {
-        return vec![prompt];
-    };
+    match split_at_separators(ids, separators) {
+        None => vec![prompt],
+        Some([after_last, before_first, _]) => {
+            vec![prompt.clone() * after_last, prompt * before_first]
+        }
+    }
+}
+
+/// The edit's target in a prompt with `separators`: 1 on the tokens between the first and
+/// the last separator (`{src} >> {alt} || {query}`: the words of `alt`).
+pub fn edit_target_span(
+    ids: Tensor<2, Int>,
+    prompt: Tensor<2>,
+    separators: &[u32],
+) -> Option<Tensor<2>> {
+    let [after_last, before_first, marks] = split_at_separators(ids, separators)?;
+    let outside = after_last + before_first + marks;
+    Some(prompt * (outside.neg() + 1.0))
+}
+
+/// The mean of `text` (`[batch, seq, width]`) over the tokens `weights` (`[batch, seq]`) marks.
+fn segment_mean(text: &Tensor<3>, weights: Tensor<2>) -> Tensor<2> {
+    let [batch, seq, width] = text.dims();
+    let count = weights.clone().sum_dim(1).clamp_min(1.0);
+    (text.clone() * weights.reshape([batch, seq, 1]))
+        .sum_dim(1)
+        .reshape([batch, width])
+        / count
+}
+
+/// 0/1 masks `[batch, seq]`: after the last separator, before the first, the separators.
+fn split_at_separators(ids: Tensor<2, Int>, separators: &[u32]) -> Option<[Tensor<2>; 3]> {
+    let (&first, rest) = separators.split_first()?;
     let [batch, seq] = ids.dims();
     let mut marks = ids.clone().equal_elem(first as i64).float();
     for &s in rest {
@@ -226,9 +266,11 @@ pub fn prompt_segments(
     }
     let seen = marks.clone().cumsum(1);
     let total = seen.clone().narrow(1, seq - 1, 1).expand([batch, seq]);
-    let after_last = (total - seen.clone() + marks).equal_elem(0.0).float();
+    let after_last = (total - seen.clone() + marks.clone())
+        .equal_elem(0.0)
+        .float();
     let before_first = seen.equal_elem(0.0).float();
-    vec![prompt.clone() * after_last, prompt * before_first]
+    Some([after_last, before_first, marks])
 }
 
 #[derive(Module, Debug)]
@@ -248,6 +290,8 @@ pub struct Vlm {
     object_words: Option<ObjectWords>,
     #[module(skip)]
     count_token: bool,
+    #[module(skip)]
+    rewrite_objects: bool,
 }
 
 impl Vlm {
@@ -277,6 +321,7 @@ impl Vlm {
                 .referent_token
                 .then(|| ReferentReadout::new(config.lm.hidden_size, device)),
             count_token: config.count_token,
+            rewrite_objects: config.rewrite_objects,
             lm: OptForCausalLM::new(&config.lm, device),
             cells: config.cells,
             prefix_lm: config.prefix_lm,
@@ -309,9 +354,8 @@ impl Vlm {
         text: Tensor<3>,
         attention_mask: Tensor<2, Int>,
     ) -> (Tensor<3>, Option<Tensor<2>>) {
-        let (prefix, words) = self.visual_tokens(pixels);
         let Some(readout) = &self.referent else {
-            return (prefix, None);
+            return (self.visual_tokens(pixels).0, None);
         };
         let prompt = attention_mask.equal_elem(2).float();
         // With separators, the query is the prompt after the last one and the context (the
@@ -321,7 +365,32 @@ impl Vlm {
             .as_ref()
             .map(|w| w.separators.clone())
             .unwrap_or_default();
-        let segments = prompt_segments(ids, prompt, &separators);
+        let segments = prompt_segments(ids.clone(), prompt.clone(), &separators);
+        let mut objects = self.perceive(pixels);
+        if let (true, Some(names), Some(target)) = (
+            self.rewrite_objects,
+            &self.object_words,
+            edit_target_span(ids, prompt, &separators),
+        ) {
+            // The context's referent among the objects as perceived, then the edit applied.
+            let (_, words) = self.tokens_of(objects.clone());
+            let keys = words.expect("object words").0;
+            let cells = keys.dims()[1] - 1;
+            let context = segment_mean(&text, segments[1].clone());
+            let (_, logits) = readout.forward(
+                context,
+                keys.clone().narrow(1, 1, cells),
+                keys.narrow(1, 1, cells),
+            );
+            let referent = burn::tensor::activation::softmax(logits, 1);
+            let (attribute, position) = edit_target_choice(
+                segment_mean(&text, target),
+                self.embed_names(&names.classes),
+                self.embed_names(&names.cells),
+            );
+            objects = rewrite_objects(objects, referent, attribute, position);
+        }
+        let (prefix, words) = self.tokens_of(objects);
         let mut tokens = vec![prefix.clone()];
         let mut query_logits = None;
         for weights in segments {
@@ -342,15 +411,8 @@ impl Vlm {
         text: &Tensor<3>,
         weights: Tensor<2>,
     ) -> (Vec<Tensor<3>>, Tensor<2>) {
-        let [batch, n, _] = prefix.dims();
-        let [_, seq, width] = text.dims();
-        let weights = weights.reshape([batch, seq, 1]);
-        let count = weights
-            .clone()
-            .sum_dim(1)
-            .clamp_min(1.0)
-            .reshape([batch, 1]);
-        let query = (text.clone() * weights).sum_dim(1).reshape([batch, width]) / count;
+        let n = prefix.dims()[1];
+        let query = segment_mean(text, weights);
         // Keys in word space where there is one: the question's words match the cells' names.
         let cells = prefix.clone().narrow(1, 1, n - 1);
         let keys = match words {
@@ -381,6 +443,12 @@ impl Vlm {
     /// [`Self::visual_prefix`] and, with object words, their word-embedding part and each
     /// token's probability of holding an object (`[batch, tokens]`).
     fn visual_tokens(&self, pixels: Tensor<4>) -> (Tensor<3>, Option<(Tensor<3>, Tensor<2>)>) {
+        self.tokens_of(self.perceive(pixels))
+    }
+
+    /// What the projector reads: the vision tower's tokens (pooled to cells), or with
+    /// `object_tokens` the probe's distributions over each cell's attributes.
+    fn perceive(&self, pixels: Tensor<4>) -> Tensor<3> {
         let mut tokens = self.vision_model.normed_tokens(pixels);
         if let Some(cells) = self.cells {
             tokens = pool_cells(tokens, cells);
@@ -388,6 +456,11 @@ impl Vlm {
         if let (Some(projection), Some(probe)) = (&self.visual_projection, &self.attribute_probe) {
             tokens = probe.distributions(projection.forward(tokens));
         }
+        tokens
+    }
+
+    /// [`Self::visual_tokens`] from what [`Self::perceive`] gives.
+    fn tokens_of(&self, tokens: Tensor<3>) -> (Tensor<3>, Option<(Tensor<3>, Tensor<2>)>) {
         let prefix = self.projector.forward(tokens.clone());
         match &self.object_words {
             Some(words) => {
@@ -595,6 +668,53 @@ mod tests {
         // Another world's vocabulary: no readouts.
         let plain = tiny().with_object_words(None);
         assert!(!plain.referent_token && plain.prefix_len() == 10);
+    }
+
+    #[test]
+    fn the_rewrite_changes_what_the_model_sees_only_where_the_target_names_something() {
+        let device = Device::flex();
+        let names = |n: usize, from: u32| (0..n as u32).map(|i| vec![from + i]).collect();
+        let mut classes: Vec<Vec<u32>> = names(crate::model::objects::probe_width(), 4);
+        classes[0].clear();
+        let words = ObjectWords {
+            classes,
+            cells: names(9, 24),
+            numbers: names(3, 33),
+            separators: vec![36, 37],
+        };
+        let config = tiny().with_object_words(Some(words));
+        let plain = Vlm::new(&config, &device);
+        let rewriting = Vlm {
+            rewrite_objects: true,
+            ..plain.clone()
+        };
+        let image = Tensor::<4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+        // [BOS] context >> target || query, then the answer.
+        let logits = |model: &Vlm, target: i64| -> Vec<f32> {
+            let ids = Tensor::<2, Int>::from_data(
+                TensorData::new(vec![2i64, 25, 36, target, 37, 7, 8, 9], [1, 8]),
+                &device,
+            );
+            let mask = Tensor::<2, Int>::from_data(
+                TensorData::new(vec![2i64, 2, 2, 2, 2, 2, 2, 1], [1, 8]),
+                &device,
+            );
+            let out = model.forward(Some(image.clone()), ids, mask, &Hooks::default());
+            out.logits.into_data().try_to_vec().unwrap()
+        };
+        let diff = |target| {
+            let (a, b) = (logits(&plain, target), logits(&rewriting, target));
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        // Token 35 names nothing: nothing is rewritten (up to rounding).
+        assert!(diff(35) < 1e-5, "{}", diff(35));
+        // Token 6 is a shape class, token 30 a cell: the edited object changes.
+        for target in [6, 30] {
+            assert!(diff(target) > 1e-3, "target {target}: {}", diff(target));
+        }
     }
 
     #[test]

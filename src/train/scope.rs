@@ -245,17 +245,15 @@ fn object_words(
     tokenizer: &TextTokenizer,
     dir: &Path,
 ) -> Result<Option<ObjectWords>> {
-    if !model.object_readout {
+    if !model.object_readout || model.mode == ScopeMode::TextOnly {
         return Ok(None);
     }
     let bad = |reason: &str| Error::Config {
         path: dir.to_path_buf(),
         reason: format!("object_readout: {reason}"),
     };
-    if model.mode != ScopeMode::Multimodal || model.fusion != FusionKind::DotProduct {
-        return Err(bad(
-            "only for the multimodal classifier with dot-product fusion",
-        ));
+    if model.fusion != FusionKind::DotProduct {
+        return Err(bad("only with dot-product fusion"));
     }
     scenes_object_words(tokenizer)
         .map(Some)
@@ -365,7 +363,7 @@ pub fn run(
     device.seed(config.train.seed);
     let mut model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device)
         .with_object_words(words);
-    if config.model.object_readout {
+    if model.attribute_probe.is_some() {
         let path = clip_dir.join(crate::model::objects::PROBE_FILE);
         let probe = AttributeProbe::new(clip.config.projection_dim, device)
             .try_load_file(&path)

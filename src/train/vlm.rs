@@ -144,9 +144,14 @@ pub fn counterfactual_examples_marked(record: &EditRecord) -> Vec<(LmExample, bo
         out.push((on(image, &record.prompt, &record.target), true));
     }
     // Only the referent carries over: what a count question counts is the unedited image's.
+    // A moved object is referred to where the edit put it.
+    let after_edit = |cell: u8| match record.moved_to {
+        Some(to) if Some(cell) == record.edit_cell => to,
+        _ => cell,
+    };
     out.extend(record.scope.iter().map(|q| {
         let example = LmExample {
-            grounding: q.cell.map(Grounding::Referent),
+            grounding: q.cell.map(|c| Grounding::Referent(after_edit(c))),
             ..on(&record.image, &q.prompt, &q.answer_after)
         };
         (example, q.in_scope)
@@ -228,6 +233,10 @@ pub struct VlmTrainConfig {
     /// many times (they are a small minority; 0 or 1: once).
     #[serde(default, skip_serializing_if = "is_default")]
     pub edited_repeat: usize,
+    /// Counterfactual training with object words: the model rewrites its object tokens into
+    /// the world its edit describes before it answers ([`crate::model::vlm::VlmConfig::rewrite_objects`]).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rewrite_objects: bool,
     /// Weight of [`referent_loss`] (0: none).
     #[serde(default)]
     pub referent_weight: f64,
@@ -888,7 +897,10 @@ pub fn run(
             .filter_map(|s| tokenizer.inner().token_to_id(s))
             .collect();
     }
-    let vlm_config = vlm_config.with_object_words(words);
+    let mut vlm_config = vlm_config.with_object_words(words);
+    vlm_config.rewrite_objects = config.rewrite_objects
+        && knowledge == Knowledge::Counterfactual
+        && vlm_config.object_words.is_some();
     let read = |name: &str| -> Result<Vec<LmExample>> {
         let file = data_dir.join(name);
         Ok(crate::data::fgvedit::read(&file, data_dir)?
