@@ -243,6 +243,21 @@ pub fn embed_names(
     matrix.matmul(embeddings.reshape([k, hidden]))
 }
 
+/// One-hot at each row's largest logit going forward, the softmax's gradient going back
+/// (straight-through): an edit rewrites exactly one object, and a count over the rewritten
+/// cells is not blurred by the attention's tail, while the readout still learns from it.
+pub fn straight_through_argmax(logits: Tensor<2>) -> Tensor<2> {
+    let soft = softmax(logits, 1);
+    let [batch, n] = soft.dims();
+    let hard = soft
+        .clone()
+        .argmax(1)
+        .reshape([batch])
+        .one_hot::<2>(n)
+        .float();
+    hard + soft.clone() - soft.detach()
+}
+
 /// Above this cosine between an edit's target and a name, the target names that class or
 /// cell ([`edit_target_choice`]); below it for every name, the edit rewrites nothing.
 pub const TARGET_MATCH: f32 = 0.8;
@@ -263,10 +278,12 @@ pub fn edit_target_choice(
     let [batch, _] = target.dims();
     let width = classes.dims()[0];
     let names = Tensor::cat(vec![classes, cells], 0);
-    let norms = names.clone().powi_scalar(2).sum_dim(1).sqrt(); // [names, 1]
-    let unnamed = norms.clone().lower_elem(1e-6).float();
-    let names = names / norms.clamp_min(1e-6);
-    let target = target.clone() / target.powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-6);
+    // sqrt(x + eps): the "no object" names are zero rows, where sqrt's gradient diverges.
+    let norm = |x: Tensor<2>| (x.powi_scalar(2).sum_dim(1) + 1e-12).sqrt();
+    let norms = norm(names.clone()); // [names, 1]
+    let unnamed = norms.clone().lower_elem(1e-5).float();
+    let names = names / norms;
+    let target = target.clone() / norm(target);
     let cos = target.matmul(names.transpose()); // [batch, names]
     let logits = (cos - unnamed.transpose() * 1e4) * TARGET_SCALE;
     let threshold = Tensor::<2>::full([batch, 1], TARGET_MATCH * TARGET_SCALE, &logits.device());
@@ -383,6 +400,36 @@ mod tests {
             a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5),
             "{a:?}\n{b:?}"
         );
+    }
+
+    #[test]
+    fn straight_through_is_one_hot_forward_and_softmax_backward() {
+        let device = Device::flex().autodiff();
+        let logits = Tensor::<2>::from_data(
+            TensorData::new(vec![1f32, 3.0, 2.0, 0.0, -1.0, 0.5], [2, 3]),
+            &device,
+        )
+        .require_grad();
+        let out = straight_through_argmax(logits.clone());
+        let values: Vec<f32> = out.clone().into_data().try_to_vec().unwrap();
+        let want = [0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+        assert!(
+            values.iter().zip(want).all(|(v, w)| (v - w).abs() < 1e-6),
+            "{values:?}"
+        );
+        // d/dlogits of out[0][1] is the softmax's: nonzero.
+        let weights = Tensor::<2>::from_data(
+            TensorData::new(vec![0f32, 1.0, 0.0, 0.0, 0.0, 0.0], [2, 3]),
+            &device,
+        );
+        let grads = (out * weights).sum().backward();
+        let g: Vec<f32> = logits
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert!(g[1] > 0.0 && g[0] < 0.0, "{g:?}");
     }
 
     #[test]

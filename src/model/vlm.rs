@@ -382,7 +382,7 @@ impl Vlm {
                 keys.clone().narrow(1, 1, cells),
                 keys.narrow(1, 1, cells),
             );
-            let referent = burn::tensor::activation::softmax(logits, 1);
+            let referent = super::objects::straight_through_argmax(logits);
             let (attribute, position) = edit_target_choice(
                 segment_mean(&text, target),
                 self.embed_names(&names.classes),
