@@ -15,7 +15,8 @@ fn shipped_experiment_files_parse_with_both_presets() {
     }
     // The built-in copy is the same file.
     let builtin: Preset = load_preset("fusion-ablation", None, "quick").unwrap();
-    assert_eq!(builtin.train.steps, 150);
+    assert_eq!(builtin.train.steps, 1000);
+    assert!(builtin.clip_overrides.contains_key("clip-small"));
     let err = load_preset::<Preset>("fusion-ablation", Some(&file), "huge").unwrap_err();
     assert!(err.to_string().contains("no preset 'huge'"), "{err}");
     let path = |name: &str| std::path::Path::new(dir).join(format!("experiments/{name}.toml"));
@@ -24,12 +25,11 @@ fn shipped_experiment_files_parse_with_both_presets() {
             load_preset("mscke-table1", Some(&path("mscke-table1")), preset).unwrap();
         let unike: mmke::experiment::unike::Preset =
             load_preset("unike-table1", Some(&path("unike")), preset).unwrap();
-        // UniKE's quick models are MSCKE's (the files say so; keep them equal).
-        if preset == "quick" {
-            assert_eq!(mscke.vlm, unike.vlm);
-            assert_eq!(mscke.counterfactual, unike.counterfactual);
-            assert_eq!(mscke.clip, unike.clip);
-        }
+        // UniKE's models are MSCKE's (the files say so; keep them equal).
+        assert_eq!(mscke.vlm, unike.vlm, "{preset}");
+        assert_eq!(mscke.counterfactual, unike.counterfactual, "{preset}");
+        assert_eq!(mscke.clip, unike.clip, "{preset}");
+        assert_eq!(mscke.data, unike.data, "{preset}");
     }
 }
 

@@ -28,6 +28,10 @@ pub struct Preset {
     /// CLIP input size.
     pub clip_image_size: usize,
     pub clip: ClipTrainConfig,
+    /// A CLIP preset's own pre-training where `clip` does not suit it (clip-small's InfoNCE
+    /// does not move at clip-tiny's learning rate).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub clip_overrides: std::collections::BTreeMap<String, ClipTrainConfig>,
     /// Fusions: Table 2's rows.
     pub fusions: Vec<FusionKind>,
     /// The classifier; `fusion` is set per row.
@@ -87,7 +91,7 @@ pub fn run(
             out,
             clip,
             preset.clip_image_size,
-            &preset.clip,
+            preset.clip_overrides.get(clip).unwrap_or(&preset.clip),
             &train_device,
         )?;
         let clip_seconds = start.elapsed().as_secs_f64();

@@ -69,7 +69,7 @@ pub struct ScopeConfig {
     /// plus the cell's name, the query the mean token embedding of the question (the edit's
     /// question without its target), cosine attention; the values stay the aligned cell
     /// tokens. Needs a scenes CLIP with its attribute probe and the 3x3 cell tokens; the
-    /// text-only classifier ignores it.
+    /// other fusions and the text-only classifier ignore it.
     #[serde(default)]
     pub object_readout: bool,
 }
@@ -97,6 +97,13 @@ impl ScopeConfig {
             query_projection: false,
             object_readout: false,
         }
+    }
+
+    /// Whether the classifier has an object readout ([`Self::object_readout`]).
+    pub fn reads_objects(&self) -> bool {
+        self.object_readout
+            && self.mode == ScopeMode::Multimodal
+            && self.fusion == FusionKind::DotProduct
     }
 
     pub fn text_only() -> Self {
@@ -149,7 +156,7 @@ impl ScopeClassifier {
         device: &Device,
     ) -> Self {
         let p = clip_config.projection_dim;
-        let readout = config.object_readout && config.mode == ScopeMode::Multimodal;
+        let readout = config.reads_objects();
         Self {
             clip,
             align_text: identity_linear(p, config.dim, device),

@@ -26,10 +26,9 @@ use crate::error::{Error, Result, write_atomic};
 use crate::eval::scope::ScopeReport;
 use crate::eval::scope::evaluate;
 use crate::model::clip::{Clip, ClipConfig, ClipModel};
-use crate::model::fusion::FusionKind;
 use crate::model::objects::{AttributeProbe, ObjectWords, scenes_object_words};
+use crate::model::scope::ScopeConfig;
 use crate::model::scope::{ScopeClassifier, bce};
-use crate::model::scope::{ScopeConfig, ScopeMode};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,19 +244,17 @@ fn object_words(
     tokenizer: &TextTokenizer,
     dir: &Path,
 ) -> Result<Option<ObjectWords>> {
-    if !model.object_readout || model.mode == ScopeMode::TextOnly {
+    if !model.reads_objects() {
         return Ok(None);
-    }
-    let bad = |reason: &str| Error::Config {
-        path: dir.to_path_buf(),
-        reason: format!("object_readout: {reason}"),
-    };
-    if model.fusion != FusionKind::DotProduct {
-        return Err(bad("only with dot-product fusion"));
     }
     scenes_object_words(tokenizer)
         .map(Some)
-        .ok_or_else(|| bad("the CLIP's tokenizer lacks the scenes' attribute and cell names"))
+        .ok_or_else(|| Error::Config {
+            path: dir.to_path_buf(),
+            reason:
+                "object_readout: the CLIP's tokenizer lacks the scenes' attribute and cell names"
+                    .into(),
+        })
 }
 
 /// A trained classifier on disk: `run.toml`, `model.bpk` (all weights), and `clip/` (the
