@@ -786,6 +786,61 @@ mod tests {
     }
 
     #[test]
+    fn groundings_after_an_edit_follow_the_edited_object() {
+        use crate::data::record::ScopeQuery;
+        let query =
+            |cell: Option<u8>, matches: Option<Vec<u8>>, before: &str, after: &str| ScopeQuery {
+                prompt: "q".into(),
+                answer_before: before.into(),
+                answer_after: after.into(),
+                in_scope: before != after,
+                hard: false,
+                near: false,
+                cell,
+                matches,
+            };
+        let mut record =
+            EditRecord::vqa(PathBuf::from("x.png"), "what color is the circle?", "red");
+        // Not a scenes record: nothing is known.
+        assert_eq!(
+            Grounding::after_edit(&query(Some(4), None, "a", "a"), &record),
+            None
+        );
+        record.edit_cell = Some(4);
+        // A recolored object: the referent stays; a count that changes gains or loses it.
+        let referent = query(Some(4), None, "blue", "red");
+        assert_eq!(
+            Grounding::after_edit(&referent, &record),
+            Some(Grounding::Referent(4))
+        );
+        let gains = query(None, Some(vec![1]), "one", "two");
+        assert_eq!(
+            Grounding::after_edit(&gains, &record),
+            Some(Grounding::Matches(vec![1, 4]))
+        );
+        let loses = query(None, Some(vec![4, 1]), "yes", "no");
+        assert_eq!(
+            Grounding::after_edit(&loses, &record),
+            Some(Grounding::Matches(vec![1]))
+        );
+        let same = query(None, Some(vec![4]), "one", "one");
+        assert_eq!(
+            Grounding::after_edit(&same, &record),
+            Some(Grounding::Matches(vec![4]))
+        );
+        // A moved object is found where the edit put it.
+        record.moved_to = Some(8);
+        assert_eq!(
+            Grounding::after_edit(&referent, &record),
+            Some(Grounding::Referent(8))
+        );
+        assert_eq!(
+            Grounding::after_edit(&same, &record),
+            Some(Grounding::Matches(vec![8]))
+        );
+    }
+
+    #[test]
     fn the_referent_loss_rewards_the_referred_cell_and_the_matches() {
         let device = Device::flex();
         let example = |grounding| LmExample {
