@@ -48,6 +48,7 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         // still match.
         referent_weight: 1.0,
         edited_repeat: 0,
+        rewrite_objects: false,
     };
     let (base, counterfactual) = (train(0), train(5));
     let side_by_side = out.join("side-by-side");

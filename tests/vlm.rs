@@ -71,6 +71,7 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
         optim: Default::default(),
         referent_weight: 0.0,
         edited_repeat: 0,
+        rewrite_objects: false,
     };
     let before = answer_loss(&model, &batch).0.into_scalar::<f32>();
     let out = dir.path().join("run");
