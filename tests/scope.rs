@@ -389,12 +389,12 @@ fn the_object_readout_attends_the_named_cell_and_ignores_the_edit_target() {
             .argmax(1)
             .into_data()
             .convert::<i64>()
-            .to_vec()
+            .try_to_vec()
             .unwrap();
         let image_half: Vec<f32> = z
             .narrow(1, config.dim, config.dim)
             .into_data()
-            .to_vec()
+            .try_to_vec()
             .unwrap();
         (cell[0], image_half)
     };
