@@ -453,7 +453,8 @@ enum EvalCommand {
         #[arg(long)]
         records: Option<usize>,
         /// Print one JSON object (`all` and `families`, each with n, exact_match and
-        /// token_accuracy in %) instead of the Markdown table.
+        /// token_accuracy in %; with --counterfactual also `kinds`, per kind of question about
+        /// the edit) instead of the Markdown tables.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -785,18 +786,24 @@ fn run(cli: Cli) -> Result<()> {
             let device = device.device()?;
             let root =
                 images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
-            let knowledge = if counterfactual {
-                mmke::train::vlm::Knowledge::Counterfactual
-            } else {
-                mmke::train::vlm::Knowledge::PreEdit
-            };
             let mut file = mmke::data::fgvedit::read(&data, &root)?.records;
             file.truncate(records.unwrap_or(usize::MAX));
-            let examples: Vec<_> = file.iter().flat_map(|r| knowledge.examples(r)).collect();
             let speaker = mmke::edit::speaker::Speaker::load(&model, &device)?;
             let mut batcher = speaker.batcher;
-            let report =
-                mmke::eval::knowledge::evaluate(&speaker.model, &examples, &mut batcher, &device)?;
+            let report = if counterfactual {
+                mmke::eval::knowledge::evaluate_counterfactual(
+                    &speaker.model,
+                    &file,
+                    &mut batcher,
+                    &device,
+                )?
+            } else {
+                let examples: Vec<_> = file
+                    .iter()
+                    .flat_map(mmke::train::vlm::pre_edit_examples)
+                    .collect();
+                mmke::eval::knowledge::evaluate(&speaker.model, &examples, &mut batcher, &device)?
+            };
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

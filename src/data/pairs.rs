@@ -38,6 +38,17 @@ impl PairKind {
         )
     }
 
+    /// The kind of a same-image scope question.
+    pub fn of_scope_query(q: &super::record::ScopeQuery) -> Self {
+        match (q.in_scope, q.hard, q.near) {
+            (true, true, _) => PairKind::HardInScope,
+            (true, false, _) => PairKind::InScope,
+            (false, true, _) => PairKind::HardOutOfScope,
+            (false, false, true) => PairKind::Near,
+            (false, false, false) => PairKind::OutOfScope,
+        }
+    }
+
     /// Figure 4's split: queries that differ from the edit in their text only ("text
     /// samples") versus queries about the image ("image samples").
     pub fn task(self) -> Task {
@@ -118,13 +129,7 @@ pub fn pairs(record: &EditRecord) -> Vec<ScopePair> {
         }
     }
     for q in &record.scope {
-        let kind = match (q.in_scope, q.hard, q.near) {
-            (true, true, _) => PairKind::HardInScope,
-            (true, false, _) => PairKind::InScope,
-            (false, true, _) => PairKind::HardOutOfScope,
-            (false, false, true) => PairKind::Near,
-            (false, false, false) => PairKind::OutOfScope,
-        };
+        let kind = PairKind::of_scope_query(q);
         out.push(ScopePair {
             query_cell: q.cell,
             ..pair(image, &q.prompt, kind)

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use serde::Serialize;
 
+use crate::data::pairs::PairKind;
 use crate::data::record::CAPTION_REPHRASE;
 use crate::data::scenes::{self, CAPTION_PROMPT};
 use crate::error::Result;
@@ -44,6 +45,10 @@ impl KnowledgeScore {
 pub struct KnowledgeReport {
     pub all: KnowledgeScore,
     pub families: BTreeMap<String, KnowledgeScore>,
+    /// Counterfactual knowledge only: per kind of question about the edit (`edit`,
+    /// `hard-in-scope`, `near`, ...; [`crate::train::vlm::counterfactual_examples_by_kind`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub kinds: BTreeMap<String, KnowledgeScore>,
 }
 
 /// The family of an example: `text-only` facts, `caption` (either captioning prompt), or the
@@ -77,7 +82,27 @@ impl KnowledgeReport {
                 .into_iter()
                 .map(|(f, s)| (f, KnowledgeScore::new(&s)))
                 .collect(),
+            kinds: BTreeMap::new(),
         }
+    }
+
+    /// The report with a score per kind of question (`kinds[i]` is `scores[i]`'s).
+    pub fn with_kinds(mut self, kinds: &[PairKind], scores: &[AnswerScore]) -> Self {
+        let mut by_kind: BTreeMap<PairKind, Vec<AnswerScore>> = BTreeMap::new();
+        for (kind, score) in kinds.iter().zip(scores) {
+            by_kind.entry(*kind).or_default().push(*score);
+        }
+        self.kinds = by_kind
+            .into_iter()
+            .map(|(kind, s)| {
+                let name = serde_json::to_value(kind).expect("kinds serialize");
+                (
+                    name.as_str().unwrap_or("?").to_string(),
+                    KnowledgeScore::new(&s),
+                )
+            })
+            .collect();
+        self
     }
 
     /// A Markdown table: one row per family, then all.
@@ -92,6 +117,15 @@ impl KnowledgeReport {
                 s.n, s.exact_match, s.token_accuracy
             );
         }
+        if !self.kinds.is_empty() {
+            out += "\n| question kind | examples | exact match % | token accuracy % |\n| --- | --- | --- | --- |\n";
+            for (name, s) in &self.kinds {
+                out += &format!(
+                    "| {name} | {} | {:.2} | {:.2} |\n",
+                    s.n, s.exact_match, s.token_accuracy
+                );
+            }
+        }
         out
     }
 }
@@ -105,6 +139,22 @@ pub fn evaluate(
 ) -> Result<KnowledgeReport> {
     let scores = answer_scores(model, examples, batcher, 64, device)?;
     Ok(KnowledgeReport::new(examples, &scores))
+}
+
+/// Scores `model` on the counterfactual examples of `records`, per family and per kind of
+/// question about the edit.
+pub fn evaluate_counterfactual(
+    model: &Vlm,
+    records: &[crate::data::record::EditRecord],
+    batcher: &mut LmBatcher,
+    device: &Device,
+) -> Result<KnowledgeReport> {
+    let (examples, kinds): (Vec<LmExample>, Vec<PairKind>) = records
+        .iter()
+        .flat_map(crate::train::vlm::counterfactual_examples_by_kind)
+        .unzip();
+    let scores = answer_scores(model, &examples, batcher, 64, device)?;
+    Ok(KnowledgeReport::new(&examples, &scores).with_kinds(&kinds, &scores))
 }
 
 #[cfg(test)]
@@ -150,5 +200,27 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["all"]["n"], 4);
         assert_eq!(json["families"]["text-only"]["exact_match"], 0.0);
+        assert!(
+            json.get("kinds").is_none(),
+            "pre-edit reports have no kinds"
+        );
+        // Per kind of question about the edit, where given.
+        let kinds = [
+            PairKind::HardInScope,
+            PairKind::HardOutOfScope,
+            PairKind::Edit,
+            PairKind::HardInScope,
+        ];
+        let report = report.with_kinds(&kinds, &scores);
+        assert_eq!(report.kinds["hard-in-scope"].n, 2);
+        assert_eq!(report.kinds["hard-in-scope"].exact_match, 50.0);
+        assert_eq!(report.kinds["hard-out-of-scope"].exact_match, 0.0);
+        assert!(
+            report
+                .markdown()
+                .contains("| hard-in-scope | 2 | 50.00 | 50.00 |")
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["kinds"]["edit"]["token_accuracy"], 87.5);
     }
 }

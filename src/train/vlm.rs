@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
 use crate::data::image::ImagePreprocessor;
+use crate::data::pairs::PairKind;
 use crate::data::record::EditRecord;
 use crate::data::text::TextTokenizer;
 use crate::error::Result;
@@ -150,15 +151,16 @@ pub fn edit_context(record: &EditRecord) -> String {
 /// question, its rephrase and the rephrased image with the target, each after the edit
 /// context; and the same for the captioning edit of the change, when the record has one.
 pub fn counterfactual_examples(record: &EditRecord) -> Vec<LmExample> {
-    counterfactual_examples_marked(record)
+    counterfactual_examples_by_kind(record)
         .into_iter()
         .map(|(example, _)| example)
         .collect()
 }
 
-/// [`counterfactual_examples`], each marked true where the edit changes its answer (the edit
-/// question, its rephrases, in-scope questions, the caption edit).
-pub fn counterfactual_examples_marked(record: &EditRecord) -> Vec<(LmExample, bool)> {
+/// [`counterfactual_examples`], each with the kind of question it is about the edit (the
+/// scope classifier's pair kinds; the caption edit's are `edit`, `rephrase` and
+/// `image-rephrase`). `kind.in_scope()`: the edit changes the answer.
+pub fn counterfactual_examples_by_kind(record: &EditRecord) -> Vec<(LmExample, PairKind)> {
     let context = edit_context(record);
     let on = |image: &Path, prompt: &str, answer: &str| LmExample {
         image: Some(image.to_path_buf()),
@@ -166,12 +168,21 @@ pub fn counterfactual_examples_marked(record: &EditRecord) -> Vec<(LmExample, bo
         answer: answer.to_string(),
         grounding: None,
     };
-    let mut out = vec![(on(&record.image, &record.prompt, &record.target), true)];
+    let mut out = vec![(
+        on(&record.image, &record.prompt, &record.target),
+        PairKind::Edit,
+    )];
     if let Some(rephrase) = &record.rephrase {
-        out.push((on(&record.image, rephrase, &record.target), true));
+        out.push((
+            on(&record.image, rephrase, &record.target),
+            PairKind::Rephrase,
+        ));
     }
     if let Some(image) = &record.image_rephrase {
-        out.push((on(image, &record.prompt, &record.target), true));
+        out.push((
+            on(image, &record.prompt, &record.target),
+            PairKind::ImageRephrase,
+        ));
     }
     // Only the referent is supervised: with the count and existence questions' matches too,
     // existence questions fell from 96-99% to 51-76% (quick split, 800 steps).
@@ -181,42 +192,46 @@ pub fn counterfactual_examples_marked(record: &EditRecord) -> Vec<(LmExample, bo
                 .filter(|g| matches!(g, Grounding::Referent(_))),
             ..on(&record.image, &q.prompt, &q.answer_after)
         };
-        (example, q.in_scope)
+        (example, PairKind::of_scope_query(q))
     }));
     if record.scope.is_empty() {
-        for (q, edited) in record
+        for (q, kind) in record
             .fg_gen
             .iter()
-            .map(|q| (q, true))
-            .chain(record.fg_loc.iter().map(|q| (q, false)))
+            .map(|q| (q, PairKind::HardInScope))
+            .chain(record.fg_loc.iter().map(|q| (q, PairKind::HardOutOfScope)))
         {
-            out.push((on(&q.image, &q.prompt, &q.answer), edited));
+            out.push((on(&q.image, &q.prompt, &q.answer), kind));
         }
     }
     // The captioning edit of the same change, read the same way.
     if let Some(caption) = record.caption_edit() {
         let context = edit_context(&caption);
-        let mut queries = vec![(caption.image.clone(), caption.prompt.clone())];
+        let mut queries = vec![(
+            caption.image.clone(),
+            caption.prompt.clone(),
+            PairKind::Edit,
+        )];
         queries.extend(
             caption
                 .rephrase
                 .iter()
-                .map(|r| (caption.image.clone(), r.clone())),
+                .map(|r| (caption.image.clone(), r.clone(), PairKind::Rephrase)),
         );
         queries.extend(
             caption
                 .image_rephrase
                 .iter()
-                .map(|i| (i.clone(), caption.prompt.clone())),
+                .map(|i| (i.clone(), caption.prompt.clone(), PairKind::ImageRephrase)),
         );
-        out.extend(queries.into_iter().map(|(image, prompt)| {
+        out.extend(queries.into_iter().map(|(image, prompt, kind)| {
             let example = LmExample {
                 image: Some(image),
                 prompt: format!("{context}{prompt}"),
                 answer: caption.target.clone(),
                 grounding: None,
             };
-            (example, true)
+            (example, kind)
         }));
     }
     out
@@ -753,7 +768,7 @@ mod tests {
     }
 
     #[test]
-    fn counterfactual_examples_are_marked_where_the_edit_changes_the_answer() {
+    fn counterfactual_examples_say_which_kind_of_question_they_are() {
         let mut record =
             EditRecord::vqa(PathBuf::from("x.png"), "what size is the circle?", "large");
         record.rephrase = Some("how big is the circle?".into());
@@ -771,9 +786,17 @@ mod tests {
             scope("what size is the red shape?", "small", "large"),
             scope("what color is the circle?", "red", "red"),
         ];
-        let marked = counterfactual_examples_marked(&record);
-        let marks: Vec<bool> = marked.iter().map(|(_, edited)| *edited).collect();
-        assert_eq!(marks, [true, true, true, false]);
+        let marked = counterfactual_examples_by_kind(&record);
+        let kinds: Vec<PairKind> = marked.iter().map(|(_, kind)| *kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                PairKind::Edit,
+                PairKind::Rephrase,
+                PairKind::InScope,
+                PairKind::OutOfScope
+            ]
+        );
         assert_eq!(marked[2].0.answer, "large");
         assert_eq!(marked[3].0.answer, "red");
         assert!(
@@ -997,9 +1020,13 @@ pub fn run(
             crate::data::fgvedit::read(&file, data_dir)?
                 .records
                 .iter()
-                .flat_map(counterfactual_examples_marked)
-                .flat_map(|(example, edited)| {
-                    let times = if edited { config.edited_repeat } else { 1 };
+                .flat_map(counterfactual_examples_by_kind)
+                .flat_map(|(example, kind)| {
+                    let times = if kind.in_scope() {
+                        config.edited_repeat
+                    } else {
+                        1
+                    };
                     std::iter::repeat_n(example, times)
                 })
                 .collect()
