@@ -87,20 +87,14 @@ impl KnowledgeReport {
     }
 
     /// The report with a score per kind of question (`kinds[i]` is `scores[i]`'s).
-    pub fn with_kinds(mut self, kinds: &[PairKind], scores: &[AnswerScore]) -> Self {
-        let mut by_kind: BTreeMap<PairKind, Vec<AnswerScore>> = BTreeMap::new();
+    pub fn with_kinds(mut self, kinds: &[String], scores: &[AnswerScore]) -> Self {
+        let mut by_kind: BTreeMap<String, Vec<AnswerScore>> = BTreeMap::new();
         for (kind, score) in kinds.iter().zip(scores) {
-            by_kind.entry(*kind).or_default().push(*score);
+            by_kind.entry(kind.clone()).or_default().push(*score);
         }
         self.kinds = by_kind
             .into_iter()
-            .map(|(kind, s)| {
-                let name = serde_json::to_value(kind).expect("kinds serialize");
-                (
-                    name.as_str().unwrap_or("?").to_string(),
-                    KnowledgeScore::new(&s),
-                )
-            })
+            .map(|(kind, s)| (kind, KnowledgeScore::new(&s)))
             .collect();
         self
     }
@@ -153,8 +147,21 @@ pub fn evaluate_counterfactual(
         .iter()
         .flat_map(crate::train::vlm::counterfactual_examples_by_kind)
         .unzip();
+    // The caption edit's questions apart from the VQA edit's.
+    let names: Vec<String> = examples
+        .iter()
+        .zip(&kinds)
+        .map(|(example, kind)| {
+            let name = serde_json::to_value(kind).expect("kinds serialize");
+            let name = name.as_str().unwrap_or("?");
+            match family(example) {
+                "caption" => format!("caption {name}"),
+                _ => name.to_string(),
+            }
+        })
+        .collect();
     let scores = answer_scores(model, &examples, batcher, 64, device)?;
-    Ok(KnowledgeReport::new(&examples, &scores).with_kinds(&kinds, &scores))
+    Ok(KnowledgeReport::new(&examples, &scores).with_kinds(&names, &scores))
 }
 
 #[cfg(test)]
@@ -206,11 +213,12 @@ mod tests {
         );
         // Per kind of question about the edit, where given.
         let kinds = [
-            PairKind::HardInScope,
-            PairKind::HardOutOfScope,
-            PairKind::Edit,
-            PairKind::HardInScope,
-        ];
+            "hard-in-scope",
+            "hard-out-of-scope",
+            "edit",
+            "hard-in-scope",
+        ]
+        .map(String::from);
         let report = report.with_kinds(&kinds, &scores);
         assert_eq!(report.kinds["hard-in-scope"].n, 2);
         assert_eq!(report.kinds["hard-in-scope"].exact_match, 50.0);
