@@ -629,19 +629,24 @@ mod tests {
         assert_eq!(change(c, logits(other, causal), 1), 0.0);
     }
 
-    #[test]
-    fn readouts_add_their_tokens_to_the_prefix_and_score_the_cells() {
-        let device = Device::flex();
+    /// One token per name: the probe's classes from id 4 ("no object" unnamed), the cells from
+    /// `cells`, `numbers` number words from `numbers_from`.
+    fn words(cells: u32, numbers_from: u32, numbers: usize, separators: [u32; 2]) -> ObjectWords {
         let names = |n: usize, from: u32| (0..n as u32).map(|i| vec![from + i]).collect();
         let mut classes: Vec<Vec<u32>> = names(crate::model::objects::probe_width(), 4);
         classes[0].clear();
-        let words = ObjectWords {
+        ObjectWords {
             classes,
-            cells: names(9, 10),
-            numbers: names(5, 20),
-            separators: vec![30, 31],
-        };
-        let config = tiny().with_object_words(Some(words));
+            cells: names(9, cells),
+            numbers: names(numbers, numbers_from),
+            separators: separators.to_vec(),
+        }
+    }
+
+    #[test]
+    fn readouts_add_their_tokens_to_the_prefix_and_score_the_cells() {
+        let device = Device::flex();
+        let config = tiny().with_object_words(Some(words(10, 20, 5, [30, 31])));
         assert!(config.referent_token && config.count_token);
         // Cells and class token, then referent + count for the query and for the context.
         assert_eq!(config.prefix_len(), 10 + 2 * 2);
@@ -673,16 +678,7 @@ mod tests {
     #[test]
     fn the_rewrite_changes_what_the_model_sees_only_where_the_target_names_something() {
         let device = Device::flex();
-        let names = |n: usize, from: u32| (0..n as u32).map(|i| vec![from + i]).collect();
-        let mut classes: Vec<Vec<u32>> = names(crate::model::objects::probe_width(), 4);
-        classes[0].clear();
-        let words = ObjectWords {
-            classes,
-            cells: names(9, 24),
-            numbers: names(3, 33),
-            separators: vec![36, 37],
-        };
-        let config = tiny().with_object_words(Some(words));
+        let config = tiny().with_object_words(Some(words(24, 33, 3, [36, 37])));
         let plain = Vlm::new(&config, &device);
         let rewriting = Vlm {
             rewrite_objects: true,
