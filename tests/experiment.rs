@@ -15,7 +15,7 @@ fn shipped_experiment_files_parse_with_both_presets() {
     }
     // The built-in copy is the same file.
     let builtin: Preset = load_preset("fusion-ablation", None, "quick").unwrap();
-    assert_eq!(builtin.train.steps, 1000);
+    assert_eq!(builtin.train.steps, 600);
     assert!(builtin.clip_overrides.contains_key("clip-small"));
     let err = load_preset::<Preset>("fusion-ablation", Some(&file), "huge").unwrap_err();
     assert!(err.to_string().contains("no preset 'huge'"), "{err}");
