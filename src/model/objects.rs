@@ -243,6 +243,16 @@ pub fn embed_names(
     matrix.matmul(embeddings.reshape([k, hidden]))
 }
 
+/// The mean of `text` (`[batch, seq, width]`) over the tokens `weights` (`[batch, seq]`) marks.
+pub fn segment_mean(text: &Tensor<3>, weights: Tensor<2>) -> Tensor<2> {
+    let [batch, seq, width] = text.dims();
+    let count = weights.clone().sum_dim(1).clamp_min(1.0);
+    (text.clone() * weights.reshape([batch, seq, 1]))
+        .sum_dim(1)
+        .reshape([batch, width])
+        / count
+}
+
 /// One-hot at each row's largest logit going forward, the softmax's gradient going back
 /// (straight-through): an edit rewrites exactly one object, and a count over the rewritten
 /// cells is not blurred by the attention's tail, while the readout still learns from it.

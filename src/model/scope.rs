@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipConfig, ClipModel, pool_cells};
 use super::fusion::{Fusion, FusionKind};
-use super::objects::{AttributeProbe, ObjectWords, ReferentReadout, object_word_embeddings};
+use super::objects::{
+    AttributeProbe, ObjectWords, ReferentReadout, object_word_embeddings, segment_mean,
+};
 
 /// rho >= this: in scope.
 pub const THRESHOLD: f32 = 0.5;
@@ -268,13 +270,7 @@ impl ScopeClassifier {
             Some(focus) => focus.clone(),
             None => input.padding.clone().bool_not().float(),
         };
-        let text = embedding.forward(input.ids.clone());
-        let [_, seq, width] = text.dims();
-        let count = focus.clone().sum_dim(1).clamp_min(1.0);
-        let query = (text * focus.reshape([batch, seq, 1]))
-            .sum_dim(1)
-            .reshape([batch, width])
-            / count;
+        let query = segment_mean(&embedding.forward(input.ids.clone()), focus);
         let (image, logits) =
             readout.forward(query, keys.narrow(1, 1, n - 1), aligned.narrow(1, 1, n - 1));
         (image.reshape([batch, dim]), logits)

@@ -13,6 +13,7 @@ use super::clip::{ClipVisionConfig, ClipVisionTransformer, pool_cells};
 use super::lm::{Hooks, LmOutput, OptConfig, OptForCausalLM};
 use super::objects::{
     AttributeProbe, ObjectWords, ReferentReadout, edit_target_choice, probe_width, rewrite_objects,
+    segment_mean,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,16 +247,6 @@ pub fn edit_target_span(
     Some(prompt * (outside.neg() + 1.0))
 }
 
-/// The mean of `text` (`[batch, seq, width]`) over the tokens `weights` (`[batch, seq]`) marks.
-fn segment_mean(text: &Tensor<3>, weights: Tensor<2>) -> Tensor<2> {
-    let [batch, seq, width] = text.dims();
-    let count = weights.clone().sum_dim(1).clamp_min(1.0);
-    (text.clone() * weights.reshape([batch, seq, 1]))
-        .sum_dim(1)
-        .reshape([batch, width])
-        / count
-}
-
 /// 0/1 masks `[batch, seq]`: after the last separator, before the first, the separators.
 fn split_at_separators(ids: Tensor<2, Int>, separators: &[u32]) -> Option<[Tensor<2>; 3]> {
     let (&first, rest) = separators.split_first()?;
@@ -373,8 +364,9 @@ impl Vlm {
             edit_target_span(ids, prompt, &separators),
         ) {
             // The context's referent among the objects as perceived, then the edit applied.
-            let (_, words) = self.tokens_of(objects.clone());
-            let keys = words.expect("object words").0;
+            let keys = super::objects::object_word_embeddings(names, objects.clone(), |n| {
+                self.embed_names(n)
+            });
             let cells = keys.dims()[1] - 1;
             let context = segment_mean(&text, segments[1].clone());
             let (_, logits) = readout.forward(
