@@ -113,6 +113,11 @@ struct ExperimentArgs {
     /// Output directory; what it already holds is reused (default: runs/NAME/PRESET).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where the run's record goes: `EXPERIMENT-PRESET.md` (the tables, the command, the
+    /// commit, the models trained and reused, the wall time, the machine) and the tables'
+    /// CSV, JSON and PNG.
+    #[arg(long, default_value = "docs/results")]
+    results: PathBuf,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -153,6 +158,24 @@ enum ExperimentCommand {
     /// UniKE Figure 5: positive and negative knowledge in the semantic and the truthfulness
     /// space (PCA), as PNG.
     UnikeFig5(ExperimentArgs),
+}
+
+impl ExperimentCommand {
+    fn split(self) -> (mmke::experiment::Experiment, ExperimentArgs) {
+        use mmke::experiment::{Experiment as E, unike::Which};
+        match self {
+            ExperimentCommand::FusionAblation(a) => (E::FusionAblation, a),
+            ExperimentCommand::MsckeTable1(a) => (E::MsckeTable1, a),
+            ExperimentCommand::MsckeTable3(a) => (E::MsckeTable3, a),
+            ExperimentCommand::MsckeTable4(a) => (E::MsckeTable4, a),
+            ExperimentCommand::UnikeTable1(a) => (E::Unike(Which::Table1), a),
+            ExperimentCommand::UnikeTable2(a) => (E::Unike(Which::Table2), a),
+            ExperimentCommand::UnikeTable3(a) => (E::Unike(Which::Table3), a),
+            ExperimentCommand::UnikeTable4(a) => (E::Unike(Which::Table4), a),
+            ExperimentCommand::UnikeFig4(a) => (E::Unike(Which::Fig4), a),
+            ExperimentCommand::UnikeFig5(a) => (E::Unike(Which::Fig5), a),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -872,17 +895,6 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Experiment(ExperimentCommand::MsckeTable1(args)) => {
-            let name = "mscke-table1";
-            let preset: mmke::experiment::mscke_table1::Preset =
-                mmke::experiment::load_preset(name, args.file.as_deref(), &args.preset)?;
-            let out = args.out(name);
-            let device = args.device.device()?;
-            let (table, _) =
-                mmke::experiment::mscke_table1::run(&preset, args.data.as_deref(), &out, &device)?;
-            println!("{}", table.markdown());
-            eprintln!("wrote {}/mscke-table1.{{md,csv,json,png}}", out.display());
-        }
         Command::Fuzz {
             target,
             inputs,
@@ -918,78 +930,46 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("a reader panicked");
             }
         }
-        Command::Experiment(ExperimentCommand::MsckeTable3(args)) => {
-            let preset: mmke::experiment::mscke_table1::Preset =
-                mmke::experiment::load_preset("mscke-table1", args.file.as_deref(), &args.preset)?;
-            let out = args.out("mscke-table1");
+        Command::Experiment(command) => {
+            let (experiment, args) = command.split();
+            let out = args.out(experiment.file());
             let device = args.device.device()?;
-            let (table, _) =
-                mmke::experiment::mscke_table3::run(&preset, args.data.as_deref(), &out, &device)?;
-            println!("{}", table.markdown());
-            eprintln!("wrote {}/mscke-table3.{{md,csv,json,png}}", out.display());
-        }
-        Command::Experiment(ExperimentCommand::MsckeTable4(args)) => {
-            // Table 4 measures the models of Table 1: same presets, same directory.
-            let preset: mmke::experiment::mscke_table1::Preset =
-                mmke::experiment::load_preset("mscke-table1", args.file.as_deref(), &args.preset)?;
-            let out = args.out("mscke-table1");
-            let device = args.device.device()?;
-            let (table, _) =
-                mmke::experiment::mscke_table4::run(&preset, args.data.as_deref(), &out, &device)?;
-            println!("{}", table.markdown());
-            eprintln!("wrote {}/mscke-table4.{{md,csv,json,png}}", out.display());
-        }
-        Command::Experiment(
-            command @ (ExperimentCommand::UnikeTable1(_)
-            | ExperimentCommand::UnikeTable2(_)
-            | ExperimentCommand::UnikeTable3(_)
-            | ExperimentCommand::UnikeTable4(_)
-            | ExperimentCommand::UnikeFig4(_)
-            | ExperimentCommand::UnikeFig5(_)),
-        ) => {
-            use mmke::experiment::unike::{self, Which};
-            let (which, args) = match command {
-                ExperimentCommand::UnikeTable1(args) => (Which::Table1, args),
-                ExperimentCommand::UnikeTable2(args) => (Which::Table2, args),
-                ExperimentCommand::UnikeTable3(args) => (Which::Table3, args),
-                ExperimentCommand::UnikeTable4(args) => (Which::Table4, args),
-                ExperimentCommand::UnikeFig4(args) => (Which::Fig4, args),
-                ExperimentCommand::UnikeFig5(args) => (Which::Fig5, args),
-                _ => unreachable!("matched above"),
-            };
-            let preset: unike::Preset =
-                mmke::experiment::load_preset("unike", args.file.as_deref(), &args.preset)?;
-            let out = args.out("unike");
-            let device = args.device.device()?;
-            for (stem, table) in unike::run(which, &preset, args.data.as_deref(), &out, &device)? {
-                println!("{}", table.markdown());
-                eprintln!("wrote {}/{stem}.{{md,csv,json,png}}", out.display());
-            }
-            if which == Which::Fig5 {
-                eprintln!("wrote {}/unike-fig5.png", out.display());
-            }
-        }
-        Command::Experiment(ExperimentCommand::FusionAblation(args)) => {
-            let name = "fusion-ablation";
-            let preset: mmke::experiment::fusion_ablation::Preset =
-                mmke::experiment::load_preset(name, args.file.as_deref(), &args.preset)?;
-            let out = args.out(name);
-            let device = args.device.device()?;
-            let (table, results) = mmke::experiment::fusion_ablation::run(
-                &preset,
+            let commit = mmke::experiment::record::commit();
+            let (started, clock) = (std::time::SystemTime::now(), std::time::Instant::now());
+            let outcome = mmke::experiment::run(
+                experiment,
+                &args.preset,
+                args.file.as_deref(),
                 args.data.as_deref(),
                 &out,
                 &device,
             )?;
-            println!("{}", table.markdown());
-            println!(
-                "{}",
-                mmke::experiment::fusion_ablation::details_markdown(&results)
-            );
-            eprintln!(
-                "wrote {}/fusion-ablation.{{md,csv,json,png}}",
-                out.display()
-            );
+            for (stem, table) in &outcome.tables {
+                println!("{}", table.markdown());
+                eprintln!("wrote {}/{stem}.{{md,csv,json,png}}", out.display());
+            }
+            if !outcome.notes.is_empty() {
+                println!("{}", outcome.notes);
+            }
+            for figure in &outcome.figures {
+                eprintln!("wrote {}/{figure}", out.display());
+            }
+            let record = mmke::experiment::record::write(
+                &args.results,
+                &mmke::experiment::record::Measurement {
+                    experiment,
+                    preset: &args.preset,
+                    outcome: &outcome,
+                    out: &out,
+                    data: args.data.as_deref(),
+                    command: std::env::args().collect::<Vec<_>>().join(" "),
+                    commit,
+                    backend: args.device.backend.name(),
+                    started,
+                    wall: clock.elapsed(),
+                },
+            )?;
+            eprintln!("wrote {}", record.display());
         }
         Command::Bench(BenchCommand::Routing {
             edits,

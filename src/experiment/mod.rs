@@ -9,6 +9,7 @@ pub mod mscke_table1;
 pub mod mscke_table3;
 pub mod mscke_table4;
 pub mod provenance;
+pub mod record;
 pub mod unike;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,122 @@ use serde::de::DeserializeOwned;
 
 use crate::data::scenes::{self, ScenesConfig};
 use crate::error::{Error, Result};
+use crate::report::Table;
+
+/// Every experiment, by the name of its command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Experiment {
+    FusionAblation,
+    MsckeTable1,
+    MsckeTable3,
+    MsckeTable4,
+    Unike(unike::Which),
+}
+
+impl Experiment {
+    pub const ALL: [Experiment; 10] = [
+        Experiment::FusionAblation,
+        Experiment::MsckeTable1,
+        Experiment::MsckeTable3,
+        Experiment::MsckeTable4,
+        Experiment::Unike(unike::Which::Table1),
+        Experiment::Unike(unike::Which::Table2),
+        Experiment::Unike(unike::Which::Table3),
+        Experiment::Unike(unike::Which::Table4),
+        Experiment::Unike(unike::Which::Fig4),
+        Experiment::Unike(unike::Which::Fig5),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Experiment::FusionAblation => "fusion-ablation",
+            Experiment::MsckeTable1 => "mscke-table1",
+            Experiment::MsckeTable3 => "mscke-table3",
+            Experiment::MsckeTable4 => "mscke-table4",
+            Experiment::Unike(which) => which.name(),
+        }
+    }
+
+    /// The experiment file that holds its presets, and the name of its default output
+    /// directory: the experiments that share models share both.
+    pub fn file(self) -> &'static str {
+        match self {
+            Experiment::FusionAblation => "fusion-ablation",
+            Experiment::MsckeTable1 | Experiment::MsckeTable3 | Experiment::MsckeTable4 => {
+                "mscke-table1"
+            }
+            Experiment::Unike(_) => "unike",
+        }
+    }
+}
+
+/// What a run of an experiment produced under its output directory.
+pub struct Outcome {
+    /// The tables, each with the stem of its files (`{stem}.{md,csv,json,png}`).
+    pub tables: Vec<(String, Table)>,
+    /// Markdown that goes with the tables (per-run details).
+    pub notes: String,
+    /// Further files it wrote there (figures).
+    pub figures: Vec<String>,
+    /// The preset it ran, as it was read.
+    pub preset: serde_json::Value,
+}
+
+/// Runs `experiment` with preset `preset` (read by [`load_preset`] from `file`) into `out`,
+/// on `data` instead of the preset's scenes split when given.
+pub fn run(
+    experiment: Experiment,
+    preset: &str,
+    file: Option<&Path>,
+    data: Option<&Path>,
+    out: &Path,
+    device: &burn::tensor::Device,
+) -> Result<Outcome> {
+    let name = experiment.file();
+    let mut notes = String::new();
+    let mut figures = Vec::new();
+    let (tables, preset) = match experiment {
+        Experiment::FusionAblation => {
+            let preset: fusion_ablation::Preset = load_preset(name, file, preset)?;
+            let (table, results) = fusion_ablation::run(&preset, data, out, device)?;
+            notes = fusion_ablation::details_markdown(&results);
+            (
+                vec![(experiment.name().to_string(), table)],
+                to_json(&preset),
+            )
+        }
+        Experiment::MsckeTable1 | Experiment::MsckeTable3 | Experiment::MsckeTable4 => {
+            let preset: mscke_table1::Preset = load_preset(name, file, preset)?;
+            let table = match experiment {
+                Experiment::MsckeTable1 => mscke_table1::run(&preset, data, out, device)?.0,
+                Experiment::MsckeTable3 => mscke_table3::run(&preset, data, out, device)?.0,
+                _ => mscke_table4::run(&preset, data, out, device)?.0,
+            };
+            (
+                vec![(experiment.name().to_string(), table)],
+                to_json(&preset),
+            )
+        }
+        Experiment::Unike(which) => {
+            let preset: unike::Preset = load_preset(name, file, preset)?;
+            let tables = unike::run(which, &preset, data, out, device)?;
+            if which == unike::Which::Fig5 {
+                figures.push("unike-fig5.png".to_string());
+            }
+            (tables, to_json(&preset))
+        }
+    };
+    Ok(Outcome {
+        tables,
+        notes,
+        figures,
+        preset,
+    })
+}
+
+fn to_json(preset: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(preset).expect("a preset serializes")
+}
 
 /// An experiment file: a description and named presets.
 #[derive(Debug, Deserialize)]
