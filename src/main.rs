@@ -100,7 +100,7 @@ enum Command {
 /// What every experiment takes.
 #[derive(Args)]
 struct ExperimentArgs {
-    /// Preset of the experiment file: quick (minutes on a CPU) or full (README's numbers).
+    /// Preset of the experiment file: quick (minutes on a CPU) or full (the larger run).
     #[arg(long, default_value = "quick")]
     preset: String,
     /// Experiment file (default: experiments/NAME.toml, else the copy built into mmke).

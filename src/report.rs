@@ -1,4 +1,4 @@
-//! Results tables of the experiments: Markdown for the terminal and README, CSV and JSON for
+//! Results tables of the experiments: Markdown for the terminal and `docs/results/`, CSV and JSON for
 //! analysis, and a grouped bar chart (PNG, drawn with plotters). Every file is written
 //! atomically.
 

@@ -1,4 +1,4 @@
-//! A short round of `mmke fuzz` on every target (the long runs are in README): mutated
+//! A short round of `mmke fuzz` on every target (the long runs are in docs/reliability.md): mutated
 //! fixtures are accepted or rejected with an error value, never a panic.
 
 use std::path::Path;

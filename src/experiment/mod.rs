@@ -1,6 +1,7 @@
 //! Runnable experiments: each reproduces a table or figure of the papers from a file under
 //! `experiments/` that names its presets (`quick`: minutes on a 2-core CPU; `full`: the
-//! numbers in README). Everything an experiment trains is cached in its output directory with
+//! larger run the papers' claims are checked on), and [`record`] writes each run's record to
+//! `docs/results/`. Everything an experiment trains is cached in its output directory with
 //! the configuration that made it ([`provenance`]), so a second run (or one resumed after a
 //! kill) redoes only what is missing or was made by another configuration.
 
