@@ -3,7 +3,7 @@
 //! activation loss that makes it fire where the edit's answer is predicted, and a memory loss
 //! that keeps it below zero (silent after the ReLU) on FFN inputs of unrelated queries.
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -143,7 +143,7 @@ impl Editor for TPatcherEditor {
             true,
             &self.device,
         )?;
-        let [positions, hidden] = edit.dims();
+        let [positions, _] = edit.dims();
         let n = self.config.neurons;
         // Keys start at the edit's inputs (neuron j at answer position j, cycling), scaled so
         // that the pre-activation there is 1.
@@ -153,8 +153,7 @@ impl Editor for TPatcherEditor {
             Tensor::<1, burn::tensor::Int>::from_data(order.as_slice(), &self.device),
         );
         let norm2 = q.clone().powi_scalar(2).sum_dim(1).clamp_min(1e-6);
-        let mut patch = ExtraNeurons::new(hidden, n, &self.device);
-        patch.keys = Param::from_tensor((q / norm2).transpose());
+        let patch = ExtraNeurons::with_keys((q / norm2).transpose());
         let layer = self.speaker.model.lm.num_layers() - 1;
         self.speaker.model.lm.model.decoder.layers[layer]
             .extra

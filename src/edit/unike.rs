@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use burn::module::{Module, Param};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::Editor;
@@ -78,8 +80,8 @@ pub struct UniKeConfig {
     pub zeta: ZetaKind,
     /// beta of eq. 6.
     pub beta: f64,
-    /// Seeds the device's random draws (the keys' noise, a random zeta) when the editor is
-    /// made, so a run is repeatable.
+    /// Seeds the editor's own generator (the keys' noise, a random zeta), so a run is
+    /// repeatable; the device's generator is left alone.
     #[serde(default)]
     pub seed: u64,
 }
@@ -298,7 +300,24 @@ pub struct UniKeEditor {
     /// Per edited layer (None: no regulation).
     zetas: Vec<Option<Tensor<1>>>,
     ike: IkeContext,
+    /// The editor's random draws, seeded by `config.seed`.
+    rng: ChaCha8Rng,
     device: Device,
+}
+
+/// A `shape` tensor of draws from N(0, std^2) by `rng` (no device state involved).
+fn normal<const D: usize>(
+    rng: &mut ChaCha8Rng,
+    shape: [usize; D],
+    std: f64,
+    device: &Device,
+) -> Tensor<D> {
+    let dist = rand_distr::Normal::new(0.0, std as f32).expect("a finite standard deviation");
+    let values: Vec<f32> = (&mut *rng)
+        .sample_iter(dist)
+        .take(shape.iter().product())
+        .collect();
+    Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
 }
 
 impl UniKeEditor {
@@ -312,7 +331,7 @@ impl UniKeEditor {
         device: &Device,
     ) -> Self {
         speaker.model = speaker.model.no_grad();
-        device.seed(config.seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let layers = edited_layers(&speaker.model, config.layers);
         assert_eq!(
             prepared.memory.layers, layers,
@@ -340,11 +359,7 @@ impl UniKeEditor {
                     ZetaKind::Random => {
                         let truthful = truthful();
                         let norm = truthful.clone().powi_scalar(2).sum().sqrt();
-                        let random = Tensor::<1>::random(
-                            truthful.dims(),
-                            Distribution::Normal(0.0, 1.0),
-                            device,
-                        );
+                        let random = normal(&mut rng, truthful.dims(), 1.0, device);
                         let random_norm = random.clone().powi_scalar(2).sum().sqrt();
                         Some(random / random_norm * norm)
                     }
@@ -363,6 +378,7 @@ impl UniKeEditor {
             encoders,
             zetas,
             ike: IkeContext::new(pool, 1),
+            rng,
             device: device.clone(),
         };
         editor.install_hooks();
@@ -421,14 +437,13 @@ impl UniKeEditor {
             ); // [n, hidden]
             // x . k = cos(x, q) |x| / |q|: 1 at q, below the threshold for unrelated inputs.
             let norm2 = q.clone().powi_scalar(2).sum_dim(1).clamp_min(1e-6); // [n, 1]
-            let noise = Tensor::<2>::random(
+            let noise = normal(
+                &mut self.rng,
                 [n, hidden],
-                Distribution::Normal(0.0, 0.01 / (hidden as f64).sqrt()),
+                0.01 / (hidden as f64).sqrt(),
                 &self.device,
             );
-            let keys = (q / norm2 + noise).transpose();
-            let mut neurons = ExtraNeurons::new(hidden, n, &self.device);
-            neurons.keys = Param::from_tensor(keys);
+            let mut neurons = ExtraNeurons::with_keys((q / norm2 + noise).transpose());
             neurons.key_bias =
                 Param::from_tensor(Tensor::full([n], -self.config.key_threshold, &self.device));
             if let Some(zeta) = &self.zetas[slot] {
@@ -590,6 +605,46 @@ mod tests {
         // The hook is live: alpha < 1 changes them.
         hooked.hooks.attention_mix = mix(Alpha::Fixed(0.5));
         assert_ne!(logits(&mut hooked, &records[0], &device), before);
+    }
+
+    #[test]
+    fn the_editor_draws_from_its_own_generator_and_leaves_the_device_alone() {
+        use burn::tensor::Distribution;
+        let (dir, records) = two_scenes(5);
+        let device = Device::flex().autodiff();
+        let config = config(4, InContext::None, Alpha::Fixed(1.0), ZetaKind::Random);
+        let draw = || Tensor::<1>::random([8], Distribution::Default, &device).into_data();
+        let keys = |editor: &UniKeEditor| -> Vec<f32> {
+            let layers = &editor.speaker.model.lm.model.decoder.layers;
+            layers
+                .iter()
+                .flat_map(|l| {
+                    l.extra
+                        .iter()
+                        .map(|e| e.keys.val().into_data().try_to_vec::<f32>().unwrap())
+                })
+                .flatten()
+                .collect()
+        };
+        let mut edited = Vec::new();
+        for _ in 0..2 {
+            device.seed(3); // the same base model both times
+            let mut base = speaker(dir.path(), &device);
+            let prepared = prepared(&mut base, &records, &device);
+            device.seed(7);
+            let mut editor = UniKeEditor::new(base, prepared, &records, config.clone(), &device);
+            editor.edit(&records[0]).unwrap();
+            let after_editing = draw();
+            device.seed(7);
+            assert_eq!(
+                after_editing,
+                draw(),
+                "the editor moved the device's generator"
+            );
+            edited.push(keys(&editor));
+        }
+        assert!(!edited[0].is_empty());
+        assert_eq!(edited[0], edited[1], "one seed, one edit");
     }
 
     #[test]

@@ -173,14 +173,21 @@ impl ExtraNeurons {
     pub fn new(hidden: usize, n: usize, device: &Device) -> Self {
         use burn::tensor::Distribution;
         let std = 1.0 / (hidden as f64).sqrt();
+        Self::with_keys(Tensor::random(
+            [hidden, n],
+            Distribution::Normal(0.0, std),
+            device,
+        ))
+    }
+
+    /// Neurons with the given keys (`[hidden, n]`), zero key biases and zero values.
+    pub fn with_keys(keys: Tensor<2>) -> Self {
+        let [hidden, n] = keys.dims();
+        let device = keys.device();
         Self {
-            keys: Param::from_tensor(Tensor::random(
-                [hidden, n],
-                Distribution::Normal(0.0, std),
-                device,
-            )),
-            key_bias: Param::from_tensor(Tensor::zeros([n], device)),
-            values: Param::from_tensor(Tensor::zeros([n, hidden], device)),
+            keys: Param::from_tensor(keys),
+            key_bias: Param::from_tensor(Tensor::zeros([n], &device)),
+            values: Param::from_tensor(Tensor::zeros([n, hidden], &device)),
             zeta: None,
         }
     }
