@@ -189,10 +189,12 @@ pub fn prepare(
         &preset.clip,
         &train_device,
     )?;
-    for (name, mode) in [
+    // The two classifiers train side by side, each exactly as it would alone.
+    let classifiers = [
         ("scope-text", ScopeMode::TextOnly),
         ("scope-multimodal", ScopeMode::Multimodal),
-    ] {
+    ]
+    .map(|(name, mode)| {
         let config = ScopeRunConfig {
             model: ScopeConfig {
                 mode,
@@ -200,8 +202,21 @@ pub fn prepare(
             },
             train: preset.scope_train.clone(),
         };
-        super::trained_scope(out, name, &config, &clip_dir, &data_dir, &train_device)?;
-    }
+        (name, config)
+    });
+    std::thread::scope(|scope| {
+        let trainings = classifiers.each_ref().map(|(name, config)| {
+            let (clip_dir, data_dir, train_device) = (&clip_dir, &data_dir, &train_device);
+            scope.spawn(move || {
+                super::trained_scope(out, name, config, clip_dir, data_dir, train_device)
+            })
+        });
+        trainings.into_iter().try_for_each(|t| {
+            t.join()
+                .expect("a classifier training thread panicked")
+                .map(drop)
+        })
+    })?;
     super::trained_vlms(
         out,
         out,

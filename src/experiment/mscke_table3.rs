@@ -29,10 +29,12 @@ use crate::train::vlm::VlmTrainConfig;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transfer {
-    /// The CLIP whose vision tower the second VLM starts from.
-    pub clip_preset: String,
-    /// Its pre-training; the preset's `clip` when absent.
-    #[serde(default)]
+    /// A CLIP of its own for the second VLM's vision tower; when absent it shares the first
+    /// base model's (as MiniGPT-4 shares BLIP-2's vision encoder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_preset: Option<String>,
+    /// That CLIP's pre-training; the preset's `clip` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip: Option<crate::train::clip::ClipTrainConfig>,
     pub vlm_preset: String,
     pub vlm: VlmTrainConfig,
@@ -72,13 +74,16 @@ pub fn run(
         &train_device,
     )?;
     let second = out.join("transfer");
-    let second_clip = super::pretrained_clip(
-        &second,
-        &transfer.clip_preset,
-        preset.clip_image_size,
-        transfer.clip.as_ref().unwrap_or(&preset.clip),
-        &train_device,
-    )?;
+    let second_clip = match &transfer.clip_preset {
+        Some(clip) => super::pretrained_clip(
+            &second,
+            clip,
+            preset.clip_image_size,
+            transfer.clip.as_ref().unwrap_or(&preset.clip),
+            &train_device,
+        )?,
+        None => clip_dir.clone(),
+    };
     super::trained_vlms(
         out,
         &second,
@@ -98,13 +103,6 @@ pub fn run(
         },
         &train_device,
     )?;
-    super::trained_hypernet::<Mend>(
-        &second,
-        &preset.mend,
-        transfer.mend_train.as_ref().unwrap_or(&preset.mend_train),
-        &data_dir,
-        &train_device,
-    )?;
     let retrained = ScopeRunConfig {
         model: ScopeConfig {
             mode: ScopeMode::Multimodal,
@@ -115,14 +113,28 @@ pub fn run(
             ..preset.scope_train.clone()
         },
     };
-    super::trained_scope(
-        out,
-        "scope-multimodal-retrained",
-        &retrained,
-        &clip_dir,
-        &data_dir,
-        &train_device,
-    )?;
+    // The second model's MEND and the retrained classifier train side by side.
+    std::thread::scope(|scope| {
+        let mend = scope.spawn(|| {
+            super::trained_hypernet::<Mend>(
+                &second,
+                &preset.mend,
+                transfer.mend_train.as_ref().unwrap_or(&preset.mend_train),
+                &data_dir,
+                &train_device,
+            )
+        });
+        let classifier = super::trained_scope(
+            out,
+            "scope-multimodal-retrained",
+            &retrained,
+            &clip_dir,
+            &data_dir,
+            &train_device,
+        );
+        mend.join().expect("the MEND training thread panicked")?;
+        classifier.map(drop)
+    })?;
 
     let mut records = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;
     records.truncate(preset.eval_records);

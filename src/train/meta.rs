@@ -48,7 +48,10 @@ pub struct MetaLosses {
 }
 
 /// Meta-trains `net` on the edits of `records` (each needs a locality query) with the frozen
-/// model of `speaker` (on an autodiff `device`); checkpoints in `dir`.
+/// model of `speaker` (on an autodiff `device`); checkpoints in `dir`. `initialising` (held
+/// since the device was seeded for `net`, see [`super::initialising`]) is released once every
+/// parameter has its initial values.
+#[allow(clippy::too_many_arguments)]
 pub fn meta_train<N: Hypernetwork>(
     mut net: N,
     speaker: &mut Speaker,
@@ -56,6 +59,7 @@ pub fn meta_train<N: Hypernetwork>(
     config: &MetaTrainConfig,
     dir: &Path,
     resume: bool,
+    mut initialising: Option<std::sync::MutexGuard<'static, ()>>,
     device: &Device,
 ) -> Result<(N, MetaLosses)> {
     let records: Vec<&EditRecord> = records
@@ -134,6 +138,10 @@ pub fn meta_train<N: Hypernetwork>(
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         net = optim.step(config.lr, net, grads);
         state.step += 1;
+        if initialising.is_some() {
+            net.visit(&mut super::Materialise);
+            initialising = None;
+        }
         progress.inc(1);
 
         if state.step % config.checkpoint_every == 0 || state.step == config.steps {
@@ -178,9 +186,19 @@ pub fn run<N: Hypernetwork>(
             .collect();
         records.extend(captions);
     }
+    let initialising = super::initialising();
     device.seed(config.seed);
     let net = N::new(net_config, &speaker.model, device);
-    let (net, losses) = meta_train(net, &mut speaker, &records, config, out, resume, device)?;
+    let (net, losses) = meta_train(
+        net,
+        &mut speaker,
+        &records,
+        config,
+        out,
+        resume,
+        Some(initialising),
+        device,
+    )?;
     crate::edit::mend::save(&net, net_config, out)?;
     Ok(losses)
 }

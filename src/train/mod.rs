@@ -7,6 +7,29 @@ pub mod meta;
 pub mod scope;
 pub mod vlm;
 
+/// Held by a training from seeding the device's generator until every parameter of its model
+/// has its initial values, so that trainings on parallel threads draw exactly what each draws
+/// alone.
+static INITIALISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits for (and then holds) the right to draw initial values from the device's generator.
+pub(crate) fn initialising() -> std::sync::MutexGuard<'static, ()> {
+    INITIALISING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes every parameter hold its values (Burn draws a parameter's initial values lazily, at
+/// its first use).
+pub(crate) struct Materialise;
+
+impl burn::module::ModuleVisitor for Materialise {
+    fn visit_float<const D: usize>(
+        &mut self,
+        param: &burn::module::Param<burn::tensor::Tensor<D>>,
+    ) {
+        param.val();
+    }
+}
+
 /// Every live progress bar: training loops on parallel threads stack their bars here.
 static PROGRESS: std::sync::LazyLock<indicatif::MultiProgress> =
     std::sync::LazyLock::new(indicatif::MultiProgress::new);

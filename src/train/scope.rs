@@ -121,6 +121,24 @@ impl<'a> Strata<'a> {
 /// (none when `valid` is empty or the run had already finished). With `resume`, continues
 /// from the checkpoint in `dir` if there is one.
 pub fn train(
+    model: ScopeClassifier,
+    train: &[ScopePair],
+    valid: &[ScopePair],
+    batcher: &ScopeBatcher,
+    config: &ScopeTrainConfig,
+    dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<(ScopeClassifier, Option<ScopeReport>)> {
+    train_initialising(
+        model, train, valid, batcher, config, dir, resume, None, device,
+    )
+}
+
+/// [`train`], releasing `initialising` (held since the device was seeded for `model`) once
+/// every parameter has its initial values.
+#[allow(clippy::too_many_arguments)]
+fn train_initialising(
     mut model: ScopeClassifier,
     train: &[ScopePair],
     valid: &[ScopePair],
@@ -128,6 +146,7 @@ pub fn train(
     config: &ScopeTrainConfig,
     dir: &Path,
     resume: bool,
+    mut initialising: Option<std::sync::MutexGuard<'static, ()>>,
     device: &Device,
 ) -> Result<(ScopeClassifier, Option<ScopeReport>)> {
     if config.freeze_clip {
@@ -180,6 +199,10 @@ pub fn train(
         let grads = GradientsParams::from_grads(grads, &model);
         model = optim.step(config.lr, model, grads);
         state.step += 1;
+        if initialising.is_some() {
+            model.visit(&mut super::Materialise);
+            initialising = None;
+        }
         progress.inc(1);
 
         let validate = state.step % config.validate_every == 0 || state.step == config.steps;
@@ -357,6 +380,7 @@ pub fn run(
     let all: Vec<ScopePair> = train_pairs.iter().chain(&valid_pairs).cloned().collect();
     let words = object_words(&config.model, &clip.tokenizer, clip_dir)?;
     let batcher = ScopeBatcher::new(clip.tokenizer, clip.preprocessor.clone(), &all)?;
+    let initialising = super::initialising();
     device.seed(config.train.seed);
     let mut model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device)
         .with_object_words(words);
@@ -370,7 +394,7 @@ pub fn run(
             })?;
         model.attribute_probe = Some(probe);
     }
-    let (model, report) = train(
+    let (model, report) = train_initialising(
         model,
         &train_pairs,
         &valid_pairs,
@@ -378,6 +402,7 @@ pub fn run(
         &config.train,
         out,
         resume,
+        Some(initialising),
         device,
     )?;
     let model = model.valid();

@@ -653,20 +653,6 @@ pub fn exact_match(
     Ok(right.iter().filter(|&&r| r).count() as f64 / examples.len().max(1) as f64)
 }
 
-/// Held by a VLM training from seeding the device's generator until every parameter of its
-/// model has its initial values ([`train`]).
-static INITIALISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Makes every parameter hold its values (Burn draws a parameter's initial values lazily, at
-/// its first use).
-struct Materialise;
-
-impl burn::module::ModuleVisitor for Materialise {
-    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
-        param.val();
-    }
-}
-
 /// Trains `model` (on an autodiff device); with `resume`, continues from `dir`'s checkpoint.
 /// The parameters `model` has not drawn yet are drawn from the device's generator seeded
 /// with `config.seed`.
@@ -688,7 +674,7 @@ pub fn train(
     // parameter's first use, here in the first step. From seeding until every parameter has
     // its values the lock is held, so trainings on parallel threads draw exactly what each
     // draws alone.
-    let mut initialising = Some(INITIALISING.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut initialising = Some(super::initialising());
     device.seed(config.seed);
     let mut optim = config.optim.init();
     let mut state = TrainState::default();
@@ -733,7 +719,7 @@ pub fn train(
         model = optim.step(lr, model, grads);
         state.step += 1;
         if initialising.is_some() {
-            model.visit(&mut Materialise);
+            model.visit(&mut super::Materialise);
             initialising = None;
         }
         progress.inc(1);
@@ -1042,15 +1028,25 @@ pub fn run(
         lm.eos_token_id,
     )
     .with_prefix_lm(vlm_config.prefix_lm);
-    let mut model = Vlm::new(&vlm_config, device);
-    if let Some(dir) = clip_dir {
-        let clip = crate::model::clip::Clip::load(dir, device)?;
-        if clip.config.vision_config != vlm_config.vision {
+    // The preset sizes the LM; a given CLIP brings its own vision tower (two base models may
+    // share one, as BLIP-2 and MiniGPT-4 share their ViT).
+    let clip = clip_dir
+        .map(|dir| crate::model::clip::Clip::load(dir, device))
+        .transpose()?;
+    if let (Some(dir), Some(clip)) = (clip_dir, &clip) {
+        if clip.config.vision_config.image_size != image_size {
             return Err(crate::Error::Config {
                 path: dir.join("config.json"),
-                reason: format!("its vision tower is not {preset}'s at image size {image_size}"),
+                reason: format!(
+                    "its vision tower reads {} px images, not {image_size}",
+                    clip.config.vision_config.image_size
+                ),
             });
         }
+        vlm_config.vision = clip.config.vision_config.clone();
+    }
+    let mut model = Vlm::new(&vlm_config, device);
+    if let (Some(dir), Some(clip)) = (clip_dir, clip) {
         model.vision_model = clip.model.vision_model;
         if vlm_config.object_tokens {
             let probe_path = dir.join(crate::model::objects::PROBE_FILE);
