@@ -962,7 +962,10 @@ fn run(cli: Cli) -> Result<()> {
                     outcome: &outcome,
                     out: &out,
                     data: args.data.as_deref(),
-                    command: std::env::args().collect::<Vec<_>>().join(" "),
+                    command: std::iter::once("mmke".to_string())
+                        .chain(std::env::args().skip(1))
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     commit,
                     backend: args.device.backend.name(),
                     started,

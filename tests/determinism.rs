@@ -1,8 +1,9 @@
 //! Determinism: the same preset and seeds give the same numbers, for every experiment mmke
 //! has (on the tiny presets the tests use; the quick and full presets differ only in sizes).
-//! Everything is trained from scratch twice, in two directories. In a test binary of its
-//! own, because the device's random generator is shared by the tests of one process, and
-//! tests running beside it would draw from it in between.
+//! Everything is trained from scratch twice, in two directories, and the tables must also
+//! equal the committed golden numbers (`tests/fixtures/golden-tiny-tables.txt`). In a test
+//! binary of its own, because the device's random generator is shared by the tests of one
+//! process, and tests running beside it would draw from it in between.
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +66,19 @@ fn every_experiment(out: &Path) -> Vec<(String, Vec<(String, Vec<f64>)>)> {
     tables
 }
 
+/// The tables as they print (two decimals), Figure 5's PNG left out.
+fn printed(tables: &[(String, Vec<(String, Vec<f64>)>)]) -> String {
+    let mut out = String::new();
+    for (stem, rows) in tables.iter().filter(|(stem, _)| !stem.ends_with(".png")) {
+        out += &format!("## {stem}\n");
+        for (name, values) in rows {
+            let cells: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+            out += &format!("{name} | {}\n", cells.join(" | "));
+        }
+    }
+    out
+}
+
 #[test]
 fn the_same_presets_and_seeds_give_identical_numbers_in_every_experiment() {
     let dir = tempfile::tempdir().unwrap();
@@ -91,4 +105,17 @@ fn the_same_presets_and_seeds_give_identical_numbers_in_every_experiment() {
         assert!(!a.is_empty(), "{stem}: no rows");
         assert_eq!(a, b, "{stem}: the second run differs");
     }
+    // The golden numbers: every table of the tiny presets as committed. A change that moves
+    // them must say so; `MMKE_BLESS=1` rewrites the file.
+    let golden = fixture("golden-tiny-tables.txt");
+    let now = printed(&first);
+    if std::env::var_os("MMKE_BLESS").is_some() {
+        std::fs::write(&golden, &now).unwrap();
+    }
+    let pinned = std::fs::read_to_string(&golden).unwrap();
+    assert!(
+        now == pinned,
+        "the tiny presets' tables moved from {}:\n{now}",
+        golden.display()
+    );
 }
