@@ -1,0 +1,136 @@
+//! `mmke experiment NAME`: reproduce a table or figure of the papers, and write its record
+//! to docs/results.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use crate::DeviceArgs;
+
+/// What every experiment takes.
+#[derive(Args)]
+pub struct ExperimentArgs {
+    /// Preset of the experiment file: quick (minutes on a CPU) or full (the larger run).
+    #[arg(long, default_value = "quick")]
+    preset: String,
+    /// Experiment file (default: experiments/NAME.toml, else the copy built into mmke).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// A directory with train.json and test.json (FGVEdit schema, images relative to it)
+    /// instead of the preset's scenes split.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output directory; what it already holds is reused (default: runs/NAME/PRESET).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where the run's record goes: `EXPERIMENT-PRESET.md` (the tables, the command, the
+    /// commit, the models trained and reused, the wall time, the machine) and the tables'
+    /// CSV, JSON and PNG.
+    #[arg(long, default_value = "docs/results")]
+    results: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+impl ExperimentArgs {
+    fn out(&self, name: &str) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(name).join(&self.preset))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum ExperimentCommand {
+    /// MSCKE Table 2: concat / cross-attention / dot-product fusion x two CLIP sizes.
+    FusionAblation(ExperimentArgs),
+    /// MSCKE Table 1: FT-LLM, FT-Visual, IKE, SERAC, MEND, MSCKE and MSCKE-MEND, one-step.
+    MsckeTable1(ExperimentArgs),
+    /// MSCKE Table 3: the multimodal classifier transferred (behind MEND, with vlm-small)
+    /// vs retrained (the models of mscke-table1: its presets and directory).
+    MsckeTable3(ExperimentArgs),
+    /// MSCKE Table 4: inference time per query and size of the scope classifier, the base and
+    /// the counterfactual model (the models of mscke-table1: its presets and directory).
+    MsckeTable4(ExperimentArgs),
+    /// UniKE Table 1: one-step editing on the VQA and caption tasks (FT, KE, T-Patcher, MEND,
+    /// IKE, SERAC, UniKE).
+    /// The UniKE experiments share experiments/unike.toml and runs/unike/PRESET.
+    UnikeTable1(ExperimentArgs),
+    /// UniKE Table 2: sequential editing (K edits accumulate).
+    UnikeTable2(ExperimentArgs),
+    /// UniKE Table 3: cross-task editing (5 VQA + 5 caption edits per sequence).
+    UnikeTable3(ExperimentArgs),
+    /// UniKE Table 4: ablations (intrinsic only, latent IKE only, + vanilla IKE, without
+    /// collaboration, full).
+    UnikeTable4(ExperimentArgs),
+    /// UniKE Figure 4: retrieved states K, fixed vs dynamic alpha, zeta variants.
+    UnikeFig4(ExperimentArgs),
+    /// UniKE Figure 5: positive and negative knowledge in the semantic and the truthfulness
+    /// space (PCA), as PNG.
+    UnikeFig5(ExperimentArgs),
+}
+
+impl ExperimentCommand {
+    fn split(self) -> (mmke::experiment::Experiment, ExperimentArgs) {
+        use mmke::experiment::{Experiment as E, unike::Which};
+        match self {
+            ExperimentCommand::FusionAblation(a) => (E::FusionAblation, a),
+            ExperimentCommand::MsckeTable1(a) => (E::MsckeTable1, a),
+            ExperimentCommand::MsckeTable3(a) => (E::MsckeTable3, a),
+            ExperimentCommand::MsckeTable4(a) => (E::MsckeTable4, a),
+            ExperimentCommand::UnikeTable1(a) => (E::Unike(Which::Table1), a),
+            ExperimentCommand::UnikeTable2(a) => (E::Unike(Which::Table2), a),
+            ExperimentCommand::UnikeTable3(a) => (E::Unike(Which::Table3), a),
+            ExperimentCommand::UnikeTable4(a) => (E::Unike(Which::Table4), a),
+            ExperimentCommand::UnikeFig4(a) => (E::Unike(Which::Fig4), a),
+            ExperimentCommand::UnikeFig5(a) => (E::Unike(Which::Fig5), a),
+        }
+    }
+}
+
+pub fn run(command: ExperimentCommand) -> Result<()> {
+    let (experiment, args) = command.split();
+    let out = args.out(experiment.file());
+    let device = args.device.device()?;
+    let commit = mmke::experiment::record::commit();
+    let (started, clock) = (std::time::SystemTime::now(), std::time::Instant::now());
+    let outcome = mmke::experiment::run(
+        experiment,
+        &args.preset,
+        args.file.as_deref(),
+        args.data.as_deref(),
+        &out,
+        &device,
+    )?;
+    for (stem, table) in &outcome.tables {
+        println!("{}", table.markdown());
+        eprintln!("wrote {}/{stem}.{{md,csv,json,png}}", out.display());
+    }
+    if !outcome.notes.is_empty() {
+        println!("{}", outcome.notes);
+    }
+    for figure in &outcome.figures {
+        eprintln!("wrote {}/{figure}", out.display());
+    }
+    let record = mmke::experiment::record::write(
+        &args.results,
+        &mmke::experiment::record::Measurement {
+            experiment,
+            preset: &args.preset,
+            outcome: &outcome,
+            out: &out,
+            data: args.data.as_deref(),
+            command: std::iter::once("mmke".to_string())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" "),
+            commit,
+            backend: args.device.backend.name(),
+            started,
+            wall: clock.elapsed(),
+        },
+    )?;
+    eprintln!("wrote {}", record.display());
+    Ok(())
+}
