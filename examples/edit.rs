@@ -50,12 +50,12 @@ fn main() -> anyhow::Result<()> {
 
     let before = questions
         .iter()
-        .map(|(_, prompt, _)| editor.answer(&query(prompt), 4))
+        .map(|(_, prompt, _)| editor.answer_with_route(&query(prompt), 4))
         .collect::<mmke::Result<Vec<_>>>()?;
     println!("edit: {} -> {}", record.prompt, record.target);
     editor.edit(record)?;
     for ((kind, prompt, expected), before) in questions.iter().zip(before) {
-        let after = editor.answer(&query(prompt), 4)?;
+        let after = editor.answer_with_route(&query(prompt), 4)?;
         let rho = after.route.map_or(0.0, |r| r.rho);
         let route = if after.edited {
             "counterfactual"

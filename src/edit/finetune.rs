@@ -94,6 +94,10 @@ impl Editor for FineTuneEditor {
         self.speaker.predict_query(query, answer, k, &self.device)
     }
 
+    fn answer(&mut self, query: &Query, max_new: usize) -> Result<String> {
+        self.speaker.answer_query(query, max_new, &self.device)
+    }
+
     fn reset(&mut self) {
         self.speaker.model = self.original.clone();
     }
@@ -156,6 +160,7 @@ mod tests {
             let before_loss = loss(&mut editor);
             let before_weights = weights(&editor.speaker.model);
             let before = editor.predict(&query, &record.target, 10).unwrap();
+            let said = editor.answer(&query, 3).unwrap();
             editor.edit(record).unwrap();
             let after_loss = loss(&mut editor);
             // An untrained model's tied embeddings (OPT's init, std 0.02) bound its logits,
@@ -175,6 +180,7 @@ mod tests {
             editor.reset();
             assert_eq!(weights(&editor.speaker.model), before_weights);
             assert_eq!(editor.predict(&query, &record.target, 10).unwrap(), before);
+            assert_eq!(editor.answer(&query, 3).unwrap(), said);
         }
     }
 }

@@ -138,6 +138,17 @@ impl Editor for IkeEditor {
             .predict(query.image.as_deref(), &prompt, answer, k, &self.device)
     }
 
+    fn answer(&mut self, query: &Query, max_new: usize) -> Result<String> {
+        let prompt = self.base.fit_context_reserving(
+            &self.context.context(query),
+            &query.prompt,
+            max_new,
+            query.image.is_some(),
+        )?;
+        self.base
+            .answer(query.image.as_deref(), &prompt, max_new, &self.device)
+    }
+
     fn reset(&mut self) {
         self.context.clear();
     }

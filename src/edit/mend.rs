@@ -356,6 +356,10 @@ impl<N: Hypernetwork> Editor for HypernetEditor<N> {
         self.speaker.predict_query(query, answer, k, &self.device)
     }
 
+    fn answer(&mut self, query: &Query, max_new: usize) -> Result<String> {
+        self.speaker.answer_query(query, max_new, &self.device)
+    }
+
     fn reset(&mut self) {
         self.speaker.model = self.original.clone();
     }

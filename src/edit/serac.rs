@@ -171,7 +171,7 @@ impl MemoryEditor {
 
     /// Answers a query: the counterfactual model with the routed edit as context when the
     /// query is in scope (eq. 3), the base model otherwise.
-    pub fn answer(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
+    pub fn answer_with_route(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
         let (route, edited, prompt) = self.dispatch(query)?;
         let (speaker, device) = self.speaker(edited);
         let text = speaker.answer(query.image.as_deref(), &prompt, max_new, device)?;
@@ -192,6 +192,10 @@ impl super::Editor for MemoryEditor {
         let (_, edited, prompt) = self.dispatch(query)?;
         let (speaker, device) = self.speaker(edited);
         speaker.predict(query.image.as_deref(), &prompt, answer, k, device)
+    }
+
+    fn answer(&mut self, query: &Query, max_new: usize) -> Result<String> {
+        Ok(self.answer_with_route(query, max_new)?.text)
     }
 
     fn reset(&mut self) {
@@ -292,15 +296,20 @@ pub(crate) mod tests {
                 prompt: records[0].prompt.clone(),
             };
             // No edit yet: the base model answers, no route.
-            let before = editor.answer(&query, 3).unwrap();
+            let before = editor.answer_with_route(&query, 3).unwrap();
             assert_eq!((before.route, before.edited), (None, false));
             editor.edit(&records[0]).unwrap();
             editor.edit(&records[1]).unwrap();
             assert_eq!(editor.len(), 2);
-            let after = editor.answer(&query, 3).unwrap();
+            let after = editor.answer_with_route(&query, 3).unwrap();
             let route = after.route.expect("a route once edits are stored");
             assert_eq!(after.edited, edited, "scale {scale}: {route:?}");
             assert_eq!(route.in_scope(), edited);
+            // The trait's answer is the routed one.
+            assert_eq!(
+                super::super::Editor::answer(&mut editor, &query, 3).unwrap(),
+                after.text
+            );
             if !edited {
                 assert_eq!(
                     after.text, before.text,

@@ -78,11 +78,23 @@ impl Speaker {
         answer: &str,
         with_image: bool,
     ) -> Result<String> {
+        let answer_tokens = self.batcher.tokenizer().encode(answer, false)?.len();
+        self.fit_context_reserving(context, prompt, answer_tokens, with_image)
+    }
+
+    /// [`Speaker::fit_context`] leaving room for `reserved` answer tokens (generation).
+    pub fn fit_context_reserving(
+        &self,
+        context: &str,
+        prompt: &str,
+        reserved: usize,
+        with_image: bool,
+    ) -> Result<String> {
         let capacity = self.text_capacity(with_image);
         let count = |text: &str| -> Result<usize> {
             Ok(self.batcher.tokenizer().encode(text, false)?.len())
         };
-        let fixed = 2 + count(prompt)? + count(answer)?;
+        let fixed = 2 + count(prompt)? + reserved;
         let mut words: Vec<&str> = context.split(' ').collect();
         while !words.is_empty() && fixed + count(&words.join(" "))? > capacity {
             words.remove(0);
@@ -173,6 +185,16 @@ impl Speaker {
             target,
             top_k,
         })
+    }
+
+    /// Greedy answer to `query`, at most `max_new` tokens, decoded.
+    pub fn answer_query(
+        &mut self,
+        query: &Query,
+        max_new: usize,
+        device: &Device,
+    ) -> Result<String> {
+        self.answer(query.image.as_deref(), &query.prompt, max_new, device)
     }
 
     /// Greedy answer to `prompt` on `image`, at most `max_new` tokens, decoded.

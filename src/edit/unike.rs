@@ -399,11 +399,23 @@ impl UniKeEditor {
     }
 
     fn prompt(&self, query: &Query, answer: &str) -> Result<String> {
+        let answer_tokens = self
+            .speaker
+            .batcher
+            .tokenizer()
+            .encode(answer, false)?
+            .len();
+        self.prompt_reserving(query, answer_tokens)
+    }
+
+    /// The query's prompt, after vanilla IKE's demonstrations when they are on, leaving room
+    /// for `reserved` answer tokens.
+    fn prompt_reserving(&self, query: &Query, reserved: usize) -> Result<String> {
         match self.config.in_context {
-            InContext::Vanilla => self.speaker.fit_context(
+            InContext::Vanilla => self.speaker.fit_context_reserving(
                 &self.ike.context(query),
                 &query.prompt,
-                answer,
+                reserved,
                 query.image.is_some(),
             ),
             _ => Ok(query.prompt.clone()),
@@ -502,6 +514,12 @@ impl Editor for UniKeEditor {
         let prompt = self.prompt(query, answer)?;
         self.speaker
             .predict(query.image.as_deref(), &prompt, answer, k, &self.device)
+    }
+
+    fn answer(&mut self, query: &Query, max_new: usize) -> Result<String> {
+        let prompt = self.prompt_reserving(query, max_new)?;
+        self.speaker
+            .answer(query.image.as_deref(), &prompt, max_new, &self.device)
     }
 
     fn reset(&mut self) {

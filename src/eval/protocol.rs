@@ -234,6 +234,16 @@ mod tests {
             })
         }
 
+        fn answer(&mut self, query: &Query, _max_new: usize) -> Result<String> {
+            self.log.push(format!("answer {}", query.prompt));
+            Ok(if self.edited.contains(&query.prompt) {
+                "7"
+            } else {
+                "1"
+            }
+            .into())
+        }
+
         fn reset(&mut self) {
             self.log.push("reset".into());
             self.edited.clear();

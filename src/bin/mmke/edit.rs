@@ -81,11 +81,11 @@ pub fn run(args: EditArgs) -> Result<()> {
         .collect();
     let before: Vec<_> = queries
         .iter()
-        .map(|q| editor.answer(q, max_new_tokens))
+        .map(|q| editor.answer_with_route(q, max_new_tokens))
         .collect::<mmke::Result<_>>()?;
     editor.edit(&edit)?;
     for (query, before) in queries.iter().zip(before) {
-        let after = editor.answer(query, max_new_tokens)?;
+        let after = editor.answer_with_route(query, max_new_tokens)?;
         let route = after.route.expect("one stored edit");
         println!(
             "{}",
