@@ -13,6 +13,19 @@ use super::image::ImagePreprocessor;
 use super::record::EditRecord;
 use super::text::{TextTokenizer, TokenBatch};
 
+/// One side of a pair, batched: token ids, and optionally images.
+#[derive(Clone, Debug)]
+pub struct ScopeInput {
+    pub ids: Tensor<2, Int>,
+    pub padding: Tensor<2, Bool>,
+    /// `[batch, 3, h, w]` and `[batch, 1]` (1 where the row really has an image; rows without
+    /// one hold zeros and are encoded as text-only).
+    pub images: Option<(Tensor<4>, Tensor<2>)>,
+    /// `[batch, seq]`, 1 on the tokens an object readout reads (the edit's question, not its
+    /// target); `None`: every token that is not padding.
+    pub focus: Option<Tensor<2>>,
+}
+
 /// A question on an image with the answer expected from the model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VqaItem {
@@ -205,11 +218,11 @@ impl ScopeBatcher {
         texts: impl Iterator<Item = &'a str>,
         images: &[Option<&PathBuf>],
         device: &Device,
-    ) -> crate::Result<crate::model::scope::ScopeInput> {
+    ) -> crate::Result<ScopeInput> {
         let texts: Vec<&str> = texts.collect();
         let (ids, padding) = self.tokenizer.encode_batch(&texts)?.to_tensors(device);
         let images = self.pixels(images, device);
-        Ok(crate::model::scope::ScopeInput {
+        Ok(ScopeInput {
             ids,
             padding,
             images,
@@ -224,7 +237,7 @@ impl ScopeBatcher {
         &self,
         edits: &[(&str, &str, &PathBuf)],
         device: &Device,
-    ) -> crate::Result<crate::model::scope::ScopeInput> {
+    ) -> crate::Result<ScopeInput> {
         let texts: Vec<String> = edits.iter().map(|(q, t, _)| format!("{q} {t}")).collect();
         let batch = self.tokenizer.encode_batch(&texts)?;
         let mut focus = vec![0f32; batch.batch * batch.seq];
@@ -240,7 +253,7 @@ impl ScopeBatcher {
         }
         let (ids, padding) = batch.to_tensors(device);
         let images: Vec<Option<&PathBuf>> = edits.iter().map(|(_, _, i)| Some(*i)).collect();
-        Ok(crate::model::scope::ScopeInput {
+        Ok(ScopeInput {
             ids,
             padding,
             images: self.pixels(&images, device),
@@ -289,7 +302,7 @@ impl ScopeBatcher {
         &self,
         pairs: &[&super::pairs::ScopePair],
         device: &Device,
-    ) -> crate::Result<crate::model::scope::ScopeInput> {
+    ) -> crate::Result<ScopeInput> {
         let edits: Vec<(&str, &str, &PathBuf)> = pairs
             .iter()
             .map(|p| {
@@ -308,7 +321,7 @@ impl ScopeBatcher {
         &self,
         pairs: &[&super::pairs::ScopePair],
         device: &Device,
-    ) -> crate::Result<crate::model::scope::ScopeInput> {
+    ) -> crate::Result<ScopeInput> {
         let images: Vec<_> = pairs.iter().map(|p| p.query_image.as_ref()).collect();
         self.side(pairs.iter().map(|p| p.query_text.as_str()), &images, device)
     }

@@ -8,7 +8,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipConfig, ClipModel, pool_cells};
@@ -116,18 +116,7 @@ impl ScopeConfig {
     }
 }
 
-/// One side of a pair, batched: token ids, and optionally images.
-#[derive(Clone, Debug)]
-pub struct ScopeInput {
-    pub ids: Tensor<2, Int>,
-    pub padding: Tensor<2, Bool>,
-    /// `[batch, 3, h, w]` and `[batch, 1]` (1 where the row really has an image; rows without
-    /// one hold zeros and are encoded as text-only).
-    pub images: Option<(Tensor<4>, Tensor<2>)>,
-    /// `[batch, seq]`, 1 on the tokens an object readout reads (the edit's question, not its
-    /// target); `None`: every token that is not padding.
-    pub focus: Option<Tensor<2>>,
-}
+pub use crate::data::batch::ScopeInput;
 
 #[derive(Module, Debug)]
 pub struct ScopeClassifier {
@@ -374,6 +363,7 @@ pub fn bce(log_rho: Tensor<1>, labels: Tensor<1>) -> Tensor<1> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::{Bool, Int};
     use crate::model::clip::ClipConfig;
     use burn::tensor::Distribution;
 
