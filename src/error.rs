@@ -105,3 +105,14 @@ pub fn temporary_sibling(path: &Path) -> PathBuf {
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
+
+/// Writes `module` as a burnpack file through a temporary sibling and a rename.
+pub fn save_module<M: burn::module::Module>(module: &M, path: &Path) -> Result<()> {
+    let tmp = temporary_sibling(path);
+    module.clone().save_file(&tmp).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    sync(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

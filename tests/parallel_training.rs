@@ -90,7 +90,7 @@ fn vlms_trained_side_by_side_equal_those_trained_alone() {
         )
         .unwrap();
         let values = |dir: &std::path::Path| {
-            let (model, _, _) = mmke::train::vlm::load(dir, &Device::flex()).unwrap();
+            let (model, _, _) = mmke::model::vlm::load(dir, &Device::flex()).unwrap();
             let mut values = Values::default();
             model.visit(&mut values);
             values.0

@@ -104,7 +104,7 @@ fn a_killed_training_run_resumed_ends_bit_for_bit_like_an_uninterrupted_one() {
     // Compared tensor by tensor (the files also hold random parameter ids).
     let weights = |dir: &str| {
         let (model, _, _) =
-            mmke::train::vlm::load(Path::new(dir), &burn::tensor::Device::flex()).unwrap();
+            mmke::model::vlm::load(Path::new(dir), &burn::tensor::Device::flex()).unwrap();
         model
             .collect(None, None, false)
             .into_iter()

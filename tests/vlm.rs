@@ -3,10 +3,11 @@
 use burn::tensor::Device;
 use mmke::data::fgvedit;
 use mmke::data::image::ImagePreprocessor;
+use mmke::data::lm::{LmBatcher, LmExample, pre_edit_examples};
 use mmke::data::scenes::{self, ScenesConfig};
 use mmke::data::text::TextTokenizer;
+use mmke::model::answer::answer_loss;
 use mmke::model::vlm::{Vlm, VlmConfig};
-use mmke::train::vlm::{LmBatcher, LmExample, answer_loss, pre_edit_examples};
 
 const IMAGE: usize = 32;
 
@@ -90,7 +91,7 @@ fn pre_edit_examples_train_the_vlm_and_exact_match_is_a_share() {
     assert!(after < 0.5 * before, "loss {before} -> {after}");
 
     let plain = Device::flex();
-    let exact = mmke::train::vlm::exact_match(
+    let exact = mmke::model::answer::exact_match(
         &burn::module::Module::valid(&trained),
         &examples,
         &mut batcher,
@@ -118,15 +119,15 @@ fn counterfactual_examples_read_the_edit_and_answer_as_after_it() {
         .unwrap()
         .records;
     for record in &records {
-        let context = mmke::train::vlm::edit_context(record);
+        let context = mmke::data::lm::edit_context(record);
         assert_eq!(
             context,
             format!("{} >> {} || ", record.prompt, record.target)
         );
-        let examples = mmke::train::vlm::counterfactual_examples(record);
+        let examples = mmke::data::lm::counterfactual_examples(record);
         // Every example reads an edit: this one, or the captioning edit of the same change.
         let caption = record.caption_edit().expect("scenes records have captions");
-        let caption_context = mmke::train::vlm::edit_context(&caption);
+        let caption_context = mmke::data::lm::edit_context(&caption);
         assert!(examples.iter().all(|e| e.prompt.starts_with(&context)
             || (e.prompt.starts_with(&caption_context) && e.answer == caption.target)));
         assert!(

@@ -2,6 +2,7 @@ pub mod batch;
 pub mod check;
 pub mod fgvedit;
 pub mod image;
+pub mod lm;
 pub mod mmedit;
 pub mod pairs;
 pub mod reader;

@@ -147,3 +147,14 @@ pub fn pairs(record: &EditRecord) -> Vec<ScopePair> {
     }
     out
 }
+/// Every pair of the records in an FGVEdit-schema file (images relative to `image_root`).
+pub fn read_pairs(
+    file: &std::path::Path,
+    image_root: &std::path::Path,
+) -> crate::Result<Vec<ScopePair>> {
+    Ok(crate::data::fgvedit::read(file, image_root)?
+        .records
+        .iter()
+        .flat_map(pairs)
+        .collect())
+}

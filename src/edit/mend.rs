@@ -19,9 +19,9 @@ use super::Editor;
 use super::speaker::{Prediction, Query, Speaker};
 use crate::data::record::EditRecord;
 use crate::error::{Error, Result, write_atomic};
+use crate::model::answer::answer_nll;
 use crate::model::lm::Hooks;
 use crate::model::vlm::Vlm;
-use crate::train::vlm::answer_nll;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,7 +250,7 @@ pub fn save<N: Hypernetwork>(net: &N, config: &N::Config, dir: &Path) -> Result<
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let json = serde_json::to_string_pretty(config).expect("config serializes");
     write_atomic(&dir.join(format!("{}.json", N::NAME)), json.as_bytes())?;
-    crate::train::checkpoint::save_module(net, &dir.join(format!("{}.bpk", N::NAME)))
+    crate::error::save_module(net, &dir.join(format!("{}.bpk", N::NAME)))
 }
 
 /// Loads what [`save`] wrote, for `model`.

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::data::image::ImagePreprocessor;
+use crate::data::lm::{LmBatch, LmBatcher, LmExample};
 use crate::error::Result;
+use crate::model::answer::answer_loss_with;
 use crate::model::lm::Hooks;
 use crate::model::vlm::Vlm;
-use crate::train::vlm::{LmBatch, LmBatcher, LmExample, answer_loss_with};
 
 /// A query to the edited model: a prompt (templated) on an image, or on text alone.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,7 +42,7 @@ impl Speaker {
     /// A VLM saved by `mmke train vlm` / `train counterfactual`, with its tokenizer and the
     /// CLIP preprocessing of its vision tower's input size.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let (model, config, tokenizer) = crate::train::vlm::load(dir, device)?;
+        let (model, config, tokenizer) = crate::model::vlm::load(dir, device)?;
         let preprocessor = ImagePreprocessor::clip(config.vision.image_size as u32);
         Ok(Self {
             model,

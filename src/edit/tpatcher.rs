@@ -207,7 +207,7 @@ impl Editor for TPatcherEditor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::edit::serac::tests::{speaker, two_scenes};
+    use crate::edit::serac::tests::{reseeded, speaker, two_scenes};
 
     #[test]
     fn a_trained_patch_learns_the_edit_and_is_silent_on_a_locality_input() {
@@ -216,7 +216,7 @@ mod tests {
         let record = &records[0];
         let config = TPatcherConfig {
             neurons: 2,
-            steps: 80,
+            steps: 40,
             lr: 5e-2,
             activation_weight: 1.0,
             memory_weight: 1.0,
@@ -226,7 +226,8 @@ mod tests {
         // The memory holds the unrelated queries of both records (scenes' text facts recur
         // across records, so a user's memory holds them too); the locality input checked
         // below is this record's.
-        let base = speaker(dir.path(), &device);
+        let mut base = speaker(dir.path(), &device);
+        base.model = reseeded(base.model, 11); // one exact model, whatever runs beside
         let mut editor = TPatcherEditor::new(base, &records, config, &device).unwrap();
         let loss = |e: &mut TPatcherEditor| {
             e.speaker
@@ -259,10 +260,8 @@ mod tests {
             prompt: loc.prompt.clone(),
         };
         let on_locality = fired(&mut editor, &text, &loc.answer);
-        // Silent on the locality input, or nearly (the tiny base model is random: on a few
-        // percent of them 80 steps leave a trace of activation there).
         assert!(
-            on_edit > 0.0 && on_locality <= 0.05 * on_edit,
+            on_edit > 0.0 && on_locality == 0.0,
             "fired {on_edit} on the edit, {on_locality} on the locality input"
         );
         editor.reset();

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use serde::Serialize;
 
+use crate::data::lm::{LmBatcher, LmExample};
 use crate::data::pairs::PairKind;
 use crate::data::record::CAPTION_REPHRASE;
 use crate::data::scenes::{self, CAPTION_PROMPT};
 use crate::error::Result;
+use crate::model::answer::{AnswerScore, answer_scores};
 use crate::model::vlm::Vlm;
-use crate::train::vlm::{AnswerScore, LmBatcher, LmExample, answer_scores};
 
 /// Exact match and token accuracy of a set of answers, in % (0-100).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -46,7 +47,7 @@ pub struct KnowledgeReport {
     pub all: KnowledgeScore,
     pub families: BTreeMap<String, KnowledgeScore>,
     /// Counterfactual knowledge only: per kind of question about the edit (`edit`,
-    /// `hard-in-scope`, `near`, ...; [`crate::train::vlm::counterfactual_examples_by_kind`]).
+    /// `hard-in-scope`, `near`, ...; [`crate::data::lm::counterfactual_examples_by_kind`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub kinds: BTreeMap<String, KnowledgeScore>,
 }
@@ -145,7 +146,7 @@ pub fn evaluate_counterfactual(
 ) -> Result<KnowledgeReport> {
     let (examples, kinds): (Vec<LmExample>, Vec<PairKind>) = records
         .iter()
-        .flat_map(crate::train::vlm::counterfactual_examples_by_kind)
+        .flat_map(crate::data::lm::counterfactual_examples_by_kind)
         .unzip();
     // The caption edit's questions apart from the VQA edit's.
     let names: Vec<String> = examples

@@ -297,4 +297,20 @@ mod tests {
         assert_eq!(metrics.reliability.n, 2);
         assert_eq!(metrics.reliability.token_accuracy, 1.0);
     }
+
+    #[test]
+    fn the_protocols_drive_the_memory_editor() {
+        let (dir, _) = crate::edit::serac::tests::two_scenes(9);
+        let device = burn::tensor::Device::flex();
+        // Nothing is ever in scope: the base model answers before and after, so every
+        // locality probe agrees with the pre-edit model.
+        let (mut editor, records) = crate::edit::serac::tests::editor(dir.path(), 1e9, &device);
+        let metrics = sequential(&mut editor, &records, 2).unwrap();
+        assert_eq!(metrics.t_locality.exact_match, 1.0);
+        assert_eq!(metrics.m_locality.exact_match, 1.0);
+        assert_eq!(metrics.m_out.exact_match, 1.0);
+        assert!(metrics.m_out.n > 0 && metrics.m_in.n > 0);
+        assert_eq!(metrics.reliability.n, 2);
+        assert!(editor.is_empty(), "the protocol leaves the editor reset");
+    }
 }

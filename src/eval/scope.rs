@@ -11,9 +11,8 @@ use serde::Serialize;
 use super::metrics::BinaryMetrics;
 use crate::data::batch::ScopeBatcher;
 use crate::data::pairs::{PairKind, ScopePair, Task};
-use crate::error::{Result, write_atomic};
+use crate::error::Result;
 use crate::model::scope::{ScopeClassifier, THRESHOLD};
-use crate::train::scope::{ScopeRun, read_pairs};
 
 const BATCH: usize = 256;
 
@@ -172,26 +171,4 @@ pub fn evaluate(
             .map(|t| (t, subset(&|p| p.kind.task() == t)))
             .collect(),
     })
-}
-
-/// Evaluates the trained run (or export) in `checkpoint` on every pair of `data` (images under
-/// `image_root`) and writes the report next to it as `eval-{data stem}.json`.
-pub fn evaluate_run(
-    checkpoint: &Path,
-    data: &Path,
-    image_root: &Path,
-    device: &Device,
-) -> Result<ScopeReport> {
-    let mut run = ScopeRun::load(checkpoint, device)?;
-    let pairs = read_pairs(data, image_root)?;
-    let batcher = run.batcher(&pairs)?;
-    let report = evaluate(&run.model, &pairs, &batcher, device)?;
-    let stem = data
-        .file_stem()
-        .map(|s| s.to_string_lossy())
-        .unwrap_or_default();
-    let out = checkpoint.join(format!("eval-{stem}.json"));
-    let json = serde_json::to_string_pretty(&report).expect("a report serializes");
-    write_atomic(&out, json.as_bytes())?;
-    Ok(report)
 }

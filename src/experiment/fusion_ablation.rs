@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::pairs::PairKind;
 use crate::data::scenes::ScenesConfig;
 use crate::error::Result;
-use crate::eval::scope::{ScopeReport, evaluate_run};
+use crate::eval::scope::ScopeReport;
 use crate::model::fusion::FusionKind;
 use crate::model::scope::ScopeConfig;
 use crate::report::Table;
 use crate::train::clip::ClipTrainConfig;
+use crate::train::scope::evaluate_run;
 use crate::train::scope::{ScopeRunConfig, ScopeTrainConfig};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

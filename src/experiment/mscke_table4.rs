@@ -12,12 +12,12 @@ use serde::Serialize;
 
 use super::mscke_table1::{Preset, prepare};
 use crate::data::fgvedit;
+use crate::data::lm::edit_context;
 use crate::edit::serac::MemoryEditor;
 use crate::edit::speaker::{Query, Speaker};
 use crate::error::Result;
 use crate::report::Table;
 use crate::train::scope::ScopeRun;
-use crate::train::vlm::edit_context;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Cost {

@@ -1,3 +1,4 @@
+pub mod answer;
 pub mod clip;
 pub mod fusion;
 pub mod knowledge;

@@ -363,9 +363,9 @@ pub fn bce(log_rho: Tensor<1>, labels: Tensor<1>) -> Tensor<1> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Bool, Int};
     use crate::model::clip::ClipConfig;
     use burn::tensor::Distribution;
+    use burn::tensor::{Bool, Int};
 
     #[test]
     fn the_learned_metric_scales_each_dimension_of_z() {

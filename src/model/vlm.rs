@@ -3,6 +3,8 @@
 //! class or patch token becomes one prefix token). Text-only inputs (T-Locality) have no
 //! prefix. VQA prompts are `Question: {q} Short answer:`; captions a plain prefix.
 
+use std::path::Path;
+
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
@@ -543,6 +545,34 @@ impl Vlm {
         }
         generated
     }
+}
+
+/// A VLM saved by [`save`]: the model, its config and its tokenizer.
+pub fn load(
+    dir: &Path,
+    device: &Device,
+) -> crate::Result<(Vlm, VlmConfig, crate::data::text::TextTokenizer)> {
+    let config: VlmConfig = crate::error::read_json_config(&dir.join("vlm.json"), |_| Ok(()))?;
+    let tokenizer =
+        crate::data::text::TextTokenizer::from_file(&dir.join("tokenizer.json"), 256, 0)?;
+    let weights = dir.join("model.bpk");
+    let model = Vlm::new(&config, device)
+        .try_load_file(&weights)
+        .map_err(|e| crate::Error::Weights {
+            path: weights,
+            reason: e.to_string(),
+        })?;
+    Ok((model, config, tokenizer))
+}
+
+/// A trained base VLM on disk: `vlm.json` (the config), `model.bpk`, `tokenizer.json`.
+pub fn save(model: &Vlm, config: &VlmConfig, tokenizer: &Path, out: &Path) -> crate::Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let json = serde_json::to_string_pretty(config).expect("a config serializes");
+    crate::error::write_atomic(&out.join("vlm.json"), json.as_bytes())?;
+    let bytes = std::fs::read(tokenizer).map_err(|e| crate::Error::io(tokenizer, e))?;
+    crate::error::write_atomic(&out.join("tokenizer.json"), &bytes)?;
+    crate::error::save_module(model, &out.join("model.bpk"))
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub fn save<M: Module>(
     let parent = checkpoint_dir(dir);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let (model_path, optim_path) = files(dir, state.step);
-    save_module(model, &model_path)?;
+    crate::error::save_module(model, &model_path)?;
     let tmp = temporary_sibling(&optim_path);
     optim.save(&tmp).map_err(|e| Error::Weights {
         path: optim_path.clone(),
@@ -89,15 +89,4 @@ pub fn load<M: Module>(
         reason: e.to_string(),
     })?;
     Ok(Some((model, optim, state)))
-}
-
-/// Writes `module` as a burnpack file through a temporary sibling and a rename.
-pub fn save_module<M: Module>(module: &M, path: &Path) -> Result<()> {
-    let tmp = temporary_sibling(path);
-    module.clone().save_file(&tmp).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    crate::error::sync(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -379,7 +379,7 @@ pub fn pretrain(
     )?;
     let model = model.valid();
     if let Some(probe) = &model.attributes {
-        super::checkpoint::save_module(probe, &out.join(PROBE_FILE))?;
+        crate::error::save_module(probe, &out.join(PROBE_FILE))?;
     }
     model.clip.save_pretrained(&clip_config, out)
 }

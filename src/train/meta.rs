@@ -18,7 +18,7 @@ use crate::data::record::EditRecord;
 use crate::edit::mend::{Hypernetwork, edit_signal, hooks_with_updates};
 use crate::edit::speaker::Speaker;
 use crate::error::Result;
-use crate::train::vlm::{answer_nll, locality_kl};
+use crate::model::answer::{answer_nll, locality_kl};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -251,15 +251,6 @@ impl ScopeRunConfig {
     }
 }
 
-/// Every pair of the records in an FGVEdit-schema file (images relative to `image_root`).
-pub fn read_pairs(file: &Path, image_root: &Path) -> Result<Vec<ScopePair>> {
-    Ok(fgvedit::read(file, image_root)?
-        .records
-        .iter()
-        .flat_map(pairs)
-        .collect())
-}
-
 /// The scenes names an object readout (`model.object_readout`) reads, in `clip`'s vocabulary;
 /// an error naming `dir` where that is not a scenes CLIP.
 fn object_words(
@@ -414,7 +405,7 @@ pub fn run(
             std::fs::read(clip_dir.join(file)).map_err(|e| Error::io(&clip_dir.join(file), e))?;
         write_atomic(&clip_out.join(file), &bytes)?;
     }
-    checkpoint::save_module(&model, &out.join("model.bpk"))?;
+    crate::error::save_module(&model, &out.join("model.bpk"))?;
     match report {
         Some(report) => Ok(report),
         None => evaluate(
@@ -424,6 +415,28 @@ pub fn run(
             &device.clone().without_autodiff(),
         ),
     }
+}
+
+/// Evaluates the trained run (or export) in `checkpoint` on every pair of `data` (images under
+/// `image_root`) and writes the report next to it as `eval-{data stem}.json`.
+pub fn evaluate_run(
+    checkpoint: &Path,
+    data: &Path,
+    image_root: &Path,
+    device: &Device,
+) -> Result<ScopeReport> {
+    let mut run = ScopeRun::load(checkpoint, device)?;
+    let pairs = crate::data::pairs::read_pairs(data, image_root)?;
+    let batcher = run.batcher(&pairs)?;
+    let report = crate::eval::scope::evaluate(&run.model, &pairs, &batcher, device)?;
+    let stem = data
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
+    let out = checkpoint.join(format!("eval-{stem}.json"));
+    let json = serde_json::to_string_pretty(&report).expect("a report serializes");
+    write_atomic(&out, json.as_bytes())?;
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
             let device = device.device()?;
             let root =
                 images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
-            let report = mmke::eval::scope::evaluate_run(&checkpoint, &data, &root, &device)?;
+            let report = mmke::train::scope::evaluate_run(&checkpoint, &data, &root, &device)?;
             if json {
                 println!("{}", serde_json::to_string(&report.percentages())?);
             } else {
@@ -102,7 +102,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
             } else {
                 let examples: Vec<_> = file
                     .iter()
-                    .flat_map(mmke::train::vlm::pre_edit_examples)
+                    .flat_map(mmke::data::lm::pre_edit_examples)
                     .collect();
                 mmke::eval::knowledge::evaluate(&speaker.model, &examples, &mut batcher, &device)?
             };
