@@ -4,9 +4,11 @@
 //! question, its hard in-scope question (another referring expression for the edited object)
 //! and its hard out-of-scope one (the same attribute of another object), before and after.
 //!
-//! Run: `cargo run --release --example edit [RUN_DIR]` (default `runs/mscke-table1/quick`).
+//! Run: `cargo run --release --example edit [RUN_DIR]` (default `runs/mscke-table1/quick`, else
+//! the tests' tiny preset, trained in a few seconds).
 
-use std::path::{Path, PathBuf};
+#[path = "common/mod.rs"]
+mod common;
 
 use anyhow::Context;
 use mmke::data::fgvedit;
@@ -15,11 +17,8 @@ use mmke::edit::speaker::{Query, Speaker};
 use mmke::train::scope::ScopeRun;
 
 fn main() -> anyhow::Result<()> {
-    let dir = PathBuf::from(
-        std::env::args()
-            .nth(1)
-            .unwrap_or_else(|| "runs/mscke-table1/quick".into()),
-    );
+    let scratch = tempfile::tempdir()?;
+    let dir = common::run_dir(std::env::args().nth(1), scratch.path())?;
     let device = burn::tensor::Device::flex();
 
     let mut scope = ScopeRun::load(&dir.join("scope-multimodal"), &device)?;
@@ -28,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let counterfactual = Speaker::load(&dir.join("counterfactual"), &device)?;
     let mut editor = MemoryEditor::new(scope.model, batcher, base, counterfactual, &device);
 
-    let data = scenes_split(&dir)?;
+    let data = common::scenes_split(&dir)?;
     let records = fgvedit::read(&data.join("test.json"), &data)?.records;
     let record = records
         .iter()
@@ -69,21 +68,4 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The scenes split the experiment generated under `dir`.
-fn scenes_split(dir: &Path) -> anyhow::Result<PathBuf> {
-    let entries = std::fs::read_dir(dir).with_context(|| {
-        format!(
-            "{}: run `mmke experiment mscke-table1 --preset quick` first",
-            dir.display()
-        )
-    })?;
-    entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("scenes-"))
-        })
-        .with_context(|| format!("no scenes split under {}", dir.display()))
 }
