@@ -84,25 +84,6 @@ pub fn run(
         )?,
         None => clip_dir.clone(),
     };
-    super::trained_vlms(
-        out,
-        &second,
-        data,
-        &preset.data,
-        preset.knowledge.as_ref(),
-        &data_dir,
-        &second_clip,
-        preset.clip_image_size,
-        super::VlmSpec {
-            preset: &transfer.vlm_preset,
-            train: &transfer.vlm,
-        },
-        super::VlmSpec {
-            preset: &transfer.vlm_preset,
-            train: &transfer.counterfactual,
-        },
-        &train_device,
-    )?;
     let retrained = ScopeRunConfig {
         model: ScopeConfig {
             mode: ScopeMode::Multimodal,
@@ -113,9 +94,39 @@ pub fn run(
             ..preset.scope_train.clone()
         },
     };
-    // The second model's MEND and the retrained classifier train side by side.
+    // The retrained classifier trains beside the second model's VLMs and then its MEND
+    // (each training exactly as it would alone).
     std::thread::scope(|scope| {
-        let mend = scope.spawn(|| {
+        let classifier = scope.spawn(|| {
+            super::trained_scope(
+                out,
+                "scope-multimodal-retrained",
+                &retrained,
+                &clip_dir,
+                &data_dir,
+                &train_device,
+            )
+        });
+        let second_model = super::trained_vlms(
+            out,
+            &second,
+            data,
+            &preset.data,
+            preset.knowledge.as_ref(),
+            &data_dir,
+            &second_clip,
+            preset.clip_image_size,
+            super::VlmSpec {
+                preset: &transfer.vlm_preset,
+                train: &transfer.vlm,
+            },
+            super::VlmSpec {
+                preset: &transfer.vlm_preset,
+                train: &transfer.counterfactual,
+            },
+            &train_device,
+        )
+        .and_then(|()| {
             super::trained_hypernet::<Mend>(
                 &second,
                 &preset.mend,
@@ -124,15 +135,10 @@ pub fn run(
                 &train_device,
             )
         });
-        let classifier = super::trained_scope(
-            out,
-            "scope-multimodal-retrained",
-            &retrained,
-            &clip_dir,
-            &data_dir,
-            &train_device,
-        );
-        mend.join().expect("the MEND training thread panicked")?;
+        let classifier = classifier
+            .join()
+            .expect("the classifier training thread panicked");
+        second_model?;
         classifier.map(drop)
     })?;
 
