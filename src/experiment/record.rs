@@ -115,25 +115,36 @@ fn markdown_fields(run: &Measurement) -> Result<String> {
     Ok(out)
 }
 
-/// The artifact directories under `out` (those with a provenance), split into the ones this
-/// run trained (their provenance is written when training begins, so it is newer than
-/// `started`) and the ones it reused.
+/// The artifact directories under `out` (those with a provenance, also in subdirectories such
+/// as `transfer/`), split into the ones this run trained (their provenance is written when
+/// training begins, so it is newer than `started`) and the ones it reused.
 fn artifacts(out: &Path, started: SystemTime) -> Result<(Vec<String>, Vec<String>)> {
-    let mut trained = Vec::new();
-    let mut reused = Vec::new();
-    let entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(out, e))?;
-        let file = entry.path().join(provenance::FILE);
-        let Ok(meta) = std::fs::metadata(&file) else {
-            continue;
-        };
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let modified = meta.modified().map_err(|e| Error::io(&file, e))?;
-        if modified >= started {
-            trained.push(name);
-        } else {
-            reused.push(name);
+    let (mut trained, mut reused) = (Vec::new(), Vec::new());
+    let mut pending = vec![(out.to_path_buf(), String::new())];
+    while let Some((dir, prefix)) = pending.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            if !entry.path().is_dir() {
+                continue;
+            }
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            let file = entry.path().join(provenance::FILE);
+            match std::fs::metadata(&file) {
+                Ok(meta) => {
+                    let modified = meta.modified().map_err(|e| Error::io(&file, e))?;
+                    if modified >= started {
+                        trained.push(name);
+                    } else {
+                        reused.push(name);
+                    }
+                }
+                // A directory of artifacts (not a scenes split, not an artifact's own files).
+                Err(_) if !name.starts_with("scenes-") && prefix.is_empty() => {
+                    pending.push((entry.path(), format!("{name}/")));
+                }
+                Err(_) => {}
+            }
         }
     }
     trained.sort();
@@ -230,14 +241,14 @@ mod tests {
     fn a_record_holds_the_tables_and_what_was_trained_and_reused() {
         let root = tempfile::tempdir().unwrap();
         let out = root.path().join("out");
-        for (name, age) in [("old", 0), ("new", 2)] {
+        for (name, age) in [("old", 0), ("transfer/new", 2)] {
             std::fs::create_dir_all(out.join(name)).unwrap();
             if age > 0 {
                 std::thread::sleep(Duration::from_millis(20));
             }
             std::fs::write(out.join(name).join(provenance::FILE), b"{}").unwrap();
         }
-        let started = std::fs::metadata(out.join("new").join(provenance::FILE))
+        let started = std::fs::metadata(out.join("transfer/new").join(provenance::FILE))
             .unwrap()
             .modified()
             .unwrap();
@@ -269,7 +280,7 @@ mod tests {
         assert_eq!(path, dir.join("mscke-table1-tiny.md"));
         let md = std::fs::read_to_string(&path).unwrap();
         assert!(md.contains("| x | 12.50 |"), "{md}");
-        assert!(md.contains("| trained in this run | new |"), "{md}");
+        assert!(md.contains("| trained in this run | transfer/new |"), "{md}");
         assert!(md.contains("| reused (same provenance) | old |"), "{md}");
         assert!(md.contains("| wall time | 1 min 1 s |"), "{md}");
         assert!(md.contains("per-run details"));
