@@ -280,7 +280,10 @@ mod tests {
         assert_eq!(path, dir.join("mscke-table1-tiny.md"));
         let md = std::fs::read_to_string(&path).unwrap();
         assert!(md.contains("| x | 12.50 |"), "{md}");
-        assert!(md.contains("| trained in this run | transfer/new |"), "{md}");
+        assert!(
+            md.contains("| trained in this run | transfer/new |"),
+            "{md}"
+        );
         assert!(md.contains("| reused (same provenance) | old |"), "{md}");
         assert!(md.contains("| wall time | 1 min 1 s |"), "{md}");
         assert!(md.contains("per-run details"));
