@@ -67,8 +67,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
             device,
         } => {
             let device = device.device()?;
-            let root =
-                images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
+            let root = image_root(images, &data);
             let report = mmke::train::scope::evaluate_run(&checkpoint, &data, &root, &device)?;
             if json {
                 println!("{}", serde_json::to_string(&report.percentages())?);
@@ -86,8 +85,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
             device,
         } => {
             let device = device.device()?;
-            let root =
-                images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default());
+            let root = image_root(images, &data);
             let mut file = mmke::data::fgvedit::read(&data, &root)?.records;
             file.truncate(records.unwrap_or(usize::MAX));
             let speaker = mmke::edit::speaker::Speaker::load(&model, &device)?;
@@ -114,4 +112,9 @@ pub fn run(command: EvalCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a data file's images are: `images` if given, else the file's directory.
+fn image_root(images: Option<PathBuf>, data: &std::path::Path) -> PathBuf {
+    images.unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default())
 }
