@@ -25,9 +25,16 @@ fn values(table: &Table) -> Vec<(String, Vec<f64>)> {
         .collect()
 }
 
-/// Every table of every experiment, trained and evaluated in `out`; Figure 5 as its PNG.
-fn every_experiment(out: &Path) -> Vec<(String, Vec<(String, Vec<f64>)>)> {
-    use mmke::experiment::{fusion_ablation, mscke_table1, mscke_table3, unike};
+/// Every table of every experiment, trained and evaluated in `out`; Figure 5 as its PNG. The
+/// editing experiments read `scenes` (MSCKE's with preset `mscke`, UniKE's with `unike`:
+/// when the two are the same preset they share one directory and its models).
+fn every_experiment(
+    out: &Path,
+    scenes: &Path,
+    mscke: &str,
+    unike: &str,
+) -> Vec<(String, Vec<(String, Vec<f64>)>)> {
+    use mmke::experiment::{Experiment, fusion_ablation, run};
     let device = Device::flex();
     let mut tables = Vec::new();
 
@@ -41,24 +48,25 @@ fn every_experiment(out: &Path) -> Vec<(String, Vec<(String, Vec<f64>)>)> {
     tables.push(("fusion-ablation".to_string(), values(&t)));
 
     // MSCKE Table 4 measures wall-clock time: not a deterministic number, left out.
-    let preset: mscke_table1::Preset =
-        load_preset("mscke-table1", Some(&fixture("tiny-mscke.toml")), "tiny").unwrap();
-    let mscke = out.join("mscke");
-    let (t, _) = mscke_table1::run(&preset, None, &mscke, &device).unwrap();
-    tables.push(("mscke-table1".to_string(), values(&t)));
-    let (t, _) = mscke_table3::run(&preset, None, &mscke, &device).unwrap();
-    tables.push(("mscke-table3".to_string(), values(&t)));
-
-    let preset: unike::Preset =
-        load_preset("unike", Some(&fixture("tiny-unike.toml")), "tiny").unwrap();
-    let dir = out.join("unike");
-    use unike::Which::*;
-    for which in [Table1, Table2, Table3, Table4, Fig4, Fig5] {
-        for (stem, t) in unike::run(which, &preset, None, &dir, &device).unwrap() {
-            tables.push((stem, values(&t)));
+    let experiments = [
+        ("mscke-table1", mscke),
+        ("mscke-table3", mscke),
+        ("unike-table1", unike),
+        ("unike-table2", unike),
+        ("unike-table3", unike),
+        ("unike-table4", unike),
+        ("unike-fig4", unike),
+        ("unike-fig5", unike),
+    ];
+    for (name, preset) in experiments {
+        let dir = out.join(preset);
+        let experiment = Experiment::named(name).unwrap();
+        let outcome = run(experiment, preset, Some(scenes), None, &dir, &device).unwrap();
+        for (stem, t) in &outcome.tables {
+            tables.push((stem.clone(), values(t)));
         }
     }
-    let png = std::fs::read(dir.join("unike-fig5.png")).unwrap();
+    let png = std::fs::read(out.join(unike).join("unike-fig5.png")).unwrap();
     tables.push((
         "unike-fig5.png".to_string(),
         vec![(String::new(), png.iter().map(|&b| b as f64).collect())],
@@ -82,8 +90,11 @@ fn printed(tables: &[(String, Vec<(String, Vec<f64>)>)]) -> String {
 #[test]
 fn the_same_presets_and_seeds_give_identical_numbers_in_every_experiment() {
     let dir = tempfile::tempdir().unwrap();
-    let first = every_experiment(&dir.path().join("first"));
-    let second = every_experiment(&dir.path().join("second"));
+    // MSCKE's and UniKE's experiments share the tiny preset's models, as they do in
+    // experiments/scenes.toml.
+    let scenes = fixture("tiny-scenes.toml");
+    let first = every_experiment(&dir.path().join("first"), &scenes, "tiny", "tiny");
+    let second = every_experiment(&dir.path().join("second"), &scenes, "tiny", "tiny");
     let stems: Vec<&str> = first.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(
         stems,

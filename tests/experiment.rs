@@ -19,18 +19,45 @@ fn shipped_experiment_files_parse_with_both_presets() {
     assert!(builtin.clip_overrides.contains_key("clip-small"));
     let err = load_preset::<Preset>("fusion-ablation", Some(&file), "huge").unwrap_err();
     assert!(err.to_string().contains("no preset 'huge'"), "{err}");
-    let path = |name: &str| std::path::Path::new(dir).join(format!("experiments/{name}.toml"));
-    for preset in ["quick", "full"] {
-        let mscke: mmke::experiment::mscke_table1::Preset =
-            load_preset("mscke-table1", Some(&path("mscke-table1")), preset).unwrap();
-        let unike: mmke::experiment::unike::Preset =
-            load_preset("unike-table1", Some(&path("unike")), preset).unwrap();
-        // UniKE's models are MSCKE's (the files say so; keep them equal).
-        assert_eq!(mscke.vlm, unike.vlm, "{preset}");
-        assert_eq!(mscke.counterfactual, unike.counterfactual, "{preset}");
-        assert_eq!(mscke.clip, unike.clip, "{preset}");
-        assert_eq!(mscke.data, unike.data, "{preset}");
+
+    // The editing experiments: `full` inherits `quick` and states what differs.
+    use mmke::edit::method::Method;
+    use mmke::experiment::tables;
+    let quick: tables::Preset = load_preset("scenes", None, "quick").unwrap();
+    let full: tables::Preset = load_preset("scenes", None, "full").unwrap();
+    for preset in [&quick, &full] {
+        for experiment in mmke::experiment::Experiment::ALL.iter().skip(1) {
+            let specs = preset.tables_of(experiment.name()).unwrap();
+            preset.needs(&specs).unwrap();
+        }
     }
+    assert_eq!((quick.eval_records, full.eval_records), (20, 100));
+    assert_eq!(
+        (quick.models.vlm.train.steps, full.models.vlm.train.steps),
+        (1000, 3000)
+    );
+    assert_eq!(
+        quick.models.vlm.train.batch_size,
+        full.models.vlm.train.batch_size
+    );
+    assert_eq!(full.models.data.seed, quick.models.data.seed);
+    // A classifier defined from another differs from it where it says.
+    let classifiers = &full.models.classifiers;
+    let (multimodal, text) = (&classifiers["scope-multimodal"], &classifiers["scope-text"]);
+    assert_eq!(multimodal.train, text.train);
+    assert_eq!(text.train.steps, 3000);
+    assert_ne!(multimodal.model.mode, text.model.mode);
+    let Method::UniKe(ablation) = &quick.methods["1 only Intrin"] else {
+        panic!("an ablation of UniKE is UniKE")
+    };
+    let Method::UniKe(unike) = &quick.methods["UniKE"] else {
+        panic!()
+    };
+    assert_eq!(
+        (ablation.top_k, ablation.neurons),
+        (unike.top_k, unike.neurons)
+    );
+    assert_ne!(ablation.in_context, unike.in_context);
 }
 
 #[test]
@@ -73,82 +100,42 @@ fn fusion_ablation_writes_table_2_and_reuses_its_runs() {
 }
 
 #[test]
-fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
-    use mmke::experiment::mscke_table1;
+fn editing_tables_train_what_they_need_once_and_retrain_what_a_change_affects() {
+    use mmke::experiment::scenes::Workspace;
+    use mmke::experiment::{Experiment, tables};
     let dir = tempfile::tempdir().unwrap();
-    let preset: mscke_table1::Preset =
-        load_preset("mscke-table1", Some(&fixture("tiny-mscke.toml")), "tiny").unwrap();
+    let file = fixture("tiny-scenes.toml");
+    let preset: tables::Preset = load_preset("scenes", Some(&file), "tiny").unwrap();
     let out = dir.path().join("out");
-    let (table, results) = mscke_table1::run(&preset, None, &out, &Device::flex()).unwrap();
-    let table1 = results.clone();
-    let methods: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(
-        methods,
-        [
-            "FT-LLM",
-            "FT-Visual",
-            "IKE",
-            "SERAC",
-            "MEND",
-            "MSCKE",
-            "MSCKE-MEND"
-        ]
-    );
-    assert_eq!(
-        table.columns,
-        ["Reliability", "Locality", "Generality", "Specificity"]
-    );
-    for (row, result) in table.rows.iter().zip(&results) {
-        assert!(
-            row.values.iter().all(|v| (0.0..=100.0).contains(v)),
-            "{row:?}"
-        );
-        assert_eq!(result.metrics.reliability.n, 2);
-    }
-    // FT-Visual changes only the vision side, so a text-only answer cannot change.
-    let ft_visual = &results[1];
-    assert_eq!(ft_visual.metrics.t_locality.exact_match, 1.0);
+    let device = Device::flex();
+    let run = |name: &str| {
+        let experiment = Experiment::named(name).unwrap();
+        mmke::experiment::run(experiment, "tiny", Some(&file), None, &out, &device).unwrap()
+    };
+    // Table 1 writes its files; the numbers are the golden ones of tests/determinism.rs.
+    run("mscke-table1");
     for ext in ["md", "csv", "json", "png"] {
         assert!(out.join(format!("mscke-table1.{ext}")).is_file());
     }
-    let shipped: mscke_table1::Preset = load_preset("mscke-table1", None, "quick").unwrap();
-    assert_eq!(shipped.eval_records, 20);
-
     // Table 4 measures the same models, trained once.
-    let (table, costs) =
-        mmke::experiment::mscke_table4::run(&preset, None, &out, &Device::flex()).unwrap();
+    let clip = out.join("clip-tiny/model.safetensors");
+    let stamp = |path: &std::path::Path| std::fs::metadata(path).unwrap().modified().unwrap();
+    let clip_made = stamp(&clip);
+    let outcome = run("mscke-table4");
+    assert_eq!(stamp(&clip), clip_made);
+    let table = &outcome.tables[0].1;
     assert_eq!(table.rows.len(), 3);
-    for c in &costs {
-        assert!(c.ms_per_query > 0.0 && c.parameters > 0, "{c:?}");
-        assert_eq!(c.queries, costs[0].queries);
+    for row in &table.rows {
+        assert!(row.values[0] > 0.0 && row.values[1] > 0.0, "{row:?}");
     }
-    // The classifier and the two VLMs differ in size; both VLMs share one preset.
-    assert_eq!(costs[1].parameters, costs[2].parameters);
-    assert!(out.join("mscke-table4.md").is_file());
-
-    // Table 3: four settings, each with the transferred and the retrained classifier.
-    let (table, results) =
-        mmke::experiment::mscke_table3::run(&preset, None, &out, &Device::flex()).unwrap();
-    let rows: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(
-        rows,
-        [
-            "MSCKE on vlm-tiny-objects",
-            "MSCKE-MEND on vlm-tiny-objects",
-            "MSCKE on vlm-small",
-            "MSCKE-MEND on vlm-small"
-        ]
-    );
-    assert_eq!(results.len(), 8);
-    // The transferred classifier in the first setting is Table 1's MSCKE, same numbers.
-    let mscke = &table1[5];
-    assert_eq!(
-        results[0].scores[0],
-        100.0 * mscke.metrics.reliability.token_accuracy
-    );
-    assert!(out.join("transfer/vlm/model.bpk").is_file());
-    assert!(out.join("transfer/mend/mend.bpk").is_file());
-    // The second base model's MEND meta-trains by `transfer.mend_train` (3 steps, not 2).
+    // Both VLMs share one preset: the same size.
+    assert_eq!(table.rows[1].values[1], table.rows[2].values[1]);
+    // Figure 5 writes its PNG (and builds UniKE's knowledge).
+    let outcome = run("unike-fig5");
+    assert_eq!(outcome.figures, ["unike-fig5.png"]);
+    assert!(out.join("unike-fig5.png").is_file() && out.join("knowledge/knowledge.bin").is_file());
+    // Table 3 trains the second base model and its MEND by their own settings (3 steps).
+    run("mscke-table3");
     let step = |dir: &str| {
         let state = std::fs::read_to_string(out.join(dir).join("checkpoint/state.json")).unwrap();
         serde_json::from_str::<serde_json::Value>(&state).unwrap()["step"].clone()
@@ -165,40 +152,34 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
         "mend/mend.bpk",
     ];
     let stamps = || -> Vec<std::time::SystemTime> {
-        artifacts
-            .iter()
-            .map(|a| std::fs::metadata(out.join(a)).unwrap().modified().unwrap())
-            .collect()
+        artifacts.iter().map(|a| stamp(&out.join(a))).collect()
     };
-    let retrained = |before: &[std::time::SystemTime]| -> Vec<&str> {
-        let after = stamps();
+    let needs = preset
+        .needs(&preset.tables_of("mscke-table1").unwrap())
+        .unwrap();
+    let prepare = |preset: &tables::Preset| -> Vec<&str> {
+        let before = stamps();
+        let mut workspace = Workspace::new(&preset.models, None, &out, &device).unwrap();
+        workspace.prepare(&needs).unwrap();
         artifacts
             .iter()
-            .zip(before.iter().zip(&after))
-            .filter(|(_, (b, a))| b != a)
+            .zip(before.iter().zip(stamps()))
+            .filter(|(_, (b, a))| **b != *a)
             .map(|(name, _)| name.split('/').next().unwrap())
             .collect()
     };
-    let before = stamps();
-    mscke_table1::prepare(&preset, None, &out, &Device::flex()).unwrap();
-    assert_eq!(retrained(&before), Vec::<&str>::new(), "nothing changed");
+    assert_eq!(prepare(&preset), Vec::<&str>::new(), "nothing changed");
     let mut changed = preset.clone();
-    changed.counterfactual.steps = 3;
-    let before = stamps();
-    mscke_table1::prepare(&changed, None, &out, &Device::flex()).unwrap();
-    assert_eq!(retrained(&before), ["counterfactual"]);
+    changed.models.counterfactual.train.steps = 3;
+    assert_eq!(prepare(&changed), ["counterfactual"]);
     assert_eq!(step("counterfactual"), serde_json::Value::from(3));
     // MEND is meta-trained on the base model: it follows it.
-    changed.vlm.lr = 2e-3;
-    let before = stamps();
-    mscke_table1::prepare(&changed, None, &out, &Device::flex()).unwrap();
-    assert_eq!(retrained(&before), ["vlm", "mend"]);
+    changed.models.vlm.train.lr = 2e-3;
+    assert_eq!(prepare(&changed), ["vlm", "mend"]);
     // The CLIP is under everything but MEND's own settings.
-    changed.clip.steps = 3;
-    let before = stamps();
-    mscke_table1::prepare(&changed, None, &out, &Device::flex()).unwrap();
+    changed.models.clip.train.steps = 3;
     assert_eq!(
-        retrained(&before),
+        prepare(&changed),
         [
             "clip-tiny",
             "scope-text",
@@ -208,53 +189,6 @@ fn mscke_table1_trains_what_it_needs_and_scores_every_method() {
             "mend"
         ]
     );
-}
-
-#[test]
-fn unike_tables_and_figure_5_run_end_to_end() {
-    use mmke::experiment::unike::{self, Preset, Which};
-    let dir = tempfile::tempdir().unwrap();
-    let preset: Preset = load_preset("unike", Some(&fixture("tiny-unike.toml")), "tiny").unwrap();
-    let out = dir.path().join("out");
-    let tables = unike::run(Which::Table4, &preset, None, &out, &Device::flex()).unwrap();
-    let (stem, table) = &tables[0];
-    assert_eq!(stem, "unike-table4");
-    let rows: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(
-        rows,
-        [
-            "1 only Intrin",
-            "2 only Latent-IKE",
-            "3 Intrin+IKE",
-            "4 Intrin+Latent-IKE",
-            "5 UniKE"
-        ]
-    );
-    assert_eq!(table.columns.len(), 10, "five metrics on each task");
-    assert!(
-        table
-            .rows
-            .iter()
-            .all(|r| r.values.iter().all(|v| (0.0..=100.0).contains(v)))
-    );
-    for ext in ["md", "csv", "json", "png"] {
-        assert!(out.join(format!("unike-table4.{ext}")).is_file());
-    }
-    assert!(out.join("knowledge/knowledge.bin").is_file());
-    unike::run(Which::Fig5, &preset, None, &out, &Device::flex()).unwrap();
-    assert!(out.join("unike-fig5.png").is_file());
-    // Table 1 scores every method mmke has, in the paper's order.
-    let tables = unike::run(Which::Table1, &preset, None, &out, &Device::flex()).unwrap();
-    let rows: Vec<&str> = tables[0].1.rows.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(
-        rows,
-        ["FT", "KE", "T-Patcher", "MEND", "IKE", "SERAC", "UniKE"]
-    );
-    assert!(out.join("mend/mend.bpk").is_file() && out.join("ke/ke.bpk").is_file());
-    for name in ["quick", "full"] {
-        let shipped: Preset = load_preset("unike", None, name).unwrap();
-        assert_eq!(shipped.unike.top_k, 40);
-    }
 }
 
 /// A tiny preset shared with `tests/determinism.rs`.

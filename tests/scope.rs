@@ -276,8 +276,9 @@ fn resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run_bit_for
 #[test]
 fn pretrain_train_export_and_reload_a_classifier() {
     use mmke::data::pairs::read_pairs;
+    use mmke::model::scope::ScopeRun;
     use mmke::train::clip::{ClipTrainConfig, pretrain};
-    use mmke::train::scope::{ScopeRun, ScopeRunConfig, run};
+    use mmke::train::scope::{ScopeRunConfig, run};
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("scenes");

@@ -1,31 +1,31 @@
-//! What the examples share: the models of an MSCKE Table 1 run to work on.
+//! What the examples share: the models of a scenes experiment run to work on.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use mmke::experiment::{load_preset, mscke_table1};
+use mmke::experiment::{load_preset, scenes::Workspace, tables};
 
-/// The directory of an `mscke-table1` run: `arg` if given, else `runs/mscke-table1/quick` if
-/// a quick run is there, else the tests' tiny preset trained now under `scratch` (a few
-/// seconds; its models know little, but every call is the same).
+/// The directory of a scenes experiment run: `arg` if given, else `runs/scenes/quick` if a
+/// quick run trained its models there, else the models MSCKE Table 1 needs on the tests' tiny
+/// preset, trained now under `scratch` (a few seconds; they know little, but every call is
+/// the same).
 pub fn run_dir(arg: Option<String>, scratch: &Path) -> anyhow::Result<PathBuf> {
     if let Some(dir) = arg {
         return Ok(PathBuf::from(dir));
     }
-    let quick = PathBuf::from("runs/mscke-table1/quick");
-    if quick.join("counterfactual/model.bpk").is_file() {
+    let quick = PathBuf::from("runs/scenes/quick");
+    if quick.join("scope-multimodal/model.bpk").is_file() {
         return Ok(quick);
     }
     eprintln!(
         "no quick run in {} (`mmke experiment mscke-table1 --preset quick`): training the tiny preset",
         quick.display()
     );
-    let preset: mscke_table1::Preset = load_preset(
-        "mscke-table1",
-        Some(Path::new("tests/fixtures/tiny-mscke.toml")),
-        "tiny",
-    )?;
-    mscke_table1::prepare(&preset, None, scratch, &burn::tensor::Device::flex())?;
+    let file = Path::new("tests/fixtures/tiny-scenes.toml");
+    let preset: tables::Preset = load_preset("scenes", Some(file), "tiny")?;
+    let needs = preset.needs(&preset.tables_of("mscke-table1")?)?;
+    let device = burn::tensor::Device::flex();
+    Workspace::new(&preset.models, None, scratch, &device)?.prepare(&needs)?;
     Ok(scratch.to_path_buf())
 }
 

@@ -6,6 +6,7 @@ pub mod index;
 pub mod ke;
 pub mod memory;
 pub mod mend;
+pub mod method;
 pub mod serac;
 pub mod speaker;
 pub mod tpatcher;

@@ -8,7 +8,7 @@
 //!   model's on the same input, position by position (T-/M-Locality eq. 16, M_out^v eq. 14),
 //!   so an unedited model scores 100.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A score as both variants the literature reports: the share of correct target tokens
 /// (`token_accuracy`) and the share of queries whose tokens are all correct (`exact_match`),
@@ -134,6 +134,32 @@ impl EditMetrics {
     /// Specificity = (M_in^v + M_out^v) / 2 (eq. 12).
     pub fn specificity(&self) -> Score {
         Score::average(self.m_in, self.m_out)
+    }
+}
+
+/// A column of an editing table: one score of [`EditMetrics`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Metric {
+    Reliability,
+    TGenerality,
+    MGenerality,
+    TLocality,
+    MLocality,
+    /// (M_in^v + M_out^v) / 2 (eq. 12).
+    Specificity,
+}
+
+impl Metric {
+    pub fn of(self, m: &EditMetrics) -> Score {
+        match self {
+            Metric::Reliability => m.reliability,
+            Metric::TGenerality => m.t_generality,
+            Metric::MGenerality => m.m_generality,
+            Metric::TLocality => m.t_locality,
+            Metric::MLocality => m.m_locality,
+            Metric::Specificity => m.specificity(),
+        }
     }
 }
 

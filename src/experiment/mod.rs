@@ -6,12 +6,11 @@
 //! kill) redoes only what is missing or was made by another configuration.
 
 pub mod fusion_ablation;
-pub mod mscke_table1;
-pub mod mscke_table3;
-pub mod mscke_table4;
 pub mod provenance;
 pub mod record;
-pub mod unike;
+pub mod scenes;
+pub mod spec;
+pub mod tables;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,41 +18,43 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::data::scenes::{self, ScenesConfig};
+use crate::data::scenes::{self as scenes_data_set, ScenesConfig};
 use crate::error::{Error, Result};
 use crate::report::Table;
 
 /// Every experiment, by the name of its command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Experiment {
+    /// MSCKE Table 2: the scope classifier's fusions (a file of its own).
     FusionAblation,
-    MsckeTable1,
-    MsckeTable3,
-    MsckeTable4,
-    Unike(unike::Which),
+    /// An editing experiment of `experiments/scenes.toml`, by name: the tables its preset's
+    /// `[experiments]` lists, on the models its `[models]` define.
+    Scenes(&'static str),
 }
 
 impl Experiment {
     pub const ALL: [Experiment; 10] = [
         Experiment::FusionAblation,
-        Experiment::MsckeTable1,
-        Experiment::MsckeTable3,
-        Experiment::MsckeTable4,
-        Experiment::Unike(unike::Which::Table1),
-        Experiment::Unike(unike::Which::Table2),
-        Experiment::Unike(unike::Which::Table3),
-        Experiment::Unike(unike::Which::Table4),
-        Experiment::Unike(unike::Which::Fig4),
-        Experiment::Unike(unike::Which::Fig5),
+        Experiment::Scenes("mscke-table1"),
+        Experiment::Scenes("mscke-table3"),
+        Experiment::Scenes("mscke-table4"),
+        Experiment::Scenes("unike-table1"),
+        Experiment::Scenes("unike-table2"),
+        Experiment::Scenes("unike-table3"),
+        Experiment::Scenes("unike-table4"),
+        Experiment::Scenes("unike-fig4"),
+        Experiment::Scenes("unike-fig5"),
     ];
+
+    /// The experiment called `name`.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Experiment::FusionAblation => "fusion-ablation",
-            Experiment::MsckeTable1 => "mscke-table1",
-            Experiment::MsckeTable3 => "mscke-table3",
-            Experiment::MsckeTable4 => "mscke-table4",
-            Experiment::Unike(which) => which.name(),
+            Experiment::Scenes(name) => name,
         }
     }
 
@@ -62,10 +63,7 @@ impl Experiment {
     pub fn file(self) -> &'static str {
         match self {
             Experiment::FusionAblation => "fusion-ablation",
-            Experiment::MsckeTable1 | Experiment::MsckeTable3 | Experiment::MsckeTable4 => {
-                "mscke-table1"
-            }
-            Experiment::Unike(_) => "unike",
+            Experiment::Scenes(_) => "scenes",
         }
     }
 }
@@ -93,45 +91,28 @@ pub fn run(
     device: &burn::tensor::Device,
 ) -> Result<Outcome> {
     let name = experiment.file();
-    let mut notes = String::new();
-    let mut figures = Vec::new();
-    let (tables, preset) = match experiment {
+    match experiment {
         Experiment::FusionAblation => {
             let preset: fusion_ablation::Preset = load_preset(name, file, preset)?;
             let (table, results) = fusion_ablation::run(&preset, data, out, device)?;
-            notes = fusion_ablation::details_markdown(&results);
-            (
-                vec![(experiment.name().to_string(), table)],
-                to_json(&preset),
-            )
+            Ok(Outcome {
+                tables: vec![(experiment.name().to_string(), table)],
+                notes: fusion_ablation::details_markdown(&results),
+                figures: Vec::new(),
+                preset: to_json(&preset),
+            })
         }
-        Experiment::MsckeTable1 | Experiment::MsckeTable3 | Experiment::MsckeTable4 => {
-            let preset: mscke_table1::Preset = load_preset(name, file, preset)?;
-            let table = match experiment {
-                Experiment::MsckeTable1 => mscke_table1::run(&preset, data, out, device)?.0,
-                Experiment::MsckeTable3 => mscke_table3::run(&preset, data, out, device)?.0,
-                _ => mscke_table4::run(&preset, data, out, device)?.0,
-            };
-            (
-                vec![(experiment.name().to_string(), table)],
-                to_json(&preset),
-            )
+        Experiment::Scenes(which) => {
+            let preset: tables::Preset = load_preset(name, file, preset)?;
+            let (tables, figures) = tables::run(which, &preset, data, out, device)?;
+            Ok(Outcome {
+                tables,
+                notes: String::new(),
+                figures,
+                preset: to_json(&preset),
+            })
         }
-        Experiment::Unike(which) => {
-            let preset: unike::Preset = load_preset(name, file, preset)?;
-            let tables = unike::run(which, &preset, data, out, device)?;
-            if which == unike::Which::Fig5 {
-                figures.push("unike-fig5.png".to_string());
-            }
-            (tables, to_json(&preset))
-        }
-    };
-    Ok(Outcome {
-        tables,
-        notes,
-        figures,
-        preset,
-    })
+    }
 }
 
 fn to_json(preset: &impl serde::Serialize) -> serde_json::Value {
@@ -148,16 +129,12 @@ pub struct ExperimentFile<P> {
 
 /// The experiment files shipped with mmke, used when `experiments/{name}.toml` is not in the
 /// working directory.
-const BUILTIN: [(&str, &str); 3] = [
+const BUILTIN: [(&str, &str); 2] = [
     (
         "fusion-ablation",
         include_str!("../../experiments/fusion-ablation.toml"),
     ),
-    (
-        "mscke-table1",
-        include_str!("../../experiments/mscke-table1.toml"),
-    ),
-    ("unike", include_str!("../../experiments/unike.toml")),
+    ("scenes", include_str!("../../experiments/scenes.toml")),
 ];
 
 /// Reads preset `preset` of experiment `name`: from `file` if given, else from
@@ -183,15 +160,22 @@ pub fn load_preset<P: DeserializeOwned>(
             (PathBuf::from(format!("<built-in>/{name}.toml")), text)
         }
     };
-    let mut file: ExperimentFile<P> = toml::from_str(&text).map_err(|e| Error::Config {
+    let config_error = |reason: String| Error::Config {
         path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let names: Vec<String> = file.presets.keys().cloned().collect();
-    file.presets.remove(preset).ok_or_else(|| Error::Config {
-        path,
-        reason: format!("no preset '{preset}' (it has: {})", names.join(", ")),
-    })
+        reason,
+    };
+    let mut file: ExperimentFile<toml::Table> =
+        toml::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+    let presets = std::mem::take(&mut file.presets)
+        .into_iter()
+        .map(|(name, preset)| (name, toml::Value::Table(preset)))
+        .collect();
+    let mut resolved = spec::resolve_preset(&presets, preset).map_err(config_error)?;
+    for map in ["methods", "models.classifiers"] {
+        spec::resolve_bases(&mut resolved, map).map_err(config_error)?;
+    }
+    P::deserialize(toml::Value::Table(resolved))
+        .map_err(|e| config_error(format!("preset '{preset}': {e}")))
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -368,7 +352,7 @@ pub fn pretrained_clip(
         "preset": preset,
         "image_size": image_size,
         "train": config,
-        "scenes_generator": scenes::GENERATOR_VERSION,
+        "scenes_generator": scenes_data_set::GENERATOR_VERSION,
     });
     if !provenance::reusable(&dir, "model.safetensors", &wanted)? {
         eprintln!("pre-training {preset} -> {}", dir.display());
@@ -391,32 +375,32 @@ pub fn scenes_data(cache: &Path, config: &ScenesConfig) -> Result<PathBuf> {
         .and_then(|meta| serde_json::from_value::<ScenesConfig>(meta["config"].clone()).ok());
     if cached.as_ref() != Some(config) {
         eprintln!("generating {}", dir.display());
-        scenes::write(&dir, config)?;
+        scenes_data_set::write(&dir, config)?;
     }
     Ok(dir)
 }
 
-/// `out/NAME` (`mend`, `ke`): the hypernetwork meta-trained for the base model `out/vlm` on
-/// the edits of `data_dir`'s train split, unless it is already there (an interrupted run
-/// resumes).
+/// `models/{name}`: the hypernetwork meta-trained for the base model `models/vlm` on the
+/// edits of `data_dir`'s train split, unless it is already there (an interrupted run resumes).
 pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
-    out: &Path,
+    models: &Path,
+    name: &str,
     config: &N::Config,
     train: &crate::train::meta::MetaTrainConfig,
     data_dir: &Path,
     train_device: &burn::tensor::Device,
 ) -> Result<PathBuf> {
-    let dir = out.join(N::NAME);
+    let dir = models.join(name);
     let wanted = serde_json::json!({
         "kind": N::NAME,
         "config": config,
         "train": train,
-        "vlm": provenance::read(&out.join("vlm")),
+        "vlm": provenance::read(&models.join("vlm")),
         "data": provenance::data(data_dir)?,
     });
     if !provenance::reusable(&dir, &format!("{}.bpk", N::NAME), &wanted)? {
         let losses = crate::train::meta::run::<N>(
-            &out.join("vlm"),
+            &models.join("vlm"),
             data_dir,
             config,
             train,
@@ -425,11 +409,8 @@ pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
             train_device,
         )?;
         eprintln!(
-            "{}: edit loss {:.4} -> {:.4} after the update, locality KL {:.4}",
-            N::NAME,
-            losses.before,
-            losses.after,
-            losses.locality_kl
+            "{name}: edit loss {:.4} -> {:.4} after the update, locality KL {:.4}",
+            losses.before, losses.after, losses.locality_kl
         );
     }
     Ok(dir)

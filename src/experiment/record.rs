@@ -264,7 +264,7 @@ mod tests {
             preset: serde_json::json!({"steps": 3}),
         };
         let run = Measurement {
-            experiment: Experiment::MsckeTable1,
+            experiment: Experiment::Scenes("mscke-table1"),
             preset: "tiny",
             outcome: &outcome,
             out: &out,

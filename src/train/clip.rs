@@ -362,7 +362,8 @@ pub fn pretrain(
         0,
     )?;
     let preprocessor = ImagePreprocessor::clip(image_size as u32);
-    device.seed(config.seed);
+    // Held for the whole pre-training: its parameters draw lazily, at their first use.
+    let _initialising = super::seeded(device, config.seed);
     let model = ClipPretraining {
         clip: ClipModel::new(&clip_config, device),
         attributes: (config.attribute_weight > 0.0)

@@ -138,7 +138,8 @@ pub fn train_encoders(
     let n = memory.len();
     let mut trained = Vec::new();
     let mut losses = Vec::new();
-    device.seed(config.seed);
+    // Held for the whole training: the encoders draw lazily, at their first use.
+    let _initialising = super::seeded(device, config.seed);
     for slot in 0..memory.layers.len() {
         let mut encoders = Encoders::new(hidden, config.truth_dim, device);
         let mut optim = AdamConfig::new().init();

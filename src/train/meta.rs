@@ -186,8 +186,7 @@ pub fn run<N: Hypernetwork>(
             .collect();
         records.extend(captions);
     }
-    let initialising = super::initialising();
-    device.seed(config.seed);
+    let initialising = super::seeded(device, config.seed);
     let net = N::new(net_config, &speaker.model, device);
     let (net, losses) = meta_train(
         net,

@@ -12,9 +12,16 @@ pub mod vlm;
 /// alone.
 static INITIALISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Waits for (and then holds) the right to draw initial values from the device's generator.
-pub(crate) fn initialising() -> std::sync::MutexGuard<'static, ()> {
-    INITIALISING.lock().unwrap_or_else(|e| e.into_inner())
+/// Waits for (and then holds) the right to draw initial values from the device's generator,
+/// and seeds it with `seed`: the one place mmke seeds a device, at the start of a training run
+/// from the seed its configuration passes in (nothing else reseeds a device).
+pub(crate) fn seeded(
+    device: &burn::tensor::Device,
+    seed: u64,
+) -> std::sync::MutexGuard<'static, ()> {
+    let guard = INITIALISING.lock().unwrap_or_else(|e| e.into_inner());
+    device.seed(seed);
+    guard
 }
 
 /// Makes every parameter hold its values (Burn draws a parameter's initial values lazily, at

@@ -18,16 +18,15 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, TrainState};
 use crate::data::batch::ScopeBatcher;
 use crate::data::fgvedit;
-use crate::data::image::ImagePreprocessor;
 use crate::data::pairs::pairs;
 use crate::data::pairs::{PairKind, ScopePair};
-use crate::data::text::TextTokenizer;
 use crate::error::{Error, Result, write_atomic};
 use crate::eval::scope::ScopeReport;
 use crate::eval::scope::evaluate;
-use crate::model::clip::{Clip, ClipConfig, ClipModel};
-use crate::model::objects::{AttributeProbe, ObjectWords, scenes_object_words};
+use crate::model::clip::Clip;
+use crate::model::objects::AttributeProbe;
 use crate::model::scope::ScopeConfig;
+use crate::model::scope::saved::{ScopeRun, object_words};
 use crate::model::scope::{ScopeClassifier, bce};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -251,103 +250,6 @@ impl ScopeRunConfig {
     }
 }
 
-/// The scenes names an object readout (`model.object_readout`) reads, in `clip`'s vocabulary;
-/// an error naming `dir` where that is not a scenes CLIP.
-fn object_words(
-    model: &ScopeConfig,
-    tokenizer: &TextTokenizer,
-    dir: &Path,
-) -> Result<Option<ObjectWords>> {
-    if !model.reads_objects() {
-        return Ok(None);
-    }
-    scenes_object_words(tokenizer)
-        .map(Some)
-        .ok_or_else(|| Error::Config {
-            path: dir.to_path_buf(),
-            reason:
-                "object_readout: the CLIP's tokenizer lacks the scenes' attribute and cell names"
-                    .into(),
-        })
-}
-
-/// A trained classifier on disk: `run.toml`, `model.bpk` (all weights), and `clip/` (the
-/// fine-tuned CLIP in Hugging Face layout with its tokenizer and preprocessor). An export
-/// (`mmke export`) has `config.json` and `model.safetensors` in place of the first two.
-pub struct ScopeRun {
-    pub config: ScopeRunConfig,
-    pub clip_config: ClipConfig,
-    pub model: ScopeClassifier,
-    tokenizer: Option<TextTokenizer>,
-    pub preprocessor: ImagePreprocessor,
-}
-
-impl ScopeRun {
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let exported = !dir.join("run.toml").is_file() && dir.join("config.json").is_file();
-        let config = if exported {
-            let path = dir.join("config.json");
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            serde_json::from_str(&text).map_err(|e| Error::Json { path, error: e })?
-        } else {
-            ScopeRunConfig::from_file(&dir.join("run.toml"))?
-        };
-        let clip = Clip::load(&dir.join("clip"), device)?;
-        let model = ScopeClassifier::new(
-            &config.model,
-            ClipModel::new(&clip.config, device),
-            &clip.config,
-            device,
-        )
-        .with_object_words(object_words(&config.model, &clip.tokenizer, dir)?);
-        let model = if exported {
-            crate::model::clip::weights::load_safetensors(model, &dir.join("model.safetensors"))?
-        } else {
-            let weights = dir.join("model.bpk");
-            model.try_load_file(&weights).map_err(|e| Error::Weights {
-                path: weights,
-                reason: e.to_string(),
-            })?
-        };
-        Ok(Self {
-            config,
-            clip_config: clip.config,
-            model,
-            tokenizer: Some(clip.tokenizer),
-            preprocessor: clip.preprocessor,
-        })
-    }
-
-    /// Writes the classifier to `out` for sharing: `model.safetensors` (every weight, PyTorch
-    /// layout), `config.json` (the run config) and `clip/` (the fine-tuned CLIP in Hugging Face
-    /// layout, which `transformers` reads). `ScopeRun::load` reads it back.
-    pub fn export(&self, source: &Path, out: &Path) -> Result<()> {
-        let clip_out = out.join("clip");
-        std::fs::create_dir_all(&clip_out).map_err(|e| Error::io(&clip_out, e))?;
-        crate::model::clip::weights::save_safetensors(&self.model, &out.join("model.safetensors"))?;
-        let json = serde_json::to_string_pretty(&self.config).expect("a run config serializes");
-        write_atomic(&out.join("config.json"), json.as_bytes())?;
-        self.model
-            .clip
-            .save_pretrained(&self.clip_config, &clip_out)?;
-        for file in ["tokenizer.json", "preprocessor_config.json"] {
-            let path = source.join("clip").join(file);
-            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-            write_atomic(&clip_out.join(file), &bytes)?;
-        }
-        Ok(())
-    }
-
-    /// The batcher for `pairs` (it takes the run's tokenizer: call once).
-    pub fn batcher(&mut self, pairs: &[ScopePair]) -> Result<ScopeBatcher> {
-        let tokenizer = self
-            .tokenizer
-            .take()
-            .expect("ScopeRun::batcher is called once");
-        ScopeBatcher::new(tokenizer, self.preprocessor.clone(), pairs)
-    }
-}
-
 /// Trains a scope classifier from the CLIP in `clip_dir` on `data_dir/train.json` (the last
 /// tenth of its records held out for validation) and writes the run to `out`.
 pub fn run(
@@ -371,8 +273,7 @@ pub fn run(
     let all: Vec<ScopePair> = train_pairs.iter().chain(&valid_pairs).cloned().collect();
     let words = object_words(&config.model, &clip.tokenizer, clip_dir)?;
     let batcher = ScopeBatcher::new(clip.tokenizer, clip.preprocessor.clone(), &all)?;
-    let initialising = super::initialising();
-    device.seed(config.train.seed);
+    let initialising = super::seeded(device, config.train.seed);
     let mut model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device)
         .with_object_words(words);
     if model.attribute_probe.is_some() {

@@ -171,8 +171,7 @@ pub fn train(
     // parameter's first use, here in the first step. From seeding until every parameter has
     // its values the lock is held, so trainings on parallel threads draw exactly what each
     // draws alone.
-    let mut initialising = Some(super::initialising());
-    device.seed(config.seed);
+    let mut initialising = Some(super::seeded(device, config.seed));
     let mut optim = config.optim.init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {

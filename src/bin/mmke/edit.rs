@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use mmke::train::scope::ScopeRun;
+use mmke::model::scope::ScopeRun;
 
 use crate::DeviceArgs;
 

@@ -14,14 +14,15 @@ pub struct ExperimentArgs {
     /// Preset of the experiment file: quick (minutes on a CPU) or full (the larger run).
     #[arg(long, default_value = "quick")]
     preset: String,
-    /// Experiment file (default: experiments/NAME.toml, else the copy built into mmke).
+    /// Experiment file (default: experiments/FILE.toml, else the copy built into mmke).
     #[arg(long)]
     file: Option<PathBuf>,
     /// A directory with train.json and test.json (FGVEdit schema, images relative to it)
     /// instead of the preset's scenes split.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Output directory; what it already holds is reused (default: runs/NAME/PRESET).
+    /// Output directory; what it already holds is reused (default: runs/FILE/PRESET, FILE
+    /// being `scenes` for every editing experiment: they share their models).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where the run's record goes: `EXPERIMENT-PRESET.md` (the tables, the command, the
@@ -47,15 +48,14 @@ pub enum ExperimentCommand {
     FusionAblation(ExperimentArgs),
     /// MSCKE Table 1: FT-LLM, FT-Visual, IKE, SERAC, MEND, MSCKE and MSCKE-MEND, one-step.
     MsckeTable1(ExperimentArgs),
-    /// MSCKE Table 3: the multimodal classifier transferred (behind MEND, with vlm-small)
-    /// vs retrained (the models of mscke-table1: its presets and directory).
+    /// MSCKE Table 3: the multimodal classifier transferred (behind MEND, with a second base
+    /// model) vs retrained.
     MsckeTable3(ExperimentArgs),
     /// MSCKE Table 4: inference time per query and size of the scope classifier, the base and
-    /// the counterfactual model (the models of mscke-table1: its presets and directory).
+    /// the counterfactual model.
     MsckeTable4(ExperimentArgs),
     /// UniKE Table 1: one-step editing on the VQA and caption tasks (FT, KE, T-Patcher, MEND,
     /// IKE, SERAC, UniKE).
-    /// The UniKE experiments share experiments/unike.toml and runs/unike/PRESET.
     UnikeTable1(ExperimentArgs),
     /// UniKE Table 2: sequential editing (K edits accumulate).
     UnikeTable2(ExperimentArgs),
@@ -73,19 +73,23 @@ pub enum ExperimentCommand {
 
 impl ExperimentCommand {
     fn split(self) -> (mmke::experiment::Experiment, ExperimentArgs) {
-        use mmke::experiment::{Experiment as E, unike::Which};
-        match self {
-            ExperimentCommand::FusionAblation(a) => (E::FusionAblation, a),
-            ExperimentCommand::MsckeTable1(a) => (E::MsckeTable1, a),
-            ExperimentCommand::MsckeTable3(a) => (E::MsckeTable3, a),
-            ExperimentCommand::MsckeTable4(a) => (E::MsckeTable4, a),
-            ExperimentCommand::UnikeTable1(a) => (E::Unike(Which::Table1), a),
-            ExperimentCommand::UnikeTable2(a) => (E::Unike(Which::Table2), a),
-            ExperimentCommand::UnikeTable3(a) => (E::Unike(Which::Table3), a),
-            ExperimentCommand::UnikeTable4(a) => (E::Unike(Which::Table4), a),
-            ExperimentCommand::UnikeFig4(a) => (E::Unike(Which::Fig4), a),
-            ExperimentCommand::UnikeFig5(a) => (E::Unike(Which::Fig5), a),
-        }
+        use mmke::experiment::Experiment as E;
+        let (name, args) = match self {
+            ExperimentCommand::FusionAblation(a) => return (E::FusionAblation, a),
+            ExperimentCommand::MsckeTable1(a) => ("mscke-table1", a),
+            ExperimentCommand::MsckeTable3(a) => ("mscke-table3", a),
+            ExperimentCommand::MsckeTable4(a) => ("mscke-table4", a),
+            ExperimentCommand::UnikeTable1(a) => ("unike-table1", a),
+            ExperimentCommand::UnikeTable2(a) => ("unike-table2", a),
+            ExperimentCommand::UnikeTable3(a) => ("unike-table3", a),
+            ExperimentCommand::UnikeTable4(a) => ("unike-table4", a),
+            ExperimentCommand::UnikeFig4(a) => ("unike-fig4", a),
+            ExperimentCommand::UnikeFig5(a) => ("unike-fig5", a),
+        };
+        (
+            E::named(name).expect("every command is an experiment"),
+            args,
+        )
     }
 }
 

@@ -6,6 +6,10 @@
 //! The edit side reads the edit image with "question + target", the query side the query
 //! image (if any) with the question.
 
+pub mod saved;
+
+pub use saved::ScopeRun;
+
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
