@@ -171,19 +171,31 @@ fn train_every_model_then_edit_and_query() {
     ]);
     for command in ["vlm", "counterfactual"] {
         let out = path(command);
+        // The shipped config, made tiny on the command line.
+        let config = format!("{}/configs/{command}.toml", env!("CARGO_MANIFEST_DIR"));
         let stdout = run(&[
             "train",
             command,
+            "--config",
+            &config,
+            "--set",
+            "preset=\"vlm-tiny\"",
+            "--set",
+            "image_size=32",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.freeze_vision=false",
+            "--set",
+            "train.referent_weight=0.0",
+            "--set",
+            "train.rewrite_objects=false",
             "--data",
             &data,
             "--out",
             &out,
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--image-size",
-            "32",
         ]);
         assert!(
             stdout.contains("test exact match (teacher-forced): "),
@@ -197,21 +209,22 @@ fn train_every_model_then_edit_and_query() {
         }
     }
     let clip = path("clip");
+    let config = format!("{}/configs/clip.toml", env!("CARGO_MANIFEST_DIR"));
     run(&[
         "train",
         "clip",
-        "--preset",
-        "clip-tiny",
+        "--config",
+        &config,
+        "--set",
+        "image_size=32",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.scene_size=32",
         "--out",
         &clip,
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--image-size",
-        "32",
-        "--scene-size",
-        "32",
     ]);
     let config = path("scope.toml");
     std::fs::write(

@@ -46,24 +46,17 @@ fn a_killed_training_run_resumed_ends_bit_for_bit_like_an_uninterrupted_one() {
         "--image-size",
         "32",
     ]);
+    // A checkpoint every step: the kills land anywhere.
+    let config = path("vlm.toml");
+    std::fs::write(
+        &config,
+        "preset = \"vlm-tiny\"\nimage_size = 32\n[train]\nsteps = 60\nbatch_size = 4\n\
+         lr = 1e-3\ntext_every = 8\ncheckpoint_every = 1\nseed = 3\n",
+    )
+    .unwrap();
     let train = |out: &str| -> Vec<String> {
         [
-            "train",
-            "vlm",
-            "--data",
-            &data,
-            "--out",
-            out,
-            "--steps",
-            "60",
-            "--batch-size",
-            "4",
-            "--image-size",
-            "32",
-            "--checkpoint-every",
-            "1",
-            "--seed",
-            "3",
+            "train", "vlm", "--config", &config, "--data", &data, "--out", out,
         ]
         .iter()
         .map(|s| s.to_string())

@@ -187,6 +187,7 @@ fn train_config(steps: usize) -> ScopeTrainConfig {
         checkpoint_every: 2,
         seed: 5,
         attention_weight: 0.0,
+        held_out: 0.1,
     }
 }
 

@@ -105,10 +105,28 @@ pub fn agreement(queries: &[TopK]) -> Score {
     }))
 }
 
-/// k of the top-k locality comparison: 1 for text-only inputs, 10 for inputs with an image,
-/// as the reference code compares them.
-pub fn locality_k(has_image: bool) -> usize {
-    if has_image { 10 } else { 1 }
+/// k of the top-k locality comparison (eq. 16): a locality probe counts as unchanged where the
+/// edited model's top-k tokens equal the unedited model's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityK {
+    /// For probes with an image.
+    pub image: usize,
+    /// For text-only probes.
+    pub text: usize,
+}
+
+impl Default for LocalityK {
+    /// 10 with an image, 1 for text alone, as the reference code compares them.
+    fn default() -> Self {
+        Self { image: 10, text: 1 }
+    }
+}
+
+impl LocalityK {
+    pub fn of(self, has_image: bool) -> usize {
+        if has_image { self.image } else { self.text }
+    }
 }
 
 /// Every metric of one evaluation, each as a [`Score`].
@@ -212,8 +230,8 @@ mod tests {
             post_edit: vec![post],
         }]);
         assert!((s.token_accuracy - 0.8).abs() < 1e-12);
-        assert_eq!(locality_k(true), 10);
-        assert_eq!(locality_k(false), 1);
+        assert_eq!(LocalityK::default().of(true), 10);
+        assert_eq!(LocalityK::default().of(false), 1);
     }
 
     #[test]

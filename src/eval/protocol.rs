@@ -9,7 +9,7 @@ use crate::edit::Editor;
 use crate::edit::speaker::Query;
 use crate::error::Result;
 
-use super::editing::{EditMetrics, TargetPrediction, TopK, agreement, locality_k, target_accuracy};
+use super::editing::{EditMetrics, LocalityK, TargetPrediction, TopK, agreement, target_accuracy};
 
 /// What one edit record asks of the edited model.
 #[derive(Clone, Debug, Default)]
@@ -126,11 +126,15 @@ fn accuracy(
     Ok(())
 }
 
-fn top_k(editor: &mut dyn Editor, probes: &[(Query, String)]) -> Result<Vec<Vec<Vec<u32>>>> {
+fn top_k(
+    editor: &mut dyn Editor,
+    probes: &[(Query, String)],
+    locality: LocalityK,
+) -> Result<Vec<Vec<Vec<u32>>>> {
     probes
         .iter()
         .map(|(query, answer)| {
-            let k = locality_k(query.image.is_some());
+            let k = locality.of(query.image.is_some());
             Ok(editor.predict(query, answer, k)?.top_k)
         })
         .collect()
@@ -141,6 +145,7 @@ fn top_k(editor: &mut dyn Editor, probes: &[(Query, String)]) -> Result<Vec<Vec<
 fn sequence(
     editor: &mut dyn Editor,
     records: &[EditRecord],
+    locality: LocalityK,
     gathered: &mut Gathered,
 ) -> Result<()> {
     editor.reset();
@@ -149,9 +154,9 @@ fn sequence(
     let mut pre = Vec::with_capacity(probes.len());
     for p in &probes {
         pre.push([
-            top_k(editor, &p.t_locality)?,
-            top_k(editor, &p.m_locality)?,
-            top_k(editor, &p.m_out)?,
+            top_k(editor, &p.t_locality, locality)?,
+            top_k(editor, &p.m_locality, locality)?,
+            top_k(editor, &p.m_out, locality)?,
         ]);
     }
     for record in records {
@@ -167,7 +172,7 @@ fn sequence(
             (&p.m_locality, m_loc, &mut gathered.m_locality),
             (&p.m_out, m_out, &mut gathered.m_out),
         ] {
-            for (post, pre) in top_k(editor, probes)?.into_iter().zip(before) {
+            for (post, pre) in top_k(editor, probes, locality)?.into_iter().zip(before) {
                 out.push(TopK {
                     pre_edit: pre,
                     post_edit: post,
@@ -178,22 +183,24 @@ fn sequence(
     Ok(())
 }
 
-/// One-step editing: each record is edited alone on the unedited model.
+/// One-step editing: each record is edited alone on the unedited model (locality compared
+/// by the reference code's top-k).
 pub fn one_step(editor: &mut dyn Editor, records: &[EditRecord]) -> Result<EditMetrics> {
-    sequential(editor, records, 1)
+    sequential(editor, records, 1, LocalityK::default())
 }
 
 /// Sequential editing: consecutive groups of `k` records; within a group the edits accumulate
-/// and every record of the group is measured after its `k`-th edit. Cross-task editing is
-/// this over a list that mixes VQA and caption records.
+/// and every record of the group is measured after its `k`-th edit (`k` = 1: one-step).
+/// Cross-task editing is this over a list that mixes VQA and caption records.
 pub fn sequential(
     editor: &mut dyn Editor,
     records: &[EditRecord],
     k: usize,
+    locality: LocalityK,
 ) -> Result<EditMetrics> {
     let mut gathered = Gathered::default();
     for group in records.chunks(k.max(1)) {
-        sequence(editor, group, &mut gathered)?;
+        sequence(editor, group, locality, &mut gathered)?;
     }
     editor.reset();
     Ok(gathered.metrics())
@@ -268,7 +275,7 @@ mod tests {
     fn pre_edit_outputs_are_cached_before_the_first_edit_of_a_sequence() {
         let records = [record("a"), record("b"), record("c")];
         let mut toy = Toy::default();
-        let metrics = sequential(&mut toy, &records, 3).unwrap();
+        let metrics = sequential(&mut toy, &records, 3, LocalityK::default()).unwrap();
         let first_edit = toy.log.iter().position(|l| l.starts_with("edit")).unwrap();
         let locality_before: Vec<&String> = toy.log[..first_edit]
             .iter()
@@ -305,7 +312,7 @@ mod tests {
         // Nothing is ever in scope: the base model answers before and after, so every
         // locality probe agrees with the pre-edit model.
         let (mut editor, records) = crate::edit::serac::tests::editor(dir.path(), 1e9, &device);
-        let metrics = sequential(&mut editor, &records, 2).unwrap();
+        let metrics = sequential(&mut editor, &records, 2, LocalityK::default()).unwrap();
         assert_eq!(metrics.t_locality.exact_match, 1.0);
         assert_eq!(metrics.m_locality.exact_match, 1.0);
         assert_eq!(metrics.m_out.exact_match, 1.0);

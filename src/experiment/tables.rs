@@ -18,7 +18,7 @@ use crate::edit::method::Method;
 use crate::edit::serac::MemoryEditor;
 use crate::edit::speaker::{Query, Speaker};
 use crate::error::{Error, Result};
-use crate::eval::editing::{EditMetrics, Metric};
+use crate::eval::editing::{EditMetrics, LocalityK, Metric};
 use crate::eval::protocol;
 use crate::model::scope::ScopeRun;
 use crate::report::Table;
@@ -66,6 +66,9 @@ pub struct EditingTable {
     /// Test records evaluated (the first ones); the preset's `eval_records` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records: Option<usize>,
+    /// The top-k of the locality comparison (default: the reference code's).
+    #[serde(default)]
+    pub locality_k: LocalityK,
 }
 
 fn method_header() -> String {
@@ -130,6 +133,9 @@ pub struct TransferTable {
     pub classifiers: Vec<String>,
     /// Column-name suffix of each classifier.
     pub labels: Vec<String>,
+    /// The top-k of the locality comparison (default: the reference code's).
+    #[serde(default)]
+    pub locality_k: LocalityK,
 }
 
 /// MSCKE Table 4: time per query and size of a memory method's classifier, base model and
@@ -347,8 +353,8 @@ fn editing_table(
                     Some(k) => format!("K = {k} {}", task_label(task)),
                 };
                 let m = measure(workspace, name, method, Base::First, &what, |e| match k {
-                    None => protocol::one_step(e, records),
-                    Some(k) => protocol::sequential(e, records, k),
+                    None => protocol::sequential(e, records, 1, spec.locality_k),
+                    Some(k) => protocol::sequential(e, records, k, spec.locality_k),
                 })?;
                 values.extend(
                     spec.metrics
@@ -434,7 +440,7 @@ fn transfer_table(
                                 &method,
                                 base,
                                 &format!("with {classifier}"),
-                                |e| protocol::one_step(e, records),
+                                |e| protocol::sequential(e, records, 1, spec.locality_k),
                             )?;
                             Ok(TransferResult {
                                 setting: setting.clone(),

@@ -35,6 +35,20 @@ pub struct KnowledgeConfig {
     /// Of the cosine similarity s in eq. 4-5.
     pub temperature: f64,
     pub seed: u64,
+    /// Triplets per forward pass while the memory's hidden states are collected.
+    #[serde(
+        default = "default_memory_batch",
+        skip_serializing_if = "is_default_memory_batch"
+    )]
+    pub memory_batch: usize,
+}
+
+fn default_memory_batch() -> usize {
+    32
+}
+
+fn is_default_memory_batch(n: &usize) -> bool {
+    *n == default_memory_batch()
 }
 
 /// Triplets from `records`: each edit (its question, the target as the truth to learn, the
@@ -225,7 +239,7 @@ pub fn prepare(
     }
     let triplets = collect_triplets(speaker, records, config.max_triplets, device)?;
     eprintln!("knowledge: {} triplets", triplets.len());
-    let memory = build_memory(speaker, &triplets, layers, 32, device)?;
+    let memory = build_memory(speaker, &triplets, layers, config.memory_batch, device)?;
     let (encoders, losses) = train_encoders(&memory, config, &device.clone().autodiff());
     for (slot, l) in losses.iter().enumerate() {
         eprintln!(
@@ -264,6 +278,7 @@ mod tests {
             lr: 3e-3,
             temperature: 0.1,
             seed: 0,
+            memory_batch: 32,
         };
         let (encoders, losses) = train_encoders(&memory, &config, &device.clone().autodiff());
         for (name, (first, last)) in [
@@ -350,6 +365,7 @@ mod editor_tests {
             lr: 1e-3,
             temperature: 0.1,
             seed: 0,
+            memory_batch: 8,
         };
         let (encoders, _) = train_encoders(&memory, &knowledge, &device.clone().autodiff());
         Prepared { memory, encoders }

@@ -52,10 +52,30 @@ pub struct ScopeTrainConfig {
     /// Weight of [`attention_loss`] (0: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attention_weight: f64,
+    /// The share of the training edits (the last ones) held out for validation.
+    #[serde(
+        default = "default_held_out",
+        skip_serializing_if = "is_default_held_out"
+    )]
+    pub held_out: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn default_held_out() -> f64 {
+    0.1
+}
+
+fn is_default_held_out(x: &f64) -> bool {
+    *x == default_held_out()
+}
+
+/// How many of `n` training edits `held_out` holds out (rounded down).
+pub fn held_out_count(n: usize, held_out: f64) -> usize {
+    // The epsilon keeps 10 x 0.1 at 1, not 0.9999...
+    ((n as f64 * held_out) + 1e-9).floor() as usize
 }
 
 /// Cross-entropy of the fusion's attention logits (`[batch, 1 + cells]`, class token first,
@@ -251,7 +271,7 @@ impl ScopeRunConfig {
 }
 
 /// Trains a scope classifier from the CLIP in `clip_dir` on `data_dir/train.json` (the last
-/// tenth of its records held out for validation) and writes the run to `out`.
+/// `train.held_out` of its records held out for validation) and writes the run to `out`.
 pub fn run(
     config: &ScopeRunConfig,
     clip_dir: &Path,
@@ -265,7 +285,7 @@ pub fn run(
     write_atomic(&out.join("run.toml"), run_toml.as_bytes())?;
 
     let records = fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
-    let held_out = records.len() - records.len() / 10;
+    let held_out = records.len() - held_out_count(records.len(), config.train.held_out);
     let train_pairs: Vec<ScopePair> = records[..held_out].iter().flat_map(pairs).collect();
     let valid_pairs: Vec<ScopePair> = records[held_out..].iter().flat_map(pairs).collect();
 
@@ -343,6 +363,16 @@ pub fn evaluate_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_held_out_share_rounds_down_exactly() {
+        // The counts a tenth gave before it was a knob.
+        for n in [0, 6, 9, 10, 30, 70, 360, 400, 2000, 2001] {
+            assert_eq!(held_out_count(n, 0.1), n / 10, "{n}");
+        }
+        assert_eq!(held_out_count(400, 0.25), 100);
+        assert_eq!(held_out_count(400, 0.0), 0);
+    }
 
     #[test]
     fn the_attention_loss_scores_the_cell_after_the_class_token() {

@@ -1,61 +1,39 @@
-//! `mmke train`: CLIP pre-training, scope classifiers, VLMs, MEND and KE.
+//! `mmke train`: CLIP pre-training, scope classifiers, VLMs, MEND and KE. Every knob is in the
+//! command's config file (`configs/*.toml`); `--set KEY=VALUE` overrides one value of it.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use mmke::train::clip::ClipTrainConfig;
+use mmke::experiment::scenes::ClipSpec;
+use mmke::train::meta::MetaTrainConfig;
 use mmke::train::scope::ScopeRunConfig;
+use mmke::train::vlm::VlmTrainConfig;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::DeviceArgs;
 
 #[derive(Subcommand)]
 pub enum TrainCommand {
-    /// Pre-train a small CLIP from scratch on scenes image-caption pairs (symmetric InfoNCE).
+    /// Pre-train a small CLIP from scratch on scenes image-caption pairs (symmetric InfoNCE;
+    /// configs/clip.toml).
     Clip {
-        /// clip-tiny or clip-small.
-        #[arg(long, default_value = "clip-tiny")]
-        preset: String,
+        #[command(flatten)]
+        config: ConfigArgs,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 400)]
-        steps: usize,
-        #[arg(long, default_value_t = 64)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// CLIP input size (scenes are rendered at --scene-size and resized to it).
-        #[arg(long, default_value_t = 64)]
-        image_size: usize,
-        #[arg(long, default_value_t = 64)]
-        scene_size: u32,
-        #[arg(long, default_value_t = 100)]
-        checkpoint_every: usize,
-        /// Weight of the phrase-grounding loss next to InfoNCE (0 = InfoNCE only).
-        #[arg(long, default_value_t = 1.0)]
-        grounding_weight: f64,
-        /// Supervise the class token and the patches pooled to N x N cell tokens (0: every
-        /// patch).
-        #[arg(long, default_value_t = 3)]
-        cells: usize,
-        /// Weight of the dense attribute loss on the cell tokens (needs --cells 3).
-        #[arg(long, default_value_t = 1.0)]
-        attribute_weight: f64,
-        #[command(flatten)]
-        optim: OptimArgs,
         /// Continue from the checkpoint in --out.
         #[arg(long)]
         resume: bool,
         #[command(flatten)]
         device: DeviceArgs,
     },
-    /// Train a scope classifier (BCE) from a CLIP directory on a scenes/FGVEdit train.json.
+    /// Train a scope classifier (BCE) from a CLIP directory on a scenes/FGVEdit train.json
+    /// (configs/scope-*.toml).
     Scope {
-        /// A run config (configs/scope-*.toml).
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
         /// CLIP directory in Hugging Face layout (e.g. from `mmke train clip`).
         #[arg(long)]
         clip: PathBuf,
@@ -70,47 +48,90 @@ pub enum TrainCommand {
         device: DeviceArgs,
     },
     /// Train the base VLM (LM cross-entropy) on the pre-edit knowledge of a scenes/FGVEdit
-    /// train.json; prints the teacher-forced exact match on test.json's pre-edit questions.
+    /// train.json (configs/vlm.toml); prints the teacher-forced exact match on test.json's
+    /// pre-edit questions.
     Vlm(VlmArgs),
-    /// Train the counterfactual model: a VLM that reads the edit ("{src} >> {alt} || ")
-    /// before the query and answers as after the edit; prints its exact match on test.json.
+    /// Train the counterfactual model (configs/counterfactual.toml): a VLM that reads the edit
+    /// ("{src} >> {alt} || ") before the query and answers as after the edit; prints its
+    /// exact match on test.json.
     Counterfactual(VlmArgs),
     /// Meta-train MEND's gradient networks for a trained VLM on the edits of train.json
-    /// (0.1 x edit NLL + 1.0 x locality KL by default); writes OUT/mend.{json,bpk}.
-    Mend {
-        /// fc1 and fc2 of the last N LM layers are edited.
-        #[arg(long, default_value_t = 3)]
-        layers: usize,
-        #[arg(long, default_value_t = 64)]
-        rank: usize,
-        #[arg(long, default_value_t = 2)]
-        blocks: usize,
-        /// Initial per-matrix edit learning rate (learned).
-        #[arg(long, default_value_t = 1e-4)]
-        edit_lr: f64,
-        #[command(flatten)]
-        meta: MetaArgs,
-    },
+    /// (configs/mend.toml); writes OUT/mend.{json,bpk}.
+    Mend(MetaArgs),
     /// Meta-train KE's hypernetwork (a BiLSTM over the edit conditioning the gradient's
-    /// update) like MEND; writes OUT/ke.{json,bpk}.
-    Ke {
-        /// fc1 and fc2 of the last N LM layers are edited.
-        #[arg(long, default_value_t = 3)]
-        layers: usize,
-        /// Hidden size of each LSTM direction.
-        #[arg(long, default_value_t = 64)]
-        hidden: usize,
-        /// The update at initialisation is -edit_lr x gradient.
-        #[arg(long, default_value_t = 1.0)]
-        edit_lr: f64,
-        #[command(flatten)]
-        meta: MetaArgs,
-    },
+    /// update) like MEND (configs/ke.toml); writes OUT/ke.{json,bpk}.
+    Ke(MetaArgs),
+}
+
+/// A training's configuration file and the values overridden on the command line.
+#[derive(Args)]
+pub struct ConfigArgs {
+    /// The configuration (configs/*.toml): every knob of the training.
+    #[arg(long)]
+    config: PathBuf,
+    /// Overrides one value of the file, as TOML (`--set train.steps=60`, `--set
+    /// preset='"vlm-tiny"'`); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load<T: DeserializeOwned>(&self) -> Result<T> {
+        let path = &self.config;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        for assignment in &self.set {
+            mmke::experiment::spec::merge(&mut table, override_table(assignment)?);
+        }
+        T::deserialize(toml::Value::Table(table))
+            .with_context(|| format!("{} (with {:?})", path.display(), self.set))
+    }
+}
+
+/// `a.b=VALUE` as the table `{ a = { b = VALUE } }`.
+fn override_table(assignment: &str) -> Result<toml::Table> {
+    let (key, value) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment}: not KEY=VALUE"))?;
+    let mut value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .with_context(|| format!("--set {assignment}: the value is not TOML"))?
+        .remove("v")
+        .expect("parsed");
+    for part in key.trim().rsplit('.') {
+        let mut table = toml::Table::new();
+        table.insert(part.to_string(), value);
+        value = toml::Value::Table(table);
+    }
+    match value {
+        toml::Value::Table(table) => Ok(table),
+        _ => unreachable!("a key has at least one part"),
+    }
+}
+
+/// A VLM training's file: the preset, the vision tower's input size and the training.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VlmFile {
+    preset: String,
+    image_size: usize,
+    train: VlmTrainConfig,
+}
+
+/// A meta-training's file: the network and its training.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkFile<C> {
+    config: C,
+    train: MetaTrainConfig,
 }
 
 /// What MEND's and KE's meta-training share.
 #[derive(Args)]
 pub struct MetaArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
     /// A directory written by `mmke train vlm`.
     #[arg(long)]
     model: PathBuf,
@@ -119,21 +140,6 @@ pub struct MetaArgs {
     data: PathBuf,
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 1000)]
-    steps: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    #[arg(long, default_value_t = 0.1)]
-    edit_weight: f64,
-    #[arg(long, default_value_t = 1.0)]
-    locality_weight: f64,
-    #[arg(long, default_value_t = 100)]
-    checkpoint_every: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Also learn from the captioning edits of the records.
-    #[arg(long)]
-    captions: bool,
     #[arg(long)]
     resume: bool,
     #[command(flatten)]
@@ -141,29 +147,24 @@ pub struct MetaArgs {
 }
 
 impl MetaArgs {
-    fn run<N: mmke::edit::mend::Hypernetwork>(self, net: &N::Config) -> Result<()> {
-        let config = mmke::train::meta::MetaTrainConfig {
-            steps: self.steps,
-            lr: self.lr,
-            edit_weight: self.edit_weight,
-            locality_weight: self.locality_weight,
-            checkpoint_every: self.checkpoint_every,
-            seed: self.seed,
-            captions: self.captions,
-        };
+    fn run<N: mmke::edit::mend::Hypernetwork>(self) -> Result<()>
+    where
+        N::Config: DeserializeOwned,
+    {
+        let file: NetworkFile<N::Config> = self.config.load()?;
         let device = self.device.device()?.autodiff();
         let losses = mmke::train::meta::run::<N>(
             &self.model,
             &self.data,
-            net,
-            &config,
+            &file.config,
+            &file.train,
             &self.out,
             self.resume,
             &device,
         )?;
         println!(
             "last {} steps: edit loss {:.4} -> {:.4} after the update, locality KL {:.4}",
-            self.checkpoint_every, losses.before, losses.after, losses.locality_kl
+            file.train.checkpoint_every, losses.before, losses.after, losses.locality_kl
         );
         eprintln!("wrote {}", self.out.display());
         Ok(())
@@ -172,9 +173,8 @@ impl MetaArgs {
 
 #[derive(Args)]
 pub struct VlmArgs {
-    /// vlm-tiny or vlm-small.
-    #[arg(long, default_value = "vlm-tiny")]
-    preset: String,
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Directory with train.json, test.json, tokenizer.json and the images.
     #[arg(long)]
     data: PathBuf,
@@ -183,98 +183,23 @@ pub struct VlmArgs {
     /// A CLIP directory (e.g. from `mmke train clip`) whose vision tower starts the VLM's.
     #[arg(long)]
     clip: Option<PathBuf>,
-    #[arg(long, default_value_t = 2000)]
-    steps: usize,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Every Nth batch is text-only (T-Locality facts).
-    #[arg(long, default_value_t = 8)]
-    text_every: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 64)]
-    image_size: usize,
-    #[arg(long, default_value_t = 200)]
-    checkpoint_every: usize,
     #[arg(long)]
     resume: bool,
-    /// Keep the vision tower (from --clip) fixed: only the projector and the LM learn.
-    #[arg(long)]
-    freeze_vision: bool,
-    /// Weight of the referent loss (`-objects` presets on scenes data: the question's
-    /// readout over the cells learns which cells the question is about).
-    #[arg(long, default_value_t = 0.0)]
-    referent_weight: f64,
-    /// Counterfactual model: list each example whose answer the edit changes this many times
-    #[arg(long, default_value_t = 1)]
-    edited_repeat: usize,
-    /// Counterfactual model on scenes data: rewrite the object tokens into the edited world
-    /// before answering
-    #[arg(long)]
-    rewrite_objects: bool,
-    #[command(flatten)]
-    optim: OptimArgs,
     #[command(flatten)]
     device: DeviceArgs,
 }
 
-/// The optimiser and schedule (`mmke::train::OptimConfig`); the defaults are Adam at a
-/// constant rate.
-#[derive(clap::Args, Debug)]
-pub struct OptimArgs {
-    /// AdamW's decoupled weight decay (0: Adam).
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// Steps of linear learning-rate warm-up.
-    #[arg(long, default_value_t = 0)]
-    warmup: usize,
-    /// Cosine decay of the learning rate after warm-up, to --min-lr-ratio times --lr.
-    #[arg(long)]
-    cosine: bool,
-    #[arg(long, default_value_t = 0.0)]
-    min_lr_ratio: f64,
-    /// Clip each gradient to this L2 norm.
-    #[arg(long)]
-    clip_norm: Option<f64>,
-}
-
-impl OptimArgs {
-    fn config(&self) -> mmke::train::OptimConfig {
-        mmke::train::OptimConfig {
-            weight_decay: self.weight_decay,
-            warmup: self.warmup,
-            cosine: self.cosine,
-            min_lr_ratio: self.min_lr_ratio,
-            clip_norm: self.clip_norm,
-        }
-    }
-}
-
 impl VlmArgs {
     fn run(self, knowledge: mmke::train::vlm::Knowledge) -> Result<()> {
-        let config = mmke::train::vlm::VlmTrainConfig {
-            steps: self.steps,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            text_every: self.text_every,
-            checkpoint_every: self.checkpoint_every,
-            seed: self.seed,
-            freeze_vision: self.freeze_vision,
-            optim: self.optim.config(),
-            referent_weight: self.referent_weight,
-            edited_repeat: self.edited_repeat,
-            rewrite_objects: self.rewrite_objects,
-        };
+        let file: VlmFile = self.config.load()?;
         let device = self.device.device()?.autodiff();
         let exact = mmke::train::vlm::run(
             knowledge,
-            &self.preset,
-            self.image_size,
+            &file.preset,
+            file.image_size,
             self.clip.as_deref(),
             &self.data,
-            &config,
+            &file.train,
             &self.out,
             self.resume,
             &device,
@@ -288,36 +213,21 @@ impl VlmArgs {
 pub fn run(command: TrainCommand) -> Result<()> {
     match command {
         TrainCommand::Clip {
-            preset,
+            config,
             out,
-            steps,
-            batch_size,
-            lr,
-            seed,
-            image_size,
-            scene_size,
-            checkpoint_every,
-            grounding_weight,
-            cells,
-            attribute_weight,
-            optim,
             resume,
             device,
         } => {
-            let config = ClipTrainConfig {
-                steps,
-                batch_size,
-                lr,
-                seed,
-                scene_size,
-                checkpoint_every,
-                grounding_weight,
-                cells: (cells > 0).then_some(cells),
-                attribute_weight,
-                optim: optim.config(),
-            };
+            let spec: ClipSpec = config.load()?;
             let device = device.device()?.autodiff();
-            mmke::train::clip::pretrain(&preset, image_size, &config, &out, resume, &device)?;
+            mmke::train::clip::pretrain(
+                &spec.preset,
+                spec.image_size,
+                &spec.train,
+                &out,
+                resume,
+                &device,
+            )?;
             eprintln!("wrote {}", out.display());
         }
         TrainCommand::Scope {
@@ -328,45 +238,35 @@ pub fn run(command: TrainCommand) -> Result<()> {
             resume,
             device,
         } => {
-            let config = ScopeRunConfig::from_file(&config)?;
+            let config: ScopeRunConfig = config.load()?;
             let device = device.device()?.autodiff();
             let report = mmke::train::scope::run(&config, &clip, &data, &out, resume, &device)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        TrainCommand::Vlm(args) => {
-            args.run(mmke::train::vlm::Knowledge::PreEdit)?;
-        }
+        TrainCommand::Vlm(args) => args.run(mmke::train::vlm::Knowledge::PreEdit)?,
         TrainCommand::Counterfactual(args) => {
-            args.run(mmke::train::vlm::Knowledge::Counterfactual)?;
+            args.run(mmke::train::vlm::Knowledge::Counterfactual)?
         }
-        TrainCommand::Mend {
-            layers,
-            rank,
-            blocks,
-            edit_lr,
-            meta,
-        } => {
-            let config = mmke::edit::mend::MendConfig {
-                layers,
-                rank,
-                blocks,
-                edit_lr,
-            };
-            meta.run::<mmke::edit::mend::Mend>(&config)?;
-        }
-        TrainCommand::Ke {
-            layers,
-            hidden,
-            edit_lr,
-            meta,
-        } => {
-            let config = mmke::edit::ke::KeConfig {
-                layers,
-                hidden,
-                edit_lr,
-            };
-            meta.run::<mmke::edit::ke::Ke>(&config)?;
-        }
+        TrainCommand::Mend(args) => args.run::<mmke::edit::mend::Mend>()?,
+        TrainCommand::Ke(args) => args.run::<mmke::edit::ke::Ke>()?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_override_is_a_nested_table() {
+        let table = override_table("train.optim.warmup=5").unwrap();
+        assert_eq!(table["train"]["optim"]["warmup"].as_integer(), Some(5));
+        let table = override_table("preset=\"vlm-tiny\"").unwrap();
+        assert_eq!(table["preset"].as_str(), Some("vlm-tiny"));
+        assert!(override_table("steps").is_err());
+        assert!(
+            override_table("preset=vlm-tiny").is_err(),
+            "a string is quoted"
+        );
+    }
 }
