@@ -1,11 +1,12 @@
 //! Results tables of the experiments: Markdown for the terminal and `docs/results/`, CSV and JSON for
-//! analysis, and a grouped bar chart (PNG, drawn with plotters). Every file is written
+//! analysis, and a heatmap (PNG, drawn with plotters). Every file is written
 //! atomically.
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
 use crate::error::{Error, Result, write_atomic};
@@ -80,11 +81,13 @@ impl Table {
         out
     }
 
-    /// A grouped bar chart: one group per row, one bar per column, y in % (headroom for the
-    /// legend).
-    pub fn bar_chart_png(&self, path: &Path) -> Result<()> {
-        render_png(path, (900, 540), |pixels, size| {
-            draw_bars(self, pixels, size)
+    /// A heatmap: one row per table row, one column per table column, each cell shaded by its
+    /// value and labelled with it. Tables whose values all lie in [0, 100] (percentages) share
+    /// one scale, 0 white to 100 dark; others are shaded per column, from its lowest to its
+    /// highest value.
+    pub fn heatmap_png(&self, path: &Path) -> Result<()> {
+        render_png(path, heatmap_size(self), |pixels, size| {
+            draw_heatmap(self, pixels, size)
         })
     }
 
@@ -96,7 +99,7 @@ impl Table {
         let json = serde_json::json!({ "table": self, "details": details });
         let text = serde_json::to_string_pretty(&json).expect("JSON serializes");
         write_atomic(&dir.join(format!("{stem}.json")), text.as_bytes())?;
-        self.bar_chart_png(&dir.join(format!("{stem}.png")))
+        self.heatmap_png(&dir.join(format!("{stem}.png")))
     }
 }
 
@@ -289,7 +292,62 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
-fn draw_bars(
+/// Layout of [`Table::heatmap_png`]: label column, cell size, title and header heights.
+const LABEL_WIDTH: u32 = 230;
+const CELL: (u32, u32) = (92, 34);
+const TITLE_HEIGHT: u32 = 44;
+const HEADER_HEIGHT: u32 = 58;
+
+fn heatmap_size(table: &Table) -> (u32, u32) {
+    let (columns, rows) = (table.columns.len() as u32, table.rows.len() as u32);
+    let width = (LABEL_WIDTH + CELL.0 * columns.max(1) + 20).max(640);
+    (
+        width,
+        TITLE_HEIGHT + HEADER_HEIGHT + CELL.1 * rows.max(1) + 16,
+    )
+}
+
+/// The shade of `t` in [0, 1]: white to dark blue (ColorBrewer's Blues).
+fn blues(t: f64) -> RGBColor {
+    let t = t.clamp(0.0, 1.0);
+    let (a, b) = ((247.0, 251.0, 255.0), (8.0, 48.0, 107.0));
+    let mix = |x: f64, y: f64| (x + (y - x) * t).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// Where each value of `table` lies on its shading scale, in [0, 1].
+fn shades(table: &Table) -> Vec<Vec<f64>> {
+    let percent = table
+        .rows
+        .iter()
+        .flat_map(|r| &r.values)
+        .all(|v| (0.0..=100.0).contains(v));
+    let range = |c: usize| {
+        if percent {
+            return (0.0, 100.0);
+        }
+        let column = table.rows.iter().map(|r| r.values[c]);
+        let lo = column.clone().fold(f64::INFINITY, f64::min);
+        let hi = column.fold(f64::NEG_INFINITY, f64::max);
+        (lo, if hi > lo { hi } else { lo + 1.0 })
+    };
+    table
+        .rows
+        .iter()
+        .map(|r| {
+            r.values
+                .iter()
+                .enumerate()
+                .map(|(c, v)| {
+                    let (lo, hi) = range(c);
+                    (v - lo) / (hi - lo)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn draw_heatmap(
     table: &Table,
     pixels: &mut [u8],
     size: (u32, u32),
@@ -298,53 +356,65 @@ fn draw_bars(
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let root = BitMapBackend::with_buffer(pixels, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let groups = table.rows.len().max(1);
-    let bars = table.columns.len().max(1);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(&table.title, ("sans-serif", 22))
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..groups as f64, 0f64..115f64)
-        .map_err(|e| err(&e))?;
-    let names: Vec<String> = table.rows.iter().map(|r| r.name.clone()).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(groups * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            let centred = (x - i as f64 - 0.5).abs() < 1e-6;
-            match names.get(i) {
-                Some(name) if centred => name.clone(),
-                _ => String::new(),
-            }
-        })
-        .y_desc("%")
-        .label_style(("sans-serif", 15))
-        .draw()
-        .map_err(|e| err(&e))?;
-    let width = 0.8 / bars as f64;
-    for (c, column) in table.columns.iter().enumerate() {
-        let color = PALETTE[c % PALETTE.len()];
-        let rects = table.rows.iter().enumerate().map(move |(g, row)| {
-            let x0 = g as f64 + 0.1 + c as f64 * width;
-            Rectangle::new([(x0, 0.0), (x0 + width, row.values[c])], color.filled())
-        });
-        chart
-            .draw_series(rects)
-            .map_err(|e| err(&e))?
-            .label(column.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], color.filled()));
+    let text = |size: u32, color: RGBColor, anchor: (HPos, VPos)| {
+        ("sans-serif", size)
+            .into_font()
+            .color(&color)
+            .pos(Pos::new(anchor.0, anchor.1))
+    };
+    let black = RGBColor(0, 0, 0);
+    root.draw(&Text::new(
+        table.title.clone(),
+        (size.0 as i32 / 2, TITLE_HEIGHT as i32 / 2),
+        text(20, black, (HPos::Center, VPos::Center)),
+    ))
+    .map_err(|e| err(&e))?;
+    let top = (TITLE_HEIGHT + HEADER_HEIGHT) as i32;
+    let (w, h) = (CELL.0 as i32, CELL.1 as i32);
+    let left = LABEL_WIDTH as i32;
+    // Column names over their cells, in two lines where they have a space to break at.
+    for (c, name) in table.columns.iter().enumerate() {
+        let x = left + c as i32 * w + w / 2;
+        let lines: Vec<&str> = match name.split_once(' ') {
+            Some((a, b)) if name.len() > 11 => vec![a, b],
+            _ => vec![name.as_str()],
+        };
+        for (i, line) in lines.iter().enumerate() {
+            let y = top - 8 - 17 * (lines.len() - 1 - i) as i32;
+            root.draw(&Text::new(
+                line.to_string(),
+                (x, y),
+                text(14, black, (HPos::Center, VPos::Bottom)),
+            ))
+            .map_err(|e| err(&e))?;
+        }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()
+    let shades = shades(table);
+    for (r, row) in table.rows.iter().enumerate() {
+        let y = top + r as i32 * h;
+        root.draw(&Text::new(
+            row.name.clone(),
+            (left - 10, y + h / 2),
+            text(15, black, (HPos::Right, VPos::Center)),
+        ))
         .map_err(|e| err(&e))?;
+        for (c, value) in row.values.iter().enumerate() {
+            let x = left + c as i32 * w;
+            let shade = shades[r][c];
+            root.draw(&Rectangle::new(
+                [(x, y), (x + w - 2, y + h - 2)],
+                blues(shade).filled(),
+            ))
+            .map_err(|e| err(&e))?;
+            let ink = if shade > 0.55 { WHITE } else { black };
+            root.draw(&Text::new(
+                format!("{value:.2}"),
+                (x + w / 2 - 1, y + h / 2 - 1),
+                text(14, ink, (HPos::Center, VPos::Center)),
+            ))
+            .map_err(|e| err(&e))?;
+        }
+    }
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
@@ -398,15 +468,18 @@ mod tests {
     }
 
     #[test]
-    fn the_chart_is_a_png_of_the_requested_size() {
+    fn the_heatmap_shades_each_cell_by_its_value() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chart.png");
-        match table().bar_chart_png(&path) {
+        let t = table();
+        match t.heatmap_png(&path) {
             Ok(()) => {
                 let image = image::open(&path).unwrap().to_rgb8();
-                assert_eq!(image.dimensions(), (900, 540));
-                // Bars are drawn in the palette's first colour somewhere.
-                assert!(image.pixels().any(|p| p.0 == [31, 119, 180]));
+                assert_eq!(image.dimensions(), heatmap_size(&t));
+                // The top-left corner of the first cell holds its shade (63.7 % of the way).
+                let (x, y) = (LABEL_WIDTH + 1, TITLE_HEIGHT + HEADER_HEIGHT + 1);
+                let RGBColor(r, g, b) = blues(0.637);
+                assert_eq!(image.get_pixel(x, y).0, [r, g, b]);
             }
             // Machines without a font get a clear error and no file.
             Err(e) => {
@@ -414,5 +487,11 @@ mod tests {
                 assert!(!path.exists());
             }
         }
+        // Percentages share one scale; other values are shaded per column.
+        assert_eq!(shades(&t)[0][0], 0.637);
+        let mut cost = Table::new("cost", "component", &["ms", "MB"]);
+        cost.push("a", vec![2.0, 500.0]);
+        cost.push("b", vec![4.0, 100.0]);
+        assert_eq!(shades(&cost), [[0.0, 1.0], [1.0, 0.0]]);
     }
 }
