@@ -38,6 +38,9 @@ pub struct Preset {
     /// The classifier; `fusion` is set per row.
     pub model: ScopeConfig,
     pub train: ScopeTrainConfig,
+    /// What the paper claims of Table 2, checked in the record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<super::claims::Claim>,
 }
 
 /// One trained classifier's results on the test split, in %.

@@ -5,6 +5,7 @@
 //! the configuration that made it ([`provenance`]), so a second run (or one resumed after a
 //! kill) redoes only what is missing or was made by another configuration.
 
+pub mod claims;
 pub mod fusion_ablation;
 pub mod provenance;
 pub mod record;
@@ -76,6 +77,8 @@ pub struct Outcome {
     pub notes: String,
     /// Further files it wrote there (figures).
     pub figures: Vec<String>,
+    /// What the papers claim of its tables, checked (by table stem).
+    pub claims: Vec<(String, claims::Checked)>,
     /// The preset it ran, as it was read.
     pub preset: serde_json::Value,
 }
@@ -95,20 +98,28 @@ pub fn run(
         Experiment::FusionAblation => {
             let preset: fusion_ablation::Preset = load_preset(name, file, preset)?;
             let (table, results) = fusion_ablation::run(&preset, data, out, device)?;
+            let stem = experiment.name().to_string();
+            let claims = preset
+                .claims
+                .iter()
+                .map(|c| Ok((stem.clone(), c.check(&table)?)))
+                .collect::<Result<Vec<_>>>()?;
             Ok(Outcome {
-                tables: vec![(experiment.name().to_string(), table)],
+                tables: vec![(stem, table)],
                 notes: fusion_ablation::details_markdown(&results),
                 figures: Vec::new(),
+                claims,
                 preset: to_json(&preset),
             })
         }
         Experiment::Scenes(which) => {
             let preset: tables::Preset = load_preset(name, file, preset)?;
-            let (tables, figures) = tables::run(which, &preset, data, out, device)?;
+            let produced = tables::run(which, &preset, data, out, device)?;
             Ok(Outcome {
-                tables,
+                tables: produced.tables,
                 notes: String::new(),
-                figures,
+                figures: produced.figures,
+                claims: produced.claims,
                 preset: to_json(&preset),
             })
         }

@@ -64,6 +64,18 @@ pub fn write(dir: &Path, run: &Measurement) -> Result<PathBuf> {
         copy_file(&run.out.join(figure), &dir.join(&copy))?;
         md += &format!("\n![{figure}]({copy})\n");
     }
+    if !run.outcome.claims.is_empty() {
+        md += "\n## What the papers claim, and whether it holds here\n\n\
+               | table | claim | holds | the numbers |\n| --- | --- | --- | --- |\n";
+        for (stem, c) in &run.outcome.claims {
+            md += &format!(
+                "| {stem} | {} | {} | {} |\n",
+                c.says,
+                if c.holds { "yes" } else { "**no**" },
+                c.comparisons.join("; ")
+            );
+        }
+    }
     if !run.outcome.notes.is_empty() {
         md += &format!("\n## Details\n\n{}", run.outcome.notes);
     }
@@ -261,6 +273,14 @@ mod tests {
             tables: vec![("mscke-table1".into(), table)],
             notes: "per-run details\n".into(),
             figures: Vec::new(),
+            claims: vec![(
+                "mscke-table1".into(),
+                crate::experiment::claims::Checked {
+                    says: "x is high".into(),
+                    holds: false,
+                    comparisons: vec!["x a 12.50 >= 50.00: no".into()],
+                },
+            )],
             preset: serde_json::json!({"steps": 3}),
         };
         let run = Measurement {
@@ -280,6 +300,10 @@ mod tests {
         assert_eq!(path, dir.join("mscke-table1-tiny.md"));
         let md = std::fs::read_to_string(&path).unwrap();
         assert!(md.contains("| x | 12.50 |"), "{md}");
+        assert!(
+            md.contains("| mscke-table1 | x is high | **no** | x a 12.50 >= 50.00: no |"),
+            "{md}"
+        );
         assert!(
             md.contains("| trained in this run | transfer/new |"),
             "{md}"

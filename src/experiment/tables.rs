@@ -10,6 +10,7 @@ use std::time::Instant;
 use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
+use super::claims::{Checked, Claim};
 use super::scenes::{Base, ModelsSpec, Needs, Workspace};
 use crate::data::lm::edit_context;
 use crate::data::record::EditRecord;
@@ -69,6 +70,9 @@ pub struct EditingTable {
     /// The top-k of the locality comparison (default: the reference code's).
     #[serde(default)]
     pub locality_k: LocalityK,
+    /// What the papers claim of this table, checked in its record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<Claim>,
 }
 
 fn method_header() -> String {
@@ -136,6 +140,9 @@ pub struct TransferTable {
     /// The top-k of the locality comparison (default: the reference code's).
     #[serde(default)]
     pub locality_k: LocalityK,
+    /// What the papers claim of this table, checked in its record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<Claim>,
 }
 
 /// MSCKE Table 4: time per query and size of a memory method's classifier, base model and
@@ -144,6 +151,9 @@ pub struct TransferTable {
 #[serde(deny_unknown_fields)]
 pub struct CostTable {
     pub method: String,
+    /// What the papers claim of this table, checked in its record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<Claim>,
 }
 
 /// UniKE Figure 5: the knowledge of `method`'s last edited layer in its semantic and
@@ -163,6 +173,27 @@ pub struct Measured {
     pub what: String,
     pub metrics: EditMetrics,
     pub seconds: f64,
+}
+
+impl TableSpec {
+    /// What the papers claim of the table.
+    pub fn claims(&self) -> &[Claim] {
+        match self {
+            TableSpec::Editing(t) => &t.claims,
+            TableSpec::Transfer(t) => &t.claims,
+            TableSpec::Cost(t) => &t.claims,
+            TableSpec::KnowledgePca(_) => &[],
+        }
+    }
+}
+
+/// What a run of an experiment's tables produced.
+pub struct Produced {
+    pub tables: Vec<(String, Table)>,
+    /// Each table's claims, checked (by table stem).
+    pub claims: Vec<(String, Checked)>,
+    /// Further files written (figures).
+    pub figures: Vec<String>,
 }
 
 impl Preset {
@@ -237,19 +268,19 @@ fn with_classifier(method: &Method, classifier: &str) -> Result<Method> {
 }
 
 /// Trains what experiment `name`'s tables need (in `out`, on `data` when given), produces
-/// them and writes each `{stem}.{md,csv,json,png}` there; returns the tables (Figure 5 only
-/// writes its PNG) and the figures written.
+/// them, checks their claims and writes each `{stem}.{md,csv,json,png}` there (Figure 5 only
+/// writes its PNG).
 pub fn run(
     name: &str,
     preset: &Preset,
     data: Option<&Path>,
     out: &Path,
     device: &burn::tensor::Device,
-) -> Result<(Vec<(String, Table)>, Vec<String>)> {
+) -> Result<Produced> {
     let specs = preset.tables_of(name)?;
     let mut workspace = Workspace::new(&preset.models, data, out, device)?;
     workspace.prepare(&preset.needs(&specs)?)?;
-    let (mut tables, mut figures) = (Vec::new(), Vec::new());
+    let (mut tables, mut claims, mut figures) = (Vec::new(), Vec::new(), Vec::new());
     for (stem, spec) in specs {
         let (table, details) = match spec {
             TableSpec::Editing(t) => editing_table(preset, t, &workspace)?,
@@ -262,11 +293,26 @@ pub fn run(
                 continue;
             }
         };
-        let details = serde_json::json!({ "preset": preset, "table": spec, "details": details });
+        // The claims are checked once the table is safe on disk (a claim naming a row the
+        // table lacks is an error, not a lost run).
+        let mut details =
+            serde_json::json!({ "preset": preset, "table": spec, "details": details });
         table.write(out, stem, &details)?;
+        let checked = spec
+            .claims()
+            .iter()
+            .map(|c| c.check(&table))
+            .collect::<Result<Vec<_>>>()?;
+        details["claims"] = serde_json::to_value(&checked).expect("claims serialize");
+        table.write(out, stem, &details)?;
+        claims.extend(checked.into_iter().map(|c| (stem.to_string(), c)));
         tables.push((stem.to_string(), table));
     }
-    Ok((tables, figures))
+    Ok(Produced {
+        tables,
+        claims,
+        figures,
+    })
 }
 
 /// The first `n` test edits and their caption edits.
