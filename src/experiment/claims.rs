@@ -86,10 +86,14 @@ impl Claim {
                         (here >= reference + self.by, ">=")
                     };
                     holds &= ok;
-                    let margin = match (self.by, self.lower) {
-                        (b, _) if b == 0.0 => String::new(),
-                        (b, false) => format!(" + {b}"),
-                        (b, true) => format!(" - {b}"),
+                    // The reference moves up by `by` (down, for a cost).
+                    let shift = if self.lower { -self.by } else { self.by };
+                    let margin = if shift > 0.0 {
+                        format!(" + {shift}")
+                    } else if shift < 0.0 {
+                        format!(" - {}", -shift)
+                    } else {
+                        String::new()
                     };
                     let reference = match name.as_str() {
                         "" => format!("{reference:.2}"),
