@@ -37,6 +37,9 @@ pub enum Error {
     Memory { path: PathBuf, reason: String },
     #[error("{}: chart: {reason}", path.display())]
     Chart { path: PathBuf, reason: String },
+    /// Inputs that do not fit the model (a prompt's image tokens, the batch's images).
+    #[error("invalid input: {0}")]
+    Input(String),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
 }

@@ -1,0 +1,90 @@
+//! The language model inside a multimodal LLM: OPT (BLIP-2 OPT) or LLaMA (MiniGPT-4's Vicuna,
+//! LLaVA), chosen by the `text_config`'s `model_type`. The enum is transparent in weight
+//! names (`language_model.model.decoder...` or `language_model.model.layers...`).
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::model::lm::{Hooks, OptConfig, OptForCausalLM};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type", rename_all = "lowercase")]
+pub enum TextConfig {
+    Opt(OptConfig),
+    Llama(LlamaConfig),
+}
+
+impl TextConfig {
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Opt(c) => c.hidden_size,
+            Self::Llama(c) => c.hidden_size,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Opt(c) => c.vocab_size,
+            Self::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// The token that ends an answer.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            Self::Opt(c) => Some(c.eos_token_id),
+            Self::Llama(c) => match &c.eos_token_id {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32),
+                Some(serde_json::Value::Array(ids)) => {
+                    ids.first().and_then(|n| n.as_u64()).map(|n| n as u32)
+                }
+                _ => None,
+            },
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Opt(c) => c.check(),
+            Self::Llama(c) => c.check(),
+        }
+        .map_err(|e| format!("text_config: {e}"))
+    }
+}
+
+#[derive(Module, Debug)]
+pub enum TextModel {
+    Opt(OptForCausalLM),
+    Llama(LlamaForCausalLM),
+}
+
+impl TextModel {
+    pub fn new(config: &TextConfig, device: &Device) -> Self {
+        match config {
+            TextConfig::Opt(c) => Self::Opt(OptForCausalLM::new(c, device)),
+            TextConfig::Llama(c) => Self::Llama(LlamaForCausalLM::new(c, device)),
+        }
+    }
+
+    /// `[batch, seq, hidden]`.
+    pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        match self {
+            Self::Opt(m) => m.embed_tokens(ids),
+            Self::Llama(m) => m.embed_tokens(ids),
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` from input embeddings (`attention_mask` 1 for tokens, 0
+    /// for padding). OPT numbers positions by the mask, LLaMA `0..seq`, as each does.
+    pub fn forward_embeds(&self, embeds: Tensor<3>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+        match self {
+            Self::Opt(m) => {
+                m.forward_embeds(embeds, attention_mask, &Hooks::default())
+                    .logits
+            }
+            Self::Llama(m) => m.forward_embeds(embeds, attention_mask),
+        }
+    }
+}
