@@ -349,3 +349,89 @@ fn a_prompt_without_its_image_tokens_is_an_error() {
     let err = mllm.prompt_ids("w9 w21").unwrap_err().to_string();
     assert!(err.contains("<image>"), "{err}");
 }
+
+fn mmke(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmke"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mmke {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_forward_command_writes_the_reference_logits() {
+    for model in MODELS {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("logits.safetensors");
+        let inputs = fixture(model).join("reference.safetensors");
+        let model_dir = fixture(model).join("v5");
+        mmke(&[
+            "mllm",
+            "forward",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&out).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let logits = file.tensor("logits").unwrap();
+        let r = reference(model);
+        assert_eq!(logits.shape(), r["logits"].shape.as_slice(), "{model}");
+        let got: Vec<f32> = logits
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let vocab = r["logits"].shape[2];
+        let mask = &r["attention_mask"].i64s;
+        for (row, &m) in mask.iter().enumerate() {
+            if m == 1 {
+                let span = row * vocab..(row + 1) * vocab;
+                let diff = max_diff(&got[span.clone()], &r["logits"].f32s[span]);
+                assert!(diff <= TOL, "{model}: position {row} differs by {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_generate_command_answers_as_transformers_does() {
+    let image = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm/image16.png");
+    for model in MODELS {
+        let r = reference(model);
+        let mllm = load(model, "hub");
+        let prompt = std::fs::read_to_string(fixture(model).join("prompt.txt")).unwrap();
+        let model_dir = fixture(model).join("hub");
+        let printed = mmke(&[
+            "mllm",
+            "generate",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt",
+            prompt.trim(),
+            "--max-new-tokens",
+            "6",
+        ]);
+        let want: Vec<u32> = r["image16_generated"]
+            .i64s
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let eos = mllm.config.text_config().eos_token_id();
+        let until_eos = match want.iter().position(|&t| Some(t) == eos) {
+            Some(i) => &want[..=i],
+            None => &want[..],
+        };
+        assert_eq!(printed.trim(), mllm.decode(until_eos).unwrap(), "{model}");
+    }
+}

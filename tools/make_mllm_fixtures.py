@@ -321,6 +321,18 @@ def generation_prompt(tok, n_image, llava):
     return prompt, torch.tensor([ids])
 
 
+def image16():
+    """A 16 x 16 RGB test image (the tiny models' input size), made once."""
+    import numpy as np
+    from PIL import Image
+
+    path = ROOT / "image16.png"
+    if not path.exists():
+        rng = np.random.default_rng(3)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 def stage_v5():
     for name, (_, _, _, _, _, sharded, dtype) in models().items():
         base = ROOT / name
@@ -354,6 +366,19 @@ def stage_v5():
         # composites it on white).
         pre = json.loads((base / "hub" / "preprocessor_config.json").read_text())
         reference.update(processor_outputs(pre))
+        # The command line's answer about an image file at the model's size (no resampling),
+        # preprocessed by the processor.
+        from PIL import Image
+
+        cls = getattr(transformers, pre["image_processor_type"])
+        processor = cls(**{k: v for k, v in pre.items() if k != "image_processor_type"})
+        pixels = processor(images=Image.open(image16()), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            answer = model.to(torch.float32).generate(
+                pixel_values=pixels, input_ids=gen_ids, attention_mask=torch.ones_like(gen_ids),
+                max_new_tokens=6, min_new_tokens=6, do_sample=False,
+            )[:, -6:]
+        reference["image16_generated"] = answer
         save_file({k: v.contiguous() for k, v in reference.items()}, base / "reference.safetensors")
         print(f"{name}: v5 layout ({dtype}), transformers {transformers.__version__}, "
               f"max |5.x - 4.x| logits {diff:.2e}")

@@ -5,6 +5,7 @@
 //! takes the processor's inputs and gives the logits, `generate` answers a prompt greedily.
 
 pub mod blip2;
+pub mod io;
 pub mod llama;
 pub mod llava;
 pub mod text;

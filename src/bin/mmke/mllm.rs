@@ -1,0 +1,80 @@
+//! `mmke mllm`: run a multimodal LLM in Hugging Face layout (BLIP-2, LLaVA-1.5).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use mmke::model::mllm::{Mllm, io};
+
+use crate::DeviceArgs;
+
+#[derive(Subcommand)]
+pub enum MllmCommand {
+    /// Logits for the processor's inputs: reads `pixel_values` (f32 [B,3,H,W]), `input_ids`
+    /// (i64 [B,T], image tokens placed) and `attention_mask` (i64 [B,T], optional) from IN and
+    /// writes `logits` (f32 [B,T,V]) to OUT.
+    Forward {
+        /// A model directory in Hugging Face layout (config.json, safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Print the greedy answer to a prompt about an image, the prompt built as the model's
+    /// processor builds it (BLIP-2: query tokens, then BOS and the text; LLaVA: `<image>`
+    /// expanded where it stands).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+pub fn run(command: MllmCommand) -> Result<()> {
+    match command {
+        MllmCommand::Forward {
+            model,
+            inputs,
+            out,
+            device,
+        } => {
+            let device = device.device()?;
+            let mllm = Mllm::load(&model, &device)?;
+            let inputs = io::read_inputs(&inputs, &device)?;
+            let logits =
+                mllm.forward(inputs.pixel_values, inputs.input_ids, inputs.attention_mask)?;
+            let dims = logits.dims();
+            io::write_f32(&out, vec![("logits", logits)])?;
+            eprintln!("wrote logits {dims:?} to {}", out.display());
+        }
+        MllmCommand::Generate {
+            model,
+            image,
+            prompt,
+            max_new_tokens,
+            device,
+        } => {
+            let device = device.device()?;
+            let mllm = Mllm::load(&model, &device)?;
+            let pixels = mllm
+                .preprocessor
+                .batch(&[&image], &device)
+                .with_context(|| format!("preprocessing {}", image.display()))?;
+            let ids = mllm.prompt_ids(&prompt)?;
+            let answer = mllm.generate(pixels, &ids, max_new_tokens)?;
+            println!("{}", mllm.decode(&answer)?);
+        }
+    }
+    Ok(())
+}
