@@ -435,3 +435,32 @@ fn the_generate_command_answers_as_transformers_does() {
         assert_eq!(printed.trim(), mllm.decode(until_eos).unwrap(), "{model}");
     }
 }
+
+#[test]
+fn the_weight_summary_counts_every_parameter_the_model_loads() {
+    use burn::module::Module;
+    for model in MODELS {
+        for layout in LAYOUTS {
+            let dir = fixture(model).join(layout);
+            let summary = mmke::model::mllm::weights::summary(&dir).unwrap();
+            let mllm = load(model, layout);
+            assert_eq!(
+                summary.parameters,
+                mllm.net.num_params() as u64,
+                "{model}/{layout}"
+            );
+            let stored = if layout == "hub" {
+                "F32"
+            } else if model == "blip2-opt" {
+                "F16"
+            } else {
+                "BF16"
+            };
+            assert_eq!(
+                summary.dtypes.keys().collect::<Vec<_>>(),
+                vec![stored],
+                "{model}/{layout}"
+            );
+        }
+    }
+}

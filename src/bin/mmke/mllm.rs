@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use mmke::model::mllm::{Mllm, io};
+use mmke::model::mllm::{Mllm, MllmConfig, io, weights};
 
 use crate::DeviceArgs;
 
@@ -23,6 +23,12 @@ pub enum MllmCommand {
         out: PathBuf,
         #[command(flatten)]
         device: DeviceArgs,
+    },
+    /// What a model directory holds: its architecture, parameters (from the weight files'
+    /// headers), their stored dtypes, and the memory its weights take in f32 and in bf16.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
     },
     /// Print the greedy answer to a prompt about an image, the prompt built as the model's
     /// processor builds it (BLIP-2: query tokens, then BOS and the text; LLaVA: `<image>`
@@ -57,6 +63,18 @@ pub fn run(command: MllmCommand) -> Result<()> {
             let dims = logits.dims();
             io::write_f32(&out, vec![("logits", logits)])?;
             eprintln!("wrote logits {dims:?} to {}", out.display());
+        }
+        MllmCommand::Info { model } => {
+            let config = MllmConfig::from_file(&model.join("config.json"))?;
+            let weights = weights::summary(&model)?;
+            let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+            let info = serde_json::json!({
+                "architecture": config.architecture(),
+                "weights": weights,
+                "memory_gib_f32": gib(weights.memory(4)),
+                "memory_gib_bf16": gib(weights.memory(2)),
+            });
+            println!("{info}");
         }
         MllmCommand::Generate {
             model,

@@ -60,6 +60,18 @@ impl MllmConfig {
         Ok(config)
     }
 
+    /// `blip-2 (opt)`, `blip-2 (llama)`, `llava (llama)`.
+    pub fn architecture(&self) -> String {
+        let text = match self.text_config() {
+            TextConfig::Opt(_) => "opt",
+            TextConfig::Llama(_) => "llama",
+        };
+        match self {
+            Self::Blip2(_) => format!("blip-2 ({text})"),
+            Self::Llava(_) => format!("llava ({text})"),
+        }
+    }
+
     pub fn check(&self) -> std::result::Result<(), String> {
         match self {
             Self::Blip2(c) => c.check(),

@@ -143,3 +143,63 @@ fn more(count: usize) -> String {
         n => format!(" (and {} more)", n - 1),
     }
 }
+
+/// What a directory's weight files hold, read from their headers alone.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct WeightSummary {
+    pub files: usize,
+    pub tensors: usize,
+    pub parameters: u64,
+    /// Parameters per stored dtype (`F32`, `BF16`, ...).
+    pub dtypes: std::collections::BTreeMap<String, u64>,
+    pub bytes_on_disk: u64,
+}
+
+impl WeightSummary {
+    /// Bytes the parameters take in memory at `bytes_per_parameter` (4 for f32, 2 for bf16).
+    pub fn memory(&self, bytes_per_parameter: u64) -> u64 {
+        self.parameters * bytes_per_parameter
+    }
+}
+
+/// Sums the tensors of every weight file of `dir` from the safetensors headers (an 8-byte
+/// little-endian length, then JSON: `{name: {dtype, shape, data_offsets}}`), without reading
+/// the weights.
+pub fn summary(dir: &Path) -> Result<WeightSummary> {
+    use std::io::Read;
+    let mut summary = WeightSummary::default();
+    for file in weight_files(dir)? {
+        let invalid = |reason: String| Error::Weights {
+            path: file.clone(),
+            reason,
+        };
+        let mut f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
+        let size = f.metadata().map_err(|e| Error::io(&file, e))?.len();
+        let mut length = [0u8; 8];
+        f.read_exact(&mut length)
+            .map_err(|_| invalid("shorter than a safetensors header".into()))?;
+        let length = u64::from_le_bytes(length);
+        if length > size.saturating_sub(8) || length > 100 << 20 {
+            return Err(invalid(format!(
+                "header length {length} does not fit the file"
+            )));
+        }
+        let mut header = vec![0u8; length as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io(&file, e))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| invalid(format!("unreadable header: {e}")))?;
+        for (name, info) in header.iter().filter(|(n, _)| *n != "__metadata__") {
+            let shape = info["shape"]
+                .as_array()
+                .ok_or_else(|| invalid(format!("tensor '{name}' has no shape")))?;
+            let count: u64 = shape.iter().map(|d| d.as_u64().unwrap_or(0)).product();
+            let dtype = info["dtype"].as_str().unwrap_or("?").to_string();
+            summary.tensors += 1;
+            summary.parameters += count;
+            *summary.dtypes.entry(dtype).or_default() += count;
+        }
+        summary.files += 1;
+        summary.bytes_on_disk += size;
+    }
+    Ok(summary)
+}
