@@ -464,3 +464,64 @@ fn the_weight_summary_counts_every_parameter_the_model_loads() {
         }
     }
 }
+
+/// Half precision: the weights stay in the file's f16/bf16 and the forward pass runs in it.
+/// Tolerance: 1.5x the error transformers itself makes in that dtype against its f32 logits
+/// (recorded by the fixture script; BLIP-2 there keeps its Q-Former in f32, mmke does not),
+/// and the same argmax at nearly every position.
+#[test]
+fn half_precision_keeps_the_stored_dtype_and_close_logits() {
+    use burn::tensor::DType;
+    let device = device();
+    for (model, dtype) in [
+        ("blip2-opt", DType::F16),
+        ("blip2-llama", DType::BF16),
+        ("llava", DType::BF16),
+    ] {
+        let r = reference(model);
+        let mllm = Mllm::load_in(&fixture(model).join("v5"), &device, dtype).unwrap();
+        assert_eq!(mllm.dtype(), dtype, "{model}");
+        let logits = mllm
+            .forward(
+                float4(&r["pixel_values"], &device),
+                int2(&r["input_ids"], &device),
+                int2(&r["attention_mask"], &device),
+            )
+            .unwrap();
+        assert_eq!(logits.dtype(), dtype, "{model}");
+        let got = values(logits);
+        let want = &r["logits"];
+        let vocab = want.shape[2];
+        let range = want.f32s.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (mut worst, mut same, mut positions) = (0f32, 0, 0);
+        for (row, &m) in r["attention_mask"].i64s.iter().enumerate() {
+            if m == 1 {
+                let span = row * vocab..(row + 1) * vocab;
+                let (g, w) = (&got[span.clone()], &want.f32s[span]);
+                worst = worst.max(max_diff(g, w));
+                let argmax = |v: &[f32]| {
+                    v.iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .unwrap()
+                        .0
+                };
+                same += (argmax(g) == argmax(w)) as usize;
+                positions += 1;
+            }
+        }
+        let torch_error = r["half_precision_error"].f32s[0];
+        eprintln!(
+            "{model} {dtype:?}: max |diff| {worst} (transformers' own {torch_error}, logits up \
+             to {range}), argmax {same}/{positions}"
+        );
+        assert!(
+            worst <= 1.5 * torch_error,
+            "{model}: {worst} (transformers' own {torch_error})"
+        );
+        assert!(
+            same * 10 >= positions * 9,
+            "{model}: argmax agrees at {same}/{positions}"
+        );
+    }
+}

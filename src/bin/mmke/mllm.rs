@@ -3,10 +3,29 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use burn::tensor::DType;
 use clap::Subcommand;
 use mmke::model::mllm::{Mllm, MllmConfig, io, weights};
 
 use crate::DeviceArgs;
+
+/// The dtype the weights are held and computed in.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
 
 #[derive(Subcommand)]
 pub enum MllmCommand {
@@ -21,6 +40,9 @@ pub enum MllmCommand {
         inputs: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// f32 (the reference) or half precision (half the memory).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -42,6 +64,8 @@ pub enum MllmCommand {
         prompt: String,
         #[arg(long, default_value_t = 20)]
         max_new_tokens: usize,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -53,10 +77,11 @@ pub fn run(command: MllmCommand) -> Result<()> {
             model,
             inputs,
             out,
+            dtype,
             device,
         } => {
             let device = device.device()?;
-            let mllm = Mllm::load(&model, &device)?;
+            let mllm = Mllm::load_in(&model, &device, dtype.dtype())?;
             let inputs = io::read_inputs(&inputs, &device)?;
             let logits =
                 mllm.forward(inputs.pixel_values, inputs.input_ids, inputs.attention_mask)?;
@@ -81,10 +106,11 @@ pub fn run(command: MllmCommand) -> Result<()> {
             image,
             prompt,
             max_new_tokens,
+            dtype,
             device,
         } => {
             let device = device.device()?;
-            let mllm = Mllm::load(&model, &device)?;
+            let mllm = Mllm::load_in(&model, &device, dtype.dtype())?;
             let pixels = mllm
                 .preprocessor
                 .batch(&[&image], &device)

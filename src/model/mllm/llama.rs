@@ -271,8 +271,16 @@ impl Rope {
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().expand([batch, heads, seq, hd]);
-        let sin = self.sin.clone().expand([batch, heads, seq, hd]);
+        let cos = self
+            .cos
+            .clone()
+            .cast(x.dtype())
+            .expand([batch, heads, seq, hd]);
+        let sin = self
+            .sin
+            .clone()
+            .cast(x.dtype())
+            .expand([batch, heads, seq, hd]);
         x * cos + rotated * sin
     }
 }

@@ -14,7 +14,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use image::imageops::FilterType;
 
 use self::blip2::{Blip2Config, Blip2ForConditionalGeneration};
@@ -198,9 +198,20 @@ pub struct Mllm {
 }
 
 impl Mllm {
-    /// Loads `dir`: its config, every weight file, and, where present, `tokenizer.json` and
-    /// `preprocessor_config.json` (else the architecture's default preprocessing).
+    /// Loads `dir` in f32: its config, every weight file, and, where present,
+    /// `tokenizer.json` and `preprocessor_config.json` (else the architecture's default
+    /// preprocessing).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_in(dir, device, DType::F32)
+    }
+
+    /// [`Self::load`] with the weights held, and the forward pass computed, in `dtype`
+    /// (`BF16` or `F16` halve the memory of f32; a file already in that dtype is not
+    /// converted).
+    pub fn load_in(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        if !dtype.is_float() {
+            return Err(Error::Input(format!("{dtype:?} is not a float dtype")));
+        }
         let config = MllmConfig::from_file(&dir.join("config.json"))?;
         let (renames, unused) = key_map(&config);
         let net = weights::load_dir(
@@ -210,6 +221,7 @@ impl Mllm {
                 renames: &renames,
                 unused: &*unused,
             },
+            dtype,
         )?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.is_file() {
@@ -236,6 +248,11 @@ impl Mllm {
             preprocessor,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The dtype the weights are held and computed in.
+    pub fn dtype(&self) -> DType {
+        self.net.language_model().dtype()
     }
 
     /// Logits `[batch, seq, vocab]` for the processor's inputs: `pixel_values`
@@ -275,7 +292,7 @@ impl Mllm {
             .try_to_vec::<i64>()
             .map_err(|e| Error::Input(format!("input_ids: {e:?}")))?;
         let tokens = self.net.language_model().embed_tokens(input_ids);
-        let features = self.net.image_embeddings(pixel_values);
+        let features = self.net.image_embeddings(pixel_values.cast(self.dtype()));
         merge_image_features(
             tokens,
             features,
@@ -340,7 +357,7 @@ impl Mllm {
         max_new_tokens: usize,
     ) -> Result<Vec<u32>> {
         let device = pixel_values.device();
-        let features = self.net.image_embeddings(pixel_values);
+        let features = self.net.image_embeddings(pixel_values.cast(self.dtype()));
         let eos = self.config.text_config().eos_token_id();
         let lm = self.net.language_model();
         let mut ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();

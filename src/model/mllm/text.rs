@@ -68,6 +68,14 @@ impl TextModel {
         }
     }
 
+    /// The dtype of the weights (that of the token embeddings).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        match self {
+            Self::Opt(m) => m.model.decoder.embed_tokens.weight.val().dtype(),
+            Self::Llama(m) => m.model.embed_tokens.weight.val().dtype(),
+        }
+    }
+
     /// `[batch, seq, hidden]`.
     pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         match self {

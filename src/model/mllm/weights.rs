@@ -1,6 +1,6 @@
 //! Loading a Hugging Face model directory's weights: `model.safetensors`, or the shards that
-//! `model.safetensors.index.json` lists, in any float dtype (cast to f32 as each tensor is
-//! read from the memory-mapped file), with key renamings for the layouts that differ from the
+//! `model.safetensors.index.json` lists, in any float dtype (cast to the dtype asked for, f32
+//! or half precision, as each tensor is read from the memory-mapped file), with key renamings for the layouts that differ from the
 //! module tree. Every parameter must be found with its shape and every tensor in the files
 //! must be used (or be one the caller names as knowingly unused): anything else is an error
 //! naming the tensor and the file.
@@ -58,8 +58,14 @@ pub struct KeyMap<'a> {
     pub unused: &'a dyn Fn(&str) -> bool,
 }
 
-/// Loads every weight file of `dir` into `module` (see the module docs).
-pub fn load_dir<M: ModuleSnapshot>(mut module: M, dir: &Path, keys: &KeyMap) -> Result<M> {
+/// Loads every weight file of `dir` into `module` (see the module docs), every float tensor
+/// cast to `dtype`.
+pub fn load_dir<M: ModuleSnapshot>(
+    mut module: M,
+    dir: &Path,
+    keys: &KeyMap,
+    dtype: DType,
+) -> Result<M> {
     let files = weight_files(dir)?;
     let mut applied = HashSet::new();
     let mut missing: Option<Vec<(String, String)>> = None;
@@ -68,7 +74,7 @@ pub fn load_dir<M: ModuleSnapshot>(mut module: M, dir: &Path, keys: &KeyMap) -> 
             path: file.clone(),
             reason,
         };
-        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32));
+        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(dtype));
         let mut store = SafetensorsStore::from_file(file)
             .with_from_adapter(adapter)
             .allow_partial(true)
