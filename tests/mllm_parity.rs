@@ -525,3 +525,98 @@ fn half_precision_keeps_the_stored_dtype_and_close_logits() {
         );
     }
 }
+
+/// The editing hooks on both language models: captured states, extra FFN neurons that change
+/// nothing until they fire with non-zero values, and attention shifts.
+#[test]
+fn editing_hooks_work_on_opt_and_llama() {
+    use mmke::model::lm::{ExtraNeurons, Hooks};
+    let device = device();
+    for model in MODELS {
+        let r = reference(model);
+        let mut mllm = load(model, "hub");
+        let embeds = mllm
+            .input_embeddings(
+                float4(&r["pixel_values"], &device),
+                int2(&r["input_ids"], &device),
+            )
+            .unwrap();
+        let mask = int2(&r["attention_mask"], &device);
+        let lm = mllm.net.language_model();
+        let layers = lm.num_layers();
+        let hooks = Hooks {
+            capture: true,
+            ..Hooks::default()
+        };
+        let plain = lm.forward_hooked(embeds.clone(), mask.clone(), &hooks);
+        assert_eq!(plain.hidden_states.len(), layers + 1, "{model}");
+        assert_eq!(plain.ffn_inputs.len(), layers, "{model}");
+        let logits = values(plain.logits.clone());
+
+        // Neurons with zero values: the same logits.
+        let width = embeds.dims()[2];
+        let lm = mllm.net.language_model_mut();
+        lm.extra_neurons_mut(layers - 1)
+            .push(ExtraNeurons::new(width, 4, &device));
+        let quiet = values(
+            mllm.net
+                .language_model()
+                .forward_hooked(embeds.clone(), mask.clone(), &Hooks::default())
+                .logits,
+        );
+        assert_eq!(
+            quiet, logits,
+            "{model}: zero-valued neurons changed the output"
+        );
+
+        // Values and a bias that fires: the output moves.
+        let lm = mllm.net.language_model_mut();
+        let neurons = lm.extra_neurons_mut(layers - 1).last_mut().unwrap();
+        // Random, not uniform: a uniform shift would vanish in OPT's final LayerNorm.
+        neurons.values = burn::module::Param::from_tensor(Tensor::<2>::random(
+            [4, width],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        ));
+        neurons.key_bias = burn::module::Param::from_tensor(Tensor::<1>::ones([4], &device) * 10.0);
+        let fired = values(
+            mllm.net
+                .language_model()
+                .forward_hooked(embeds.clone(), mask.clone(), &Hooks::default())
+                .logits,
+        );
+        assert!(
+            max_diff(&fired, &logits) > 1e-2,
+            "{model}: firing neurons changed nothing"
+        );
+        mllm.net
+            .language_model_mut()
+            .extra_neurons_mut(layers - 1)
+            .clear();
+
+        // An attention shift in the first layer moves the output too.
+        let mut attention_shift = vec![None; layers];
+        attention_shift[0] = Some(Tensor::<3>::random(
+            [1, 1, width],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        ));
+        let shifted = values(
+            mllm.net
+                .language_model()
+                .forward_hooked(
+                    embeds,
+                    mask,
+                    &Hooks {
+                        attention_shift,
+                        ..Hooks::default()
+                    },
+                )
+                .logits,
+        );
+        assert!(
+            max_diff(&shifted, &logits) > 1e-2,
+            "{model}: the shift changed nothing"
+        );
+    }
+}

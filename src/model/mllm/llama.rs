@@ -10,7 +10,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::lm::attention_mask_4d;
+use crate::model::lm::{ExtraNeurons, Hooks, LmOutput, attention_mask_4d};
 
 /// The fields of a Hugging Face LLaMA `config.json`; missing ones take `LlamaConfig`'s
 /// defaults, as the abbreviated `text_config` of LLaVA-1.5's hub config relies on.
@@ -306,6 +306,11 @@ pub struct LlamaDecoderLayer {
     pub mlp: LlamaMlp,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
+    /// Extra key-value pairs (UniKE eq. 3, T-Patcher), absent in pre-trained weights. SwiGLU
+    /// has no "off" state (silu(x) != 0 for x < 0), so they are a parallel ReLU side-FFN on
+    /// the MLP's input, `relu(x K + b) V` added to its output: a neuron that does not fire
+    /// changes nothing, as on OPT.
+    pub extra: Vec<ExtraNeurons>,
 }
 
 impl LlamaDecoderLayer {
@@ -329,15 +334,38 @@ impl LlamaDecoderLayer {
             },
             input_layernorm: norm(),
             post_attention_layernorm: norm(),
+            extra: Vec::new(),
         }
     }
 
-    fn forward(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<4, Bool>) -> Tensor<3> {
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    /// The layer's output and its MLP input (after `post_attention_layernorm`); `shift` is
+    /// added to the self-attention output before the residual (UniKE eq. 2/7).
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        mask: Tensor<4, Bool>,
+        shift: Option<&Tensor<3>>,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let mut attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, mask);
+        if let Some(shift) = shift {
+            attn = attn + shift.clone();
+        }
+        let x = x + attn;
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        let [batch, seq, d] = normed.dims();
+        let mlp = self.mlp.forward(normed.clone());
+        let rows = normed.clone().reshape([batch * seq, d]);
+        let mlp = self.extra.iter().fold(mlp, |out, extra| {
+            let side = extra
+                .activations(rows.clone())
+                .matmul(extra.value_vectors())
+                .reshape([batch, seq, d]);
+            out + side
+        });
+        (x + mlp, normed)
     }
 }
 
@@ -381,9 +409,34 @@ impl LlamaForCausalLM {
         self.model.embed_tokens.forward(ids)
     }
 
+    pub fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
     /// Logits `[batch, seq, vocab]` from input embeddings; positions are `0..seq` (as
     /// `transformers` numbers them without a cache), padding keys masked.
     pub fn forward_embeds(&self, embeds: Tensor<3>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_hooked(embeds, attention_mask, &Hooks::default())
+            .logits
+    }
+
+    /// [`Self::forward_embeds`] with the hooks editing uses: per-layer attention shifts and
+    /// captured hidden states (`hidden_states[0]` the embeddings, `[i + 1]` layer i's output,
+    /// the last after the final norm, as in `transformers`) and MLP inputs. The hooks that
+    /// rewrite or probe OPT's FFN matrices (`attention_mix`, `ffn_probes`, `ffn_deltas`) are
+    /// not implemented on LLaMA yet: asking for them panics rather than being ignored.
+    pub fn forward_hooked(
+        &self,
+        embeds: Tensor<3>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput {
+        assert!(
+            hooks.attention_mix.is_none()
+                && hooks.ffn_probes.is_empty()
+                && hooks.ffn_deltas.iter().all(Option::is_none),
+            "LLaMA: attention mixing, FFN probes and FFN deltas are not implemented"
+        );
         let [_, seq, _] = embeds.dims();
         let layers = &self.model.layers;
         let (heads, head_dim) = layers
@@ -391,10 +444,32 @@ impl LlamaForCausalLM {
             .map_or((1, 2), |l| (l.self_attn.heads, l.self_attn.head_dim));
         let rope = Rope::new(seq, head_dim, self.theta, &embeds.device());
         let mask = attention_mask_4d(attention_mask, heads);
-        let x = layers
-            .iter()
-            .fold(embeds, |x, layer| layer.forward(x, &rope, mask.clone()));
-        self.lm_head(self.model.norm.forward(x))
+        let mut x = embeds;
+        let mut hidden_states = Vec::new();
+        let mut ffn_inputs = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            if hooks.capture {
+                hidden_states.push(x.clone());
+            }
+            let shift = hooks.attention_shift.get(i).and_then(Option::as_ref);
+            let (out, normed) = layer.forward(x, &rope, mask.clone(), shift);
+            x = out;
+            if hooks.capture {
+                ffn_inputs.push(normed);
+            }
+        }
+        let last_hidden_state = self.model.norm.forward(x);
+        if hooks.capture {
+            hidden_states.push(last_hidden_state.clone());
+        }
+        LmOutput {
+            logits: self.lm_head(last_hidden_state.clone()),
+            hidden_states,
+            ffn_inputs,
+            probes: Vec::new(),
+            last_hidden_state,
+            referent_logits: None,
+        }
     }
 
     fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {

@@ -131,6 +131,13 @@ impl MllmNet {
         }
     }
 
+    pub fn language_model_mut(&mut self) -> &mut TextModel {
+        match self {
+            Self::Blip2(m) => &mut m.language_model,
+            Self::Llava(m) => &mut m.language_model,
+        }
+    }
+
     /// `[batch, image tokens, LM hidden]`: what replaces each image's tokens.
     pub fn image_embeddings(&self, pixel_values: Tensor<4>) -> Tensor<3> {
         match self {

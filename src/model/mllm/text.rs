@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::llama::{LlamaConfig, LlamaForCausalLM};
-use crate::model::lm::{Hooks, OptConfig, OptForCausalLM};
+use crate::model::lm::{ExtraNeurons, Hooks, LmOutput, OptConfig, OptForCausalLM};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "model_type", rename_all = "lowercase")]
@@ -87,12 +87,36 @@ impl TextModel {
     /// Logits `[batch, seq, vocab]` from input embeddings (`attention_mask` 1 for tokens, 0
     /// for padding). OPT numbers positions by the mask, LLaMA `0..seq`, as each does.
     pub fn forward_embeds(&self, embeds: Tensor<3>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_hooked(embeds, attention_mask, &Hooks::default())
+            .logits
+    }
+
+    /// The forward pass with editing hooks (see [`Hooks`]; on LLaMA the attention shifts and
+    /// captures, [`LlamaForCausalLM::forward_hooked`]).
+    pub fn forward_hooked(
+        &self,
+        embeds: Tensor<3>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput {
         match self {
-            Self::Opt(m) => {
-                m.forward_embeds(embeds, attention_mask, &Hooks::default())
-                    .logits
-            }
-            Self::Llama(m) => m.forward_embeds(embeds, attention_mask),
+            Self::Opt(m) => m.forward_embeds(embeds, attention_mask, hooks),
+            Self::Llama(m) => m.forward_hooked(embeds, attention_mask, hooks),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Opt(m) => m.num_layers(),
+            Self::Llama(m) => m.num_layers(),
+        }
+    }
+
+    /// Layer `index`'s extra FFN key-value pairs (T-Patcher's neurons, UniKE eq. 3).
+    pub fn extra_neurons_mut(&mut self, index: usize) -> &mut Vec<ExtraNeurons> {
+        match self {
+            Self::Opt(m) => &mut m.model.decoder.layers[index].extra,
+            Self::Llama(m) => &mut m.model.layers[index].extra,
         }
     }
 }
