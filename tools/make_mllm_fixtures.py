@@ -313,7 +313,7 @@ def generation_prompt(tok, n_image, llava):
     BOS; LLaVA expands `<image>` where it stands."""
     if llava:
         prompt = "w9 <image> w21 w33"
-        text = prompt.replace("<image>", " ".join(["<image>"] * n_image))
+        text = prompt.replace("<image>", "<image>" * n_image)
         ids = tok.encode(text).ids
     else:
         prompt = "w9 w21 w33"

@@ -342,7 +342,9 @@ impl Mllm {
                          \"USER: {marker}\\nWhat is shown? ASSISTANT:\"; got {prompt:?}"
                     )));
                 }
-                let expanded = vec![marker.as_str(); n].join(" ");
+                // As the processor: the marker repeated with nothing between (a space would
+                // become tokens of its own in a SentencePiece vocabulary).
+                let expanded = marker.repeat(n);
                 let ids = encode(&prompt.replace(marker.as_str(), &expanded))?;
                 let found = ids.iter().filter(|&&i| i == image).count();
                 if found != n {
