@@ -44,6 +44,14 @@ pub enum Error {
     Backend(#[from] crate::backend::BackendError),
 }
 
+/// `Err` naming the first of `sizes` that is zero (a config check's first step).
+pub fn check_positive(sizes: &[(&str, usize)]) -> std::result::Result<(), String> {
+    match sizes.iter().find(|(_, size)| *size == 0) {
+        Some((name, _)) => Err(format!("{name} must be positive")),
+        None => Ok(()),
+    }
+}
+
 /// Reads a JSON config file and checks it with `check`: unreadable files, malformed JSON and
 /// failed checks are errors naming the file.
 pub fn read_json_config<T: serde::de::DeserializeOwned>(

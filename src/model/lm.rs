@@ -78,18 +78,14 @@ impl OptConfig {
 
     /// The sizes fit together and the variant is the one implemented.
     pub fn check(&self) -> std::result::Result<(), String> {
-        for (name, size) in [
+        crate::error::check_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("ffn_dim", self.ffn_dim),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if size == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         if !self.do_layer_norm_before {
             return Err(
                 "post-LayerNorm OPT (do_layer_norm_before = false, OPT-350m) is not \

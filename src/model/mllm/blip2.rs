@@ -7,7 +7,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -15,7 +15,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::text::{TextConfig, TextModel};
-use crate::model::clip::encoder::layer_norm;
+use crate::model::clip::encoder::{apply, layer_norm, linear_with_bias as linear};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -133,18 +133,6 @@ impl Blip2Config {
         }
         self.text_config.check()
     }
-}
-
-fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
-}
-
-/// `linear` over the last dimension of `[batch, seq, d_in]`.
-fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
-    let [batch, seq, d_in] = x.dims();
-    let y = linear.forward(x.reshape([batch * seq, d_in]));
-    let d_out = y.dims()[1];
-    y.reshape([batch, seq, d_out])
 }
 
 /// Unmasked multi-head attention of `q` (`[b, n, h*d]`) over `k`, `v` (`[b, m, h*d]`).

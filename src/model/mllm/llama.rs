@@ -3,13 +3,14 @@
 //! mirrors the Hugging Face keys (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`).
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::model::clip::encoder::{apply, linear_with_bias as linear};
 use crate::model::lm::{ExtraNeurons, Hooks, LmOutput, attention_mask_4d};
 
 /// The fields of a Hugging Face LLaMA `config.json`; missing ones take `LlamaConfig`'s
@@ -101,17 +102,13 @@ impl LlamaConfig {
 
     /// The sizes fit together and the variant is the one implemented.
     pub fn check(&self) -> Result<(), String> {
-        for (name, size) in [
+        crate::error::check_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
-        ] {
-            if size == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         if self.num_attention_heads % self.kv_heads() != 0 {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -154,18 +151,6 @@ impl LlamaConfig {
         }
         Ok(())
     }
-}
-
-fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
-}
-
-/// `linear` over the last dimension of `[batch, seq, d_in]`.
-fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
-    let [batch, seq, d_in] = x.dims();
-    let y = linear.forward(x.reshape([batch * seq, d_in]));
-    let d_out = y.dims()[1];
-    y.reshape([batch, seq, d_out])
 }
 
 #[derive(Module, Debug)]
@@ -413,14 +398,9 @@ impl LlamaForCausalLM {
         self.model.layers.len()
     }
 
-    /// Logits `[batch, seq, vocab]` from input embeddings; positions are `0..seq` (as
-    /// `transformers` numbers them without a cache), padding keys masked.
-    pub fn forward_embeds(&self, embeds: Tensor<3>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_hooked(embeds, attention_mask, &Hooks::default())
-            .logits
-    }
-
-    /// [`Self::forward_embeds`] with the hooks editing uses: per-layer attention shifts and
+    /// Logits and what the hooks ask for, from input embeddings; positions are `0..seq` (as
+    /// `transformers` numbers them without a cache), padding keys masked. The hooks editing
+    /// uses: per-layer attention shifts and
     /// captured hidden states (`hidden_states[0]` the embeddings, `[i + 1]` layer i's output,
     /// the last after the final norm, as in `transformers`) and MLP inputs. The hooks that
     /// rewrite or probe OPT's FFN matrices (`attention_mix`, `ffn_probes`, `ffn_deltas`) are

@@ -14,6 +14,7 @@ use burn::store::{
 use burn::tensor::DType;
 
 use crate::error::{Error, Result};
+use crate::model::clip::weights::{check_applied, hf_name, more};
 
 /// The weight files of a model directory, in order.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -86,23 +87,7 @@ pub fn load_dir<M: ModuleSnapshot>(
         let result = module
             .load_from(&mut store)
             .map_err(|e| weights_error(format!("cannot read safetensors: {e}")))?;
-        if let Some(error) = result.errors.first() {
-            return Err(weights_error(format!(
-                "{error} (shapes in Burn's layout, where Linear weights are [in, out]){}",
-                more(result.errors.len())
-            )));
-        }
-        let unused: Vec<&String> = result
-            .unused
-            .iter()
-            .filter(|k| !k.ends_with("position_ids") && !(keys.unused)(k))
-            .collect();
-        if let Some(key) = unused.first() {
-            return Err(weights_error(format!(
-                "unexpected tensor '{key}': the config describes no such parameter{}",
-                more(unused.len())
-            )));
-        }
+        check_applied(&result, file, keys.unused)?;
         applied.extend(result.applied);
         missing.get_or_insert(result.missing);
     }
@@ -128,26 +113,6 @@ pub fn load_dir<M: ModuleSnapshot>(
         });
     }
     Ok(module)
-}
-
-/// The Hugging Face name of a module path: Burn's norm `gamma`/`beta` are `weight`/`bias`.
-fn hf_name(path: &str, container: &str) -> String {
-    if container.ends_with("Norm") {
-        if let Some(stem) = path.strip_suffix(".gamma") {
-            return format!("{stem}.weight");
-        }
-        if let Some(stem) = path.strip_suffix(".beta") {
-            return format!("{stem}.bias");
-        }
-    }
-    path.to_string()
-}
-
-fn more(count: usize) -> String {
-    match count {
-        0 | 1 => String::new(),
-        n => format!(" (and {} more)", n - 1),
-    }
 }
 
 /// What a directory's weight files hold, read from their headers alone.
