@@ -620,3 +620,96 @@ fn editing_hooks_work_on_opt_and_llama() {
         );
     }
 }
+
+/// Writes a LLaVA with a 67 M-parameter LLaMA (random weights stored in bf16, 134 MB) and its
+/// inputs into `dir`.
+fn write_synthetic_llava(dir: &Path) {
+    use burn::store::{BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, SafetensorsStore};
+    use mmke::model::mllm::MllmConfig;
+    let config = serde_json::json!({
+        "model_type": "llava",
+        "image_token_index": 15999,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": 16, "patch_size": 4},
+        "text_config": {"model_type": "llama", "vocab_size": 16000, "hidden_size": 512,
+                        "intermediate_size": 1408, "num_hidden_layers": 16,
+                        "num_attention_heads": 8, "max_position_embeddings": 64}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let device = device();
+    let parsed = MllmConfig::from_file(&dir.join("config.json")).unwrap();
+    let net = MllmNet::new(&parsed, &device);
+    let mut store = SafetensorsStore::from_file(dir.join("model.safetensors"))
+        .with_to_adapter(
+            BurnToPyTorchAdapter.chain(FloatCastAdapter::to(burn::tensor::DType::BF16)),
+        )
+        .skip_enum_variants(true)
+        .overwrite(true);
+    use burn::store::ModuleSnapshot;
+    net.save_into(&mut store).unwrap();
+    let mut ids = vec![1i64, 5];
+    ids.extend(std::iter::repeat_n(15999, 16));
+    ids.extend([7, 8]);
+    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let pixels: Vec<u8> = vec![0u8; 3 * 16 * 16 * 4];
+    let views = vec![
+        (
+            "input_ids".to_string(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::I64,
+                vec![1, ids.len()],
+                &bytes,
+            )
+            .unwrap(),
+        ),
+        (
+            "pixel_values".to_string(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![1, 3, 16, 16],
+                &pixels,
+            )
+            .unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &dir.join("inputs.safetensors")).unwrap();
+}
+
+/// A half-precision checkpoint loaded (and run) in its own dtype needs less than twice its
+/// size: the weights once, plus one group of a file's pages at a time.
+#[test]
+fn half_precision_loading_needs_less_than_twice_the_file() {
+    if mmke::bench::peak_memory_bytes().is_none() {
+        eprintln!("no /proc/self/status here: the peak memory cannot be read");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_synthetic_llava(dir.path());
+    let file = std::fs::metadata(dir.path().join("model.safetensors"))
+        .unwrap()
+        .len();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmke"))
+        .args(["mllm", "forward", "--dtype", "bf16", "--model"])
+        .arg(dir.path())
+        .arg("--inputs")
+        .arg(dir.path().join("inputs.safetensors"))
+        .arg("--out")
+        .arg(dir.path().join("logits.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let peak_mib: u64 = stderr
+        .split("peak memory ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory in: {stderr}"));
+    let file_mib = file >> 20;
+    eprintln!("checkpoint {file_mib} MiB in bf16, peak memory {peak_mib} MiB");
+    assert!(file_mib > 100, "the synthetic checkpoint is {file_mib} MiB");
+    assert!(
+        peak_mib < 2 * file_mib,
+        "loading a {file_mib} MiB checkpoint peaked at {peak_mib} MiB"
+    );
+}

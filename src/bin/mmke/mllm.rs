@@ -87,7 +87,9 @@ pub fn run(command: MllmCommand) -> Result<()> {
                 mllm.forward(inputs.pixel_values, inputs.input_ids, inputs.attention_mask)?;
             let dims = logits.dims();
             io::write_f32(&out, vec![("logits", logits)])?;
-            eprintln!("wrote logits {dims:?} to {}", out.display());
+            let peak = mmke::bench::peak_memory_bytes()
+                .map_or(String::new(), |b| format!(", peak memory {} MiB", b >> 20));
+            eprintln!("wrote logits {dims:?} to {}{peak}", out.display());
         }
         MllmCommand::Info { model } => {
             let config = MllmConfig::from_file(&model.join("config.json"))?;

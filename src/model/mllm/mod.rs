@@ -216,6 +216,11 @@ impl Mllm {
     /// (`BF16` or `F16` halve the memory of f32; a file already in that dtype is not
     /// converted).
     pub fn load_in(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_grouped(dir, device, dtype, weights::GROUP_BYTES)
+    }
+
+    /// [`Self::load_in`], reading the weight files in groups of about `group_bytes`.
+    fn load_grouped(dir: &Path, device: &Device, dtype: DType, group_bytes: u64) -> Result<Self> {
         if !dtype.is_float() {
             return Err(Error::Input(format!("{dtype:?} is not a float dtype")));
         }
@@ -229,6 +234,7 @@ impl Mllm {
                 unused: &*unused,
             },
             dtype,
+            group_bytes,
         )?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.is_file() {
@@ -465,4 +471,31 @@ pub fn merge_image_features(
     );
     let index = Tensor::<1, Int>::from_data(TensorData::new(index, [batch * seq]), &device);
     Ok(all.select(0, index).reshape([batch, seq, d]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loading in many small groups (one per layer) gives the same model as in one.
+    #[test]
+    fn grouped_loading_gives_the_same_weights() {
+        let device = Device::default();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm/llava/hub");
+        let whole = Mllm::load_grouped(&dir, &device, DType::F32, u64::MAX).unwrap();
+        let parts = Mllm::load_grouped(&dir, &device, DType::F32, 1).unwrap();
+        let flat = |m: &Mllm| -> Vec<f32> {
+            let ids =
+                Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 5, 9], [1, 3]), &device);
+            let embeds = m.net.language_model().embed_tokens(ids);
+            let mask = Tensor::<2, Int>::ones([1, 3], &device);
+            let logits = m.net.language_model().forward_embeds(embeds, mask);
+            let pixels = Tensor::<4>::ones([1, 3, 16, 16], &device);
+            let image = m.net.image_embeddings(pixels);
+            let mut v: Vec<f32> = logits.into_data().try_to_vec().unwrap();
+            v.extend(image.into_data().try_to_vec::<f32>().unwrap());
+            v
+        };
+        assert_eq!(flat(&whole), flat(&parts));
+    }
 }
