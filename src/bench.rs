@@ -181,3 +181,12 @@ pub fn routing(
         },
     }
 }
+
+/// This process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`; `None`
+/// where there is no such file, as outside Linux).
+pub fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -37,8 +37,19 @@ pub enum Error {
     Memory { path: PathBuf, reason: String },
     #[error("{}: chart: {reason}", path.display())]
     Chart { path: PathBuf, reason: String },
+    /// Inputs that do not fit the model (a prompt's image tokens, the batch's images).
+    #[error("invalid input: {0}")]
+    Input(String),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+}
+
+/// `Err` naming the first of `sizes` that is zero (a config check's first step).
+pub fn check_positive(sizes: &[(&str, usize)]) -> std::result::Result<(), String> {
+    match sizes.iter().find(|(_, size)| *size == 0) {
+        Some((name, _)) => Err(format!("{name} must be positive")),
+        None => Ok(()),
+    }
 }
 
 /// Reads a JSON config file and checks it with `check`: unreadable files, malformed JSON and

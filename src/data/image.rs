@@ -33,6 +33,9 @@ pub struct ImagePreprocessor {
     pub mean: [f32; 3],
     pub std: [f32; 3],
     pub normalize: bool,
+    /// LLaVA-1.5's `expand2square` (`do_pad`): pad the short side, centred, with the mean
+    /// colour before resizing.
+    pub pad_to_square: bool,
 }
 
 impl ImagePreprocessor {
@@ -46,6 +49,7 @@ impl ImagePreprocessor {
             mean: CLIP_MEAN,
             std: CLIP_STD,
             normalize: true,
+            pad_to_square: false,
         }
     }
 
@@ -91,6 +95,7 @@ impl ImagePreprocessor {
         p.mean = raw.image_mean.unwrap_or(p.mean);
         p.std = raw.image_std.unwrap_or(p.std);
         p.normalize = raw.do_normalize.unwrap_or(true);
+        p.pad_to_square = raw.do_pad.unwrap_or(false);
         Ok(p)
     }
 
@@ -110,6 +115,10 @@ impl ImagePreprocessor {
 
     /// The `(height, width)` of a preprocessed image.
     pub fn output_size(&self, height: u32, width: u32) -> (u32, u32) {
+        let (height, width) = match self.pad_to_square {
+            true => (height.max(width), height.max(width)),
+            false => (height, width),
+        };
         self.crop
             .unwrap_or_else(|| self.resized_size(height, width))
     }
@@ -139,7 +148,10 @@ impl ImagePreprocessor {
 
     /// Preprocesses a decoded image into CHW floats.
     pub fn apply(&self, image: &DynamicImage) -> Vec<f32> {
-        let rgb = to_rgb_on_white(image);
+        let mut rgb = to_rgb_on_white(image);
+        if self.pad_to_square {
+            rgb = pad_to_square(&rgb, self.mean);
+        }
         let (h, w) = self.resized_size(rgb.height(), rgb.width());
         let resized = if (h, w) == (rgb.height(), rgb.width()) {
             rgb
@@ -225,6 +237,25 @@ fn to_rgb_on_white(image: &DynamicImage) -> RgbImage {
     })
 }
 
+/// The image centred on a square of the mean colour (`int(mean * 255)` per channel), the
+/// offset `(side - size) // 2`, as LLaVA's `expand2square`.
+fn pad_to_square(image: &RgbImage, mean: [f32; 3]) -> RgbImage {
+    let (w, h) = image.dimensions();
+    if w == h {
+        return image.clone();
+    }
+    let side = w.max(h);
+    let colour = image::Rgb(mean.map(|m| (m * 255.0) as u8));
+    let mut square = RgbImage::from_pixel(side, side, colour);
+    image::imageops::replace(
+        &mut square,
+        image,
+        ((side - w) / 2) as i64,
+        ((side - h) / 2) as i64,
+    );
+    square
+}
+
 /// `transformers`' `center_crop`: top-left at `(size - crop) // 2`; an image smaller than the
 /// crop is padded with zeros around it.
 fn center_crop(image: &RgbImage, height: u32, width: u32) -> RgbImage {
@@ -253,6 +284,7 @@ struct RawPreprocessorConfig {
     resample: Option<u32>,
     image_mean: Option<[f32; 3]>,
     image_std: Option<[f32; 3]>,
+    do_pad: Option<bool>,
 }
 
 /// `224`, `{"shortest_edge": 224}` or `{"height": 224, "width": 224}`.

@@ -78,18 +78,14 @@ impl OptConfig {
 
     /// The sizes fit together and the variant is the one implemented.
     pub fn check(&self) -> std::result::Result<(), String> {
-        for (name, size) in [
+        crate::error::check_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("ffn_dim", self.ffn_dim),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if size == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         if !self.do_layer_norm_before {
             return Err(
                 "post-LayerNorm OPT (do_layer_norm_before = false, OPT-350m) is not \
@@ -510,44 +506,16 @@ impl OptForCausalLM {
         hooks: &Hooks,
     ) -> LmOutput {
         let decoder = &self.model.decoder;
-        let [batch, seq, _] = embeds.dims();
         let heads = decoder
             .layers
             .first()
             .map_or(1, |l| l.self_attn.num_heads());
-        let prefix = attention_mask.clone().equal_elem(2);
+        let mask = attention_mask_4d(attention_mask.clone(), heads);
         let attention_mask = attention_mask.clamp_max(1);
         // OPT: position = (number of tokens up to here) - 1, padding at -1; plus the offset.
         let positions = (attention_mask.clone().cumsum(1) * attention_mask.clone() - 1)
             + POSITION_OFFSET as i64;
         let mut x = embeds + decoder.embed_positions.forward(positions);
-
-        let device = x.device();
-        // Masked (true): a later key, or a padding key.
-        let causal = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &device)
-            .reshape([1, 1, seq, seq])
-            .expand([batch, heads, seq, seq]);
-        // Padding keys are masked except on the diagonal, so no row is entirely masked.
-        let off_diagonal = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &device)
-            .bool_or(Tensor::<2, Bool>::triu_mask([seq, seq], 0, &device))
-            .reshape([1, 1, seq, seq])
-            .expand([batch, heads, seq, seq]);
-        let padding = attention_mask
-            .equal_elem(0)
-            .reshape([batch, 1, 1, seq])
-            .expand([batch, heads, seq, seq])
-            .bool_and(off_diagonal);
-        // Within the bidirectional prefix every token sees every other.
-        let both_in_prefix = prefix
-            .clone()
-            .reshape([batch, 1, seq, 1])
-            .expand([batch, heads, seq, seq])
-            .bool_and(
-                prefix
-                    .reshape([batch, 1, 1, seq])
-                    .expand([batch, heads, seq, seq]),
-            );
-        let mask = causal.bool_or(padding).bool_and(both_in_prefix.bool_not());
 
         let mut hidden_states = Vec::new();
         let mut ffn_inputs = Vec::new();
@@ -587,4 +555,36 @@ impl OptForCausalLM {
             .matmul(embeddings.transpose())
             .reshape([batch, seq, vocab])
     }
+}
+
+/// The `[batch, heads, seq, seq]` attention mask of a decoder, true where a query may not
+/// attend to a key: later keys and padding keys (`attention_mask` 0; kept on the diagonal so
+/// no row is entirely masked), except that tokens of a bidirectional prefix (mask value 2)
+/// see each other in full.
+pub fn attention_mask_4d(attention_mask: Tensor<2, Int>, heads: usize) -> Tensor<4, Bool> {
+    let [batch, seq] = attention_mask.dims();
+    let device = attention_mask.device();
+    let prefix = attention_mask.clone().equal_elem(2);
+    let causal = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &device)
+        .reshape([1, 1, seq, seq])
+        .expand([batch, heads, seq, seq]);
+    let off_diagonal = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &device)
+        .bool_or(Tensor::<2, Bool>::triu_mask([seq, seq], 0, &device))
+        .reshape([1, 1, seq, seq])
+        .expand([batch, heads, seq, seq]);
+    let padding = attention_mask
+        .equal_elem(0)
+        .reshape([batch, 1, 1, seq])
+        .expand([batch, heads, seq, seq])
+        .bool_and(off_diagonal);
+    let both_in_prefix = prefix
+        .clone()
+        .reshape([batch, 1, seq, 1])
+        .expand([batch, heads, seq, seq])
+        .bool_and(
+            prefix
+                .reshape([batch, 1, 1, seq])
+                .expand([batch, heads, seq, seq]),
+        );
+    causal.bool_or(padding).bool_and(both_in_prefix.bool_not())
 }

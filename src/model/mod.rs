@@ -3,6 +3,7 @@ pub mod clip;
 pub mod fusion;
 pub mod knowledge;
 pub mod lm;
+pub mod mllm;
 pub mod objects;
 pub mod scope;
 pub mod vlm;

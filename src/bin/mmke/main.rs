@@ -9,6 +9,7 @@ mod eval;
 mod experiment;
 mod export;
 mod fuzz;
+mod mllm;
 mod train;
 
 use anyhow::Result;
@@ -45,6 +46,9 @@ enum Command {
     /// before and after the edit (MSCKE/SERAC: a scope classifier, a base and a counterfactual
     /// VLM).
     Edit(edit::EditArgs),
+    /// Multimodal LLMs in Hugging Face layout (BLIP-2, LLaVA-1.5): logits, greedy answers.
+    #[command(subcommand)]
+    Mllm(mllm::MllmCommand),
     /// Reproduce a table or figure of the papers (defined by experiments/NAME.toml).
     #[command(subcommand)]
     Experiment(experiment::ExperimentCommand),
@@ -81,6 +85,7 @@ fn main() {
         Command::Bench(command) => bench::run(command),
         Command::Edit(args) => edit::run(args),
         Command::Experiment(command) => experiment::run(command),
+        Command::Mllm(command) => mllm::run(command),
         Command::Fuzz(args) => fuzz::run(args),
     };
     if let Err(error) = result {

@@ -26,12 +26,16 @@ pub fn layer_norm(dim: usize, eps: f64, device: &Device) -> LayerNorm {
 }
 
 fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).init(device)
+    linear_with_bias(d_in, d_out, true, device)
+}
+
+pub fn linear_with_bias(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
 }
 
 /// `linear` over the last dimension of `[batch, seq, d_in]`, as one `[batch * seq, d_in]`
 /// matmul: on the CPU backend one large gemm is faster than a broadcast batch of small ones.
-fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+pub fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [batch, seq, d_in] = x.dims();
     let y = linear.forward(x.reshape([batch * seq, d_in]));
     let d_out = y.dims()[1];

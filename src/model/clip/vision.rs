@@ -84,8 +84,9 @@ impl ClipVisionTransformer {
         }
     }
 
-    /// `pixel_values`: `[batch, channels, image_size, image_size]`, CLIP-normalized.
-    pub fn forward(&self, pixel_values: Tensor<4>) -> ClipVisionOutput {
+    /// Patch embeddings with the class token first and the position embeddings added,
+    /// `[batch, 1 + patches, hidden]` (before `pre_layrnorm`).
+    fn embed(&self, pixel_values: Tensor<4>) -> Tensor<3> {
         let batch = pixel_values.dims()[0];
         let patches = self.embeddings.patch_embedding.forward(pixel_values); // [b, d, g, g]
         let [_, d, gh, gw] = patches.dims();
@@ -102,8 +103,26 @@ impl ClipVisionTransformer {
             .weight
             .val()
             .unsqueeze_dim::<3>(0);
-        let x = Tensor::cat(vec![class, patches], 1) + positions;
+        Tensor::cat(vec![class, patches], 1) + positions
+    }
 
+    /// `transformers`' `hidden_states` up to layer `layers`: the encoder's input (after
+    /// `pre_layrnorm`), then each layer's output; `layers + 1` tensors.
+    pub fn hidden_states(&self, pixel_values: Tensor<4>, layers: usize) -> Vec<Tensor<3>> {
+        let mut x = self.pre_layrnorm.forward(self.embed(pixel_values));
+        let mut states = vec![x.clone()];
+        for layer in self.encoder.layers.iter().take(layers) {
+            x = layer.forward(x, None);
+            states.push(x.clone());
+        }
+        states
+    }
+
+    /// `pixel_values`: `[batch, channels, image_size, image_size]`, CLIP-normalized.
+    pub fn forward(&self, pixel_values: Tensor<4>) -> ClipVisionOutput {
+        let batch = pixel_values.dims()[0];
+        let x = self.embed(pixel_values);
+        let d = x.dims()[2];
         let last_hidden_state = self.encoder.forward(self.pre_layrnorm.forward(x), None);
         let class_token = last_hidden_state
             .clone()

@@ -97,13 +97,7 @@ pub fn load_safetensors_ignoring<M: ModuleSnapshot>(
     let result = module
         .load_from(&mut store)
         .map_err(|e| weights_error(format!("cannot read safetensors: {e}")))?;
-
-    if let Some(error) = result.errors.first() {
-        return Err(weights_error(format!(
-            "{error} (shapes in Burn's layout, where Linear weights are [in, out]){}",
-            more(result.errors.len())
-        )));
-    }
+    check_applied(&result, path, &|k| ignored.contains(&k))?;
     if let Some((missing, container)) = result.missing.first() {
         return Err(weights_error(format!(
             "missing tensor '{}'{}",
@@ -111,18 +105,39 @@ pub fn load_safetensors_ignoring<M: ModuleSnapshot>(
             more(result.missing.len())
         )));
     }
-    let unused: Vec<_> = result
-        .unused
-        .iter()
-        .filter(|k| !k.ends_with("position_ids") && !ignored.contains(&k.as_str()))
-        .collect();
-    if let Some(key) = unused.first() {
+    Ok(module)
+}
+
+/// The errors of loading one file: a tensor that failed (its shape), or one in the file the
+/// module has no place for (unless `unused` allows it, or it is an old `position_ids`
+/// buffer). Missing tensors are the caller's to judge (a shard holds only some).
+pub(crate) fn check_applied(
+    result: &burn::store::ApplyResult,
+    path: &Path,
+    unused: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let weights_error = |reason: String| Error::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(error) = result.errors.first() {
         return Err(weights_error(format!(
-            "unexpected tensor '{key}': the config describes no such parameter{}",
-            more(unused.len())
+            "{error} (shapes in Burn's layout, where Linear weights are [in, out]){}",
+            more(result.errors.len())
         )));
     }
-    Ok(module)
+    let unexpected: Vec<_> = result
+        .unused
+        .iter()
+        .filter(|k| !k.ends_with("position_ids") && !unused(k))
+        .collect();
+    if let Some(key) = unexpected.first() {
+        return Err(weights_error(format!(
+            "unexpected tensor '{key}': the config describes no such parameter{}",
+            more(unexpected.len())
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `module` as safetensors in PyTorch layout (Linear weights `[out, in]`, LayerNorm
@@ -145,9 +160,9 @@ pub fn save_safetensors<M: ModuleSnapshot>(module: &M, path: &Path) -> Result<()
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// The Hugging Face name of a module path: Burn's LayerNorm `gamma`/`beta` are `weight`/`bias`.
-fn hf_name(path: &str, container: &str) -> String {
-    if container.ends_with("LayerNorm") {
+/// The Hugging Face name of a module path: Burn's norms' `gamma`/`beta` are `weight`/`bias`.
+pub(crate) fn hf_name(path: &str, container: &str) -> String {
+    if container.ends_with("Norm") {
         if let Some(stem) = path.strip_suffix(".gamma") {
             return format!("{stem}.weight");
         }
@@ -158,7 +173,7 @@ fn hf_name(path: &str, container: &str) -> String {
     path.to_string()
 }
 
-fn more(count: usize) -> String {
+pub(crate) fn more(count: usize) -> String {
     match count {
         0 | 1 => String::new(),
         n => format!(" (and {} more)", n - 1),

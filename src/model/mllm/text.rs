@@ -1,0 +1,122 @@
+//! The language model inside a multimodal LLM: OPT (BLIP-2 OPT) or LLaMA (MiniGPT-4's Vicuna,
+//! LLaVA), chosen by the `text_config`'s `model_type`. The enum is transparent in weight
+//! names (`language_model.model.decoder...` or `language_model.model.layers...`).
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::model::lm::{ExtraNeurons, Hooks, LmOutput, OptConfig, OptForCausalLM};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type", rename_all = "lowercase")]
+pub enum TextConfig {
+    Opt(OptConfig),
+    Llama(LlamaConfig),
+}
+
+impl TextConfig {
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Opt(c) => c.hidden_size,
+            Self::Llama(c) => c.hidden_size,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Opt(c) => c.vocab_size,
+            Self::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// The token that ends an answer.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            Self::Opt(c) => Some(c.eos_token_id),
+            Self::Llama(c) => match &c.eos_token_id {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32),
+                Some(serde_json::Value::Array(ids)) => {
+                    ids.first().and_then(|n| n.as_u64()).map(|n| n as u32)
+                }
+                _ => None,
+            },
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Opt(c) => c.check(),
+            Self::Llama(c) => c.check(),
+        }
+        .map_err(|e| format!("text_config: {e}"))
+    }
+}
+
+#[derive(Module, Debug)]
+pub enum TextModel {
+    Opt(OptForCausalLM),
+    Llama(LlamaForCausalLM),
+}
+
+impl TextModel {
+    pub fn new(config: &TextConfig, device: &Device) -> Self {
+        match config {
+            TextConfig::Opt(c) => Self::Opt(OptForCausalLM::new(c, device)),
+            TextConfig::Llama(c) => Self::Llama(LlamaForCausalLM::new(c, device)),
+        }
+    }
+
+    /// The dtype of the weights (that of the token embeddings).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        match self {
+            Self::Opt(m) => m.model.decoder.embed_tokens.weight.val().dtype(),
+            Self::Llama(m) => m.model.embed_tokens.weight.val().dtype(),
+        }
+    }
+
+    /// `[batch, seq, hidden]`.
+    pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        match self {
+            Self::Opt(m) => m.embed_tokens(ids),
+            Self::Llama(m) => m.embed_tokens(ids),
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` from input embeddings (`attention_mask` 1 for tokens, 0
+    /// for padding). OPT numbers positions by the mask, LLaMA `0..seq`, as each does.
+    pub fn forward_embeds(&self, embeds: Tensor<3>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_hooked(embeds, attention_mask, &Hooks::default())
+            .logits
+    }
+
+    /// The forward pass with editing hooks (see [`Hooks`]; on LLaMA the attention shifts and
+    /// captures, [`LlamaForCausalLM::forward_hooked`]).
+    pub fn forward_hooked(
+        &self,
+        embeds: Tensor<3>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput {
+        match self {
+            Self::Opt(m) => m.forward_embeds(embeds, attention_mask, hooks),
+            Self::Llama(m) => m.forward_hooked(embeds, attention_mask, hooks),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Opt(m) => m.num_layers(),
+            Self::Llama(m) => m.num_layers(),
+        }
+    }
+
+    /// Layer `index`'s extra FFN key-value pairs (T-Patcher's neurons, UniKE eq. 3).
+    pub fn extra_neurons_mut(&mut self, index: usize) -> &mut Vec<ExtraNeurons> {
+        match self {
+            Self::Opt(m) => &mut m.model.decoder.layers[index].extra,
+            Self::Llama(m) => &mut m.model.layers[index].extra,
+        }
+    }
+}
