@@ -713,3 +713,58 @@ fn half_precision_loading_needs_less_than_twice_the_file() {
         "loading a {file_mib} MiB checkpoint peaked at {peak_mib} MiB"
     );
 }
+
+/// `forward_text` (the editors' contract: text ids only, the image placed by the model) gives
+/// the logits `forward` gives on the processor's layout, at the text positions.
+#[test]
+fn forward_text_places_the_image_as_the_processor_does() {
+    use mmke::model::lm::Hooks;
+    let device = device();
+    for model in MODELS {
+        let r = reference(model);
+        let mllm = load(model, "hub");
+        let pixels = float4(&r["pixel_values"], &device).narrow(0, 0, 1);
+        let bos = if model == "blip2-opt" { 2 } else { 1 };
+        let text: Vec<i64> = vec![bos, 17, 5, 33];
+        let n = mllm.config.image_tokens();
+        let image = mllm.config.image_token() as i64;
+        let (placed, text_at): (Vec<i64>, Vec<usize>) = if model == "llava" {
+            let mut ids = vec![bos];
+            ids.extend(std::iter::repeat_n(image, n));
+            ids.extend(&text[1..]);
+            (
+                ids,
+                std::iter::once(0).chain(n + 1..n + text.len()).collect(),
+            )
+        } else {
+            let mut ids: Vec<i64> = std::iter::repeat_n(image, n).collect();
+            ids.extend(&text);
+            (ids, (n..n + text.len()).collect())
+        };
+        let tensor = |ids: &[i64]| {
+            Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device)
+        };
+        let ones = |len: usize| Tensor::<2, Int>::ones([1, len], &device);
+        let full = values(
+            mllm.forward(pixels.clone(), tensor(&placed), ones(placed.len()))
+                .unwrap(),
+        );
+        let got = values(
+            mllm.forward_text(
+                Some(pixels),
+                tensor(&text),
+                ones(text.len()),
+                &Hooks::default(),
+            )
+            .logits,
+        );
+        let vocab = got.len() / text.len();
+        for (t, &p) in text_at.iter().enumerate() {
+            let diff = max_diff(
+                &got[t * vocab..(t + 1) * vocab],
+                &full[p * vocab..(p + 1) * vocab],
+            );
+            assert!(diff <= 1e-5, "{model}: text position {t} differs by {diff}");
+        }
+    }
+}

@@ -315,6 +315,67 @@ impl Mllm {
         )
     }
 
+    /// The forward pass editors use, with the scenes VLM's contract
+    /// ([`crate::model::vlm::Vlm::forward`]): `ids` are the text alone (BOS first), the image
+    /// (if any) goes where the architecture's processor puts it - BLIP-2's query tokens before
+    /// BOS, LLaVA's features right after it - and `logits` cover the text positions only
+    /// (`logits[:, t]` predicts text token `t + 1`). A mask value of 2 (the scenes VLM's
+    /// bidirectional prefix) counts as 1: these LMs are causal throughout.
+    pub fn forward_text(
+        &self,
+        pixels: Option<Tensor<4>>,
+        ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &crate::model::lm::Hooks,
+    ) -> crate::model::lm::LmOutput {
+        let lm = self.net.language_model();
+        let attention_mask = attention_mask.clamp_max(1);
+        let text = lm.embed_tokens(ids);
+        let Some(pixels) = pixels else {
+            return lm.forward_hooked(text, attention_mask, hooks);
+        };
+        let [batch, seq, _] = text.dims();
+        let image = self.net.image_embeddings(pixels.cast(self.dtype()));
+        let n = image.dims()[1];
+        let device = text.device();
+        let ones = Tensor::<2, Int>::ones([batch, n], &device);
+        // Where the image goes: after `at` text tokens.
+        let at = match self.config {
+            MllmConfig::Blip2(_) => 0,
+            MllmConfig::Llava(_) => 1.min(seq),
+        };
+        // `narrow` refuses empty ranges: a zero-length side is left out.
+        fn around<const D: usize, K: burn::tensor::kind::Basic>(
+            t: Tensor<D, K>,
+            at: usize,
+            middle: Tensor<D, K>,
+        ) -> Tensor<D, K> {
+            let len = t.dims()[1];
+            let mut parts = Vec::new();
+            if at > 0 {
+                parts.push(t.clone().narrow(1, 0, at));
+            }
+            parts.push(middle);
+            if at < len {
+                parts.push(t.narrow(1, at, len - at));
+            }
+            Tensor::cat(parts, 1)
+        }
+        let embeds = around(text, at, image);
+        let mask = around(attention_mask, at, ones);
+        let mut out = lm.forward_hooked(embeds, mask, hooks);
+        let logits = out.logits.clone();
+        let mut parts = Vec::new();
+        if at > 0 {
+            parts.push(logits.clone().narrow(1, 0, at));
+        }
+        if at < seq {
+            parts.push(logits.narrow(1, at + n, seq - at));
+        }
+        out.logits = Tensor::cat(parts, 1);
+        out
+    }
+
     /// The ids the model's processor builds for one image and `prompt`: BLIP-2 puts its
     /// query tokens before the tokenized prompt (BOS first); LLaVA expands `<image>` in the
     /// prompt to one token per feature, then tokenizes (BOS first).
