@@ -768,3 +768,43 @@ fn forward_text_places_the_image_as_the_processor_does() {
         }
     }
 }
+
+/// Decoding with the key-value cache (the prompt once, then one token at a time) gives the
+/// logits of the full forward pass at every position.
+#[test]
+fn cached_decoding_matches_the_full_forward_pass() {
+    use mmke::model::lm::KvCache;
+    let device = device();
+    for model in MODELS {
+        let r = reference(model);
+        let mllm = load(model, "hub");
+        let ids: Vec<i64> = mllm
+            .prompt_ids(
+                std::fs::read_to_string(fixture(model).join("prompt.txt"))
+                    .unwrap()
+                    .trim(),
+            )
+            .unwrap()
+            .into_iter()
+            .map(|i| i as i64)
+            .chain([17, 5, 33])
+            .collect();
+        let seq = ids.len();
+        let pixels = float4(&r["pixel_values"], &device).narrow(0, 0, 1);
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, seq]), &device);
+        let embeds = mllm.input_embeddings(pixels, input).unwrap();
+        let lm = mllm.net.language_model();
+        let full =
+            values(lm.forward_embeds(embeds.clone(), Tensor::<2, Int>::ones([1, seq], &device)));
+        let prompt = seq - 3;
+        let mut cache = KvCache::new(lm.num_layers());
+        let mut cached = values(lm.forward_cached(embeds.clone().narrow(1, 0, prompt), &mut cache));
+        for t in prompt..seq {
+            cached.extend(values(
+                lm.forward_cached(embeds.clone().narrow(1, t, 1), &mut cache),
+            ));
+        }
+        let diff = max_diff(&cached, &full);
+        assert!(diff <= 1e-5, "{model}: cached decoding differs by {diff}");
+    }
+}

@@ -14,7 +14,7 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::{Bool, Device, Gradients, Int, Tensor};
+use burn::tensor::{Bool, Device, Gradients, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::clip::encoder::{SelfAttention, layer_norm};
@@ -363,11 +363,14 @@ impl OptDecoderLayer {
         x: Tensor<3>,
         mask: Tensor<4, Bool>,
         hooks: &Hooks,
+        cache: Option<&mut Option<[Tensor<4>; 2]>>,
     ) -> (Tensor<3>, Tensor<3>, Option<FfnProbe>) {
         let [batch, seq, d] = x.dims();
-        let mut attn = self
-            .self_attn
-            .forward(self.self_attn_layer_norm.forward(x.clone()), Some(mask));
+        let mut attn = self.self_attn.forward_cached(
+            self.self_attn_layer_norm.forward(x.clone()),
+            Some(mask),
+            cache,
+        );
         if let Some(mixed) = hooks
             .attention_mix
             .as_ref()
@@ -524,7 +527,7 @@ impl OptForCausalLM {
             if hooks.capture {
                 hidden_states.push(x.clone());
             }
-            let (out, ffn_input, probe) = layer.forward(i, x, mask.clone(), hooks);
+            let (out, ffn_input, probe) = layer.forward(i, x, mask.clone(), hooks, None);
             x = out;
             probes.extend(probe);
             if hooks.capture {
@@ -543,6 +546,36 @@ impl OptForCausalLM {
             last_hidden_state,
             referent_logits: None,
         }
+    }
+
+    /// Logits of the new tokens `embeds` (`[batch, new, hidden]`, unpadded) after the ones in
+    /// `cache`, which they extend; positions continue from the cached tokens (OPT's offset of
+    /// 2 included). Greedy generation at one position's cost per token.
+    pub fn forward_cached(&self, embeds: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        let decoder = &self.model.decoder;
+        let [batch, new, _] = embeds.dims();
+        let device = embeds.device();
+        let heads = decoder
+            .layers
+            .first()
+            .map_or(1, |l| l.self_attn.num_heads());
+        let mask = cache.causal_mask(batch, heads, new, &device);
+        let start = (cache.len + POSITION_OFFSET) as i64;
+        let positions = Tensor::<1, Int>::arange(start..start + new as i64, &device)
+            .reshape([1, new])
+            .expand([batch, new]);
+        let mut x = embeds + decoder.embed_positions.forward(positions);
+        let hooks = Hooks::default();
+        for (i, (layer, kv)) in decoder
+            .layers
+            .iter()
+            .zip(cache.layers.iter_mut())
+            .enumerate()
+        {
+            x = layer.forward(i, x, mask.clone(), &hooks, Some(kv)).0;
+        }
+        cache.len += new;
+        self.lm_head(decoder.final_layer_norm.forward(x))
     }
 
     /// Logits from final hidden states through the tied embedding matrix.
@@ -587,4 +620,40 @@ pub fn attention_mask_4d(attention_mask: Tensor<2, Int>, heads: usize) -> Tensor
                 .expand([batch, heads, seq, seq]),
         );
     causal.bool_or(padding).bool_and(both_in_prefix.bool_not())
+}
+
+/// Keys and values of the tokens decoded so far, per layer (`[batch, kv heads, tokens,
+/// head_dim]`), so that each new token costs one position of work (greedy generation).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<[Tensor<4>; 2]>>,
+    /// Tokens cached so far.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+            len: 0,
+        }
+    }
+
+    /// `[batch, heads, new, len + new]`, true where new token i may not see key j
+    /// (`j > len + i`): causal over the cached and the new tokens.
+    pub fn causal_mask(
+        &self,
+        batch: usize,
+        heads: usize,
+        new: usize,
+        device: &Device,
+    ) -> Tensor<4, Bool> {
+        let keys = self.len + new;
+        let masked: Vec<bool> = (0..new)
+            .flat_map(|i| (0..keys).map(move |j| j > self.len + i))
+            .collect();
+        Tensor::<2, Bool>::from_data(TensorData::new(masked, [new, keys]), device)
+            .reshape([1, 1, new, keys])
+            .expand([batch, heads, new, keys])
+    }
 }

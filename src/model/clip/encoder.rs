@@ -76,6 +76,17 @@ impl SelfAttention {
     /// `x`: `[batch, seq, hidden]`; `mask`: `[batch, heads, seq, seq]`, true where a query may
     /// not attend to a key.
     pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+        self.forward_cached(x, mask, None)
+    }
+
+    /// [`Self::forward`] after the tokens whose keys and values `cache` holds (`[batch, heads,
+    /// tokens, head_dim]`), extending it by these (a decoder's greedy generation).
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        mask: Option<Tensor<4, Bool>>,
+        cache: Option<&mut Option<[Tensor<4>; 2]>>,
+    ) -> Tensor<3> {
         let [batch, seq, hidden] = x.dims();
         let head_dim = hidden / self.num_heads;
         let heads = |t: Tensor<3>| {
@@ -83,8 +94,11 @@ impl SelfAttention {
                 .swap_dims(1, 2)
         };
         let q = heads(apply(&self.q_proj, x.clone()));
-        let k = heads(apply(&self.k_proj, x.clone()));
-        let v = heads(apply(&self.v_proj, x));
+        let mut k = heads(apply(&self.k_proj, x.clone()));
+        let mut v = heads(apply(&self.v_proj, x));
+        if let Some(cache) = cache {
+            [k, v] = extend_cache(cache, k, v);
+        }
         // softmax(q kᵀ / sqrt(head_dim)) v, the scale `transformers` applies to q.
         let context = attention(q, k, v, mask, None, AttentionModuleOptions::default());
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
@@ -211,4 +225,18 @@ impl ClipEncoder {
         }
         x
     }
+}
+
+/// `[k, v]` extended by the cache's earlier ones along the token axis, the cache updated.
+pub fn extend_cache(
+    cache: &mut Option<[Tensor<4>; 2]>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+) -> [Tensor<4>; 2] {
+    let kv = match cache.take() {
+        Some([pk, pv]) => [Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)],
+        None => [k, v],
+    };
+    *cache = Some(kv.clone());
+    kv
 }

@@ -10,8 +10,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::clip::encoder::{apply, linear_with_bias as linear};
-use crate::model::lm::{ExtraNeurons, Hooks, LmOutput, attention_mask_4d};
+use crate::model::clip::encoder::{apply, extend_cache, linear_with_bias as linear};
+use crate::model::lm::{ExtraNeurons, Hooks, KvCache, LmOutput, attention_mask_4d};
 
 /// The fields of a Hugging Face LLaMA `config.json`; missing ones take `LlamaConfig`'s
 /// defaults, as the abbreviated `text_config` of LLaVA-1.5's hub config relies on.
@@ -183,21 +183,32 @@ impl LlamaAttention {
         }
     }
 
-    /// `x`: `[batch, seq, hidden]`; `rope`: cos and sin, `[seq, head_dim]`; `mask`: true
-    /// where a query may not attend to a key.
-    fn forward(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<4, Bool>) -> Tensor<3> {
+    /// `x`: `[batch, seq, hidden]`; `rope`: cos and sin of its positions; `mask`: true where a
+    /// query may not attend to a key; `cache`: the earlier tokens' keys and values, extended
+    /// by these.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        mask: Tensor<4, Bool>,
+        cache: Option<&mut Option<[Tensor<4>; 2]>>,
+    ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
         let q = rope.rotate(split(apply(&self.q_proj, x.clone()), self.heads));
-        let k = rope.rotate(split(apply(&self.k_proj, x.clone()), self.kv_heads));
-        let v = split(apply(&self.v_proj, x), self.kv_heads);
+        let mut k = rope.rotate(split(apply(&self.k_proj, x.clone()), self.kv_heads));
+        let mut v = split(apply(&self.v_proj, x), self.kv_heads);
+        if let Some(cache) = cache {
+            [k, v] = extend_cache(cache, k, v);
+        }
+        let keys = k.dims()[2];
         // Grouped-query attention: key/value head j serves query heads j*r .. j*r + r - 1.
         let r = self.heads / self.kv_heads;
         let repeat = |t: Tensor<4>| {
-            t.reshape([batch, self.kv_heads, 1, seq, hd])
-                .expand([batch, self.kv_heads, r, seq, hd])
-                .reshape([batch, self.heads, seq, hd])
+            t.reshape([batch, self.kv_heads, 1, keys, hd])
+                .expand([batch, self.kv_heads, r, keys, hd])
+                .reshape([batch, self.heads, keys, hd])
         };
         let context = attention(
             q,
@@ -214,19 +225,19 @@ impl LlamaAttention {
     }
 }
 
-/// Rotary position embedding for positions `0..seq`: `inv_freq = theta^(-2i/hd)`,
-/// `emb = cat(freqs, freqs)`.
+/// Rotary position embedding for positions `start..start + seq`: `inv_freq =
+/// theta^(-2i/hd)`, `emb = cat(freqs, freqs)`.
 struct Rope {
     cos: Tensor<4>,
     sin: Tensor<4>,
 }
 
 impl Rope {
-    fn new(seq: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
+    fn new(start: usize, seq: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(seq * head_dim);
         let mut sin = Vec::with_capacity(seq * head_dim);
-        for t in 0..seq {
+        for t in start..start + seq {
             // Computed in f64 and rounded once (transformers computes the angles in f32).
             let angles: Vec<f32> = (0..half)
                 .map(|i| {
@@ -331,10 +342,11 @@ impl LlamaDecoderLayer {
         rope: &Rope,
         mask: Tensor<4, Bool>,
         shift: Option<&Tensor<3>>,
+        cache: Option<&mut Option<[Tensor<4>; 2]>>,
     ) -> (Tensor<3>, Tensor<3>) {
-        let mut attn = self
-            .self_attn
-            .forward(self.input_layernorm.forward(x.clone()), rope, mask);
+        let mut attn =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         if let Some(shift) = shift {
             attn = attn + shift.clone();
         }
@@ -422,7 +434,7 @@ impl LlamaForCausalLM {
         let (heads, head_dim) = layers
             .first()
             .map_or((1, 2), |l| (l.self_attn.heads, l.self_attn.head_dim));
-        let rope = Rope::new(seq, head_dim, self.theta, &embeds.device());
+        let rope = Rope::new(0, seq, head_dim, self.theta, &embeds.device());
         let mask = attention_mask_4d(attention_mask, heads);
         let mut x = embeds;
         let mut hidden_states = Vec::new();
@@ -432,7 +444,7 @@ impl LlamaForCausalLM {
                 hidden_states.push(x.clone());
             }
             let shift = hooks.attention_shift.get(i).and_then(Option::as_ref);
-            let (out, normed) = layer.forward(x, &rope, mask.clone(), shift);
+            let (out, normed) = layer.forward(x, &rope, mask.clone(), shift, None);
             x = out;
             if hooks.capture {
                 ffn_inputs.push(normed);
@@ -450,6 +462,25 @@ impl LlamaForCausalLM {
             last_hidden_state,
             referent_logits: None,
         }
+    }
+
+    /// Logits of the new tokens `embeds` (`[batch, new, hidden]`, unpadded) after the ones in
+    /// `cache`, which they extend: greedy generation at one position's cost per token.
+    pub fn forward_cached(&self, embeds: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        let [batch, new, _] = embeds.dims();
+        let layers = &self.model.layers;
+        let (heads, head_dim) = layers
+            .first()
+            .map_or((1, 2), |l| (l.self_attn.heads, l.self_attn.head_dim));
+        let device = embeds.device();
+        let rope = Rope::new(cache.len, new, head_dim, self.theta, &device);
+        let mask = cache.causal_mask(batch, heads, new, &device);
+        let mut x = embeds;
+        for (layer, kv) in layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, &rope, mask.clone(), None, Some(kv)).0;
+        }
+        cache.len += new;
+        self.lm_head(self.model.norm.forward(x))
     }
 
     fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {

@@ -23,6 +23,7 @@ use self::text::{TextConfig, TextModel};
 use self::weights::KeyMap;
 use crate::data::image::{ImagePreprocessor, Resize};
 use crate::error::{Error, Result};
+use crate::model::lm::KvCache;
 
 /// A `config.json`'s architecture, by its `model_type`.
 #[derive(Clone, Debug, PartialEq)]
@@ -425,7 +426,8 @@ impl Mllm {
     }
 
     /// Greedy decoding of up to `max_new_tokens` after `ids`, for one image
-    /// (`[1, 3, H, W]`); stops at the LM's end-of-sequence token.
+    /// (`[1, 3, H, W]`); stops at the LM's end-of-sequence token. The prompt runs once; each
+    /// new token attends to the cached keys and values of the ones before it.
     pub fn generate(
         &self,
         pixel_values: Tensor<4>,
@@ -433,33 +435,26 @@ impl Mllm {
         max_new_tokens: usize,
     ) -> Result<Vec<u32>> {
         let device = pixel_values.device();
-        let features = self.net.image_embeddings(pixel_values.cast(self.dtype()));
-        let eos = self.config.text_config().eos_token_id();
         let lm = self.net.language_model();
-        let mut ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let eos = self.config.text_config().eos_token_id();
+        let prompt: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let seq = prompt.len();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(prompt.clone(), [1, seq]), &device);
+        let embeds = self.input_embeddings(pixel_values, input)?;
+        let mut cache = KvCache::new(lm.num_layers());
+        let mut logits = lm.forward_cached(embeds, &mut cache);
         let mut answer = Vec::new();
         for _ in 0..max_new_tokens {
-            let seq = ids.len();
-            let input =
-                Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, seq]), &device);
-            let tokens = lm.embed_tokens(input);
-            let embeds = merge_image_features(
-                tokens,
-                features.clone(),
-                &ids,
-                seq,
-                self.config.image_token() as i64,
-            )?;
-            let mask = Tensor::<2, Int>::ones([1, seq], &device);
-            let logits = lm.forward_embeds(embeds, mask);
-            let vocab = logits.dims()[2];
-            let last = logits.narrow(1, seq - 1, 1).reshape([vocab]);
+            let [_, n, vocab] = logits.dims();
+            let last = logits.narrow(1, n - 1, 1).reshape([vocab]);
             let next = last.argmax(0).into_scalar::<i64>() as u32;
             answer.push(next);
-            if Some(next) == eos {
+            if Some(next) == eos || answer.len() == max_new_tokens {
                 break;
             }
-            ids.push(next as i64);
+            let token =
+                Tensor::<2, Int>::from_data(TensorData::new(vec![next as i64], [1, 1]), &device);
+            logits = lm.forward_cached(lm.embed_tokens(token), &mut cache);
         }
         Ok(answer)
     }

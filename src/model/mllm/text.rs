@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::llama::{LlamaConfig, LlamaForCausalLM};
-use crate::model::lm::{ExtraNeurons, Hooks, LmOutput, OptConfig, OptForCausalLM};
+use crate::model::lm::{ExtraNeurons, Hooks, KvCache, LmOutput, OptConfig, OptForCausalLM};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "model_type", rename_all = "lowercase")]
@@ -102,6 +102,14 @@ impl TextModel {
         match self {
             Self::Opt(m) => m.forward_embeds(embeds, attention_mask, hooks),
             Self::Llama(m) => m.forward_hooked(embeds, attention_mask, hooks),
+        }
+    }
+
+    /// Logits of new tokens after those in `cache`, extending it (greedy generation).
+    pub fn forward_cached(&self, embeds: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        match self {
+            Self::Opt(m) => m.forward_cached(embeds, cache),
+            Self::Llama(m) => m.forward_cached(embeds, cache),
         }
     }
 
