@@ -411,12 +411,12 @@ impl LlamaForCausalLM {
     }
 
     /// Logits and what the hooks ask for, from input embeddings; positions are `0..seq` (as
-    /// `transformers` numbers them without a cache), padding keys masked. The hooks editing
-    /// uses: per-layer attention shifts and
-    /// captured hidden states (`hidden_states[0]` the embeddings, `[i + 1]` layer i's output,
-    /// the last after the final norm, as in `transformers`) and MLP inputs. The hooks that
-    /// rewrite or probe OPT's FFN matrices (`attention_mix`, `ffn_probes`, `ffn_deltas`) are
-    /// not implemented on LLaMA yet: asking for them panics rather than being ignored.
+    /// `transformers` numbers them without a cache), padding keys masked. The hooks: per-layer
+    /// attention shifts, captured hidden states (`hidden_states[0]` the embeddings, `[i + 1]`
+    /// layer i's output, the last after the final norm, as in `transformers`) and MLP inputs.
+    /// Those that rewrite or probe OPT's FFN matrices (`attention_mix`, `ffn_probes`,
+    /// `ffn_deltas`) are not implemented on LLaMA yet: asking for them panics rather than
+    /// being ignored.
     pub fn forward_hooked(
         &self,
         embeds: Tensor<3>,
