@@ -808,3 +808,40 @@ fn cached_decoding_matches_the_full_forward_pass() {
         assert!(diff <= 1e-5, "{model}: cached decoding differs by {diff}");
     }
 }
+
+/// The editors' generation (text ids, the image placed by the model, hooks at every step)
+/// answers as the processor-layout generation does; the image tokens and the text capacity
+/// follow the config.
+#[test]
+fn generate_text_answers_as_generate_does() {
+    use mmke::model::lm::Hooks;
+    let device = device();
+    for model in MODELS {
+        let r = reference(model);
+        let mllm = load(model, "hub");
+        let n = mllm.config.image_tokens();
+        assert_eq!(mllm.net.image_tokens(), n, "{model}");
+        assert_eq!(mllm.net.text_capacity(false), 64, "{model}");
+        assert_eq!(mllm.net.text_capacity(true), 64 - n, "{model}");
+        let pixels = float4(&r["pixel_values"], &device).narrow(0, 0, 1);
+        let bos = if model == "blip2-opt" { 2 } else { 1 };
+        let text = [bos, 9, 21, 33];
+        // The same prompt in the processor's layout: BLIP-2's queries before BOS, LLaVA's
+        // features right after it.
+        let image = mllm.config.image_token();
+        let placed: Vec<u32> = if model == "llava" {
+            std::iter::once(bos)
+                .chain(std::iter::repeat_n(image, n))
+                .chain(text[1..].iter().copied())
+                .collect()
+        } else {
+            std::iter::repeat_n(image, n).chain(text).collect()
+        };
+        let want = mllm.generate(pixels.clone(), &placed, 5).unwrap();
+        let eos = mllm.config.text_config().eos_token_id().unwrap();
+        let got = mllm
+            .net
+            .generate_text(Some(pixels), &text, 5, eos, &Hooks::default());
+        assert_eq!(got, want, "{model}");
+    }
+}

@@ -74,8 +74,9 @@ impl Default for LlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             hidden_act: "silu".into(),
+            // transformers' LlamaConfig defaults; configs often leave them out.
             bos_token_id: Some(1),
-            eos_token_id: None,
+            eos_token_id: Some(serde_json::Value::from(2)),
             pad_token_id: None,
         }
     }
@@ -380,6 +381,8 @@ pub struct LlamaForCausalLM {
     pub lm_head: Option<Linear>,
     #[module(skip)]
     theta: f64,
+    #[module(skip)]
+    max_positions: usize,
 }
 
 impl LlamaForCausalLM {
@@ -398,6 +401,7 @@ impl LlamaForCausalLM {
             lm_head: (!config.tie_word_embeddings)
                 .then(|| linear(d, config.vocab_size, false, device)),
             theta: config.theta(),
+            max_positions: config.max_position_embeddings,
         }
     }
 
@@ -408,6 +412,11 @@ impl LlamaForCausalLM {
 
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
+    }
+
+    /// `max_position_embeddings` (RoPE has no table; transformers' limit is the config's).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
     }
 
     /// Logits and what the hooks ask for, from input embeddings; positions are `0..seq` (as

@@ -172,6 +172,18 @@ impl LlavaForConditionalGeneration {
         }
     }
 
+    /// Image tokens per image: the tower's patches, and its class token under `full`.
+    pub fn image_tokens(&self) -> usize {
+        let positions = self
+            .vision_tower
+            .vision_model
+            .embeddings
+            .position_embedding
+            .weight
+            .dims()[0];
+        positions - usize::from(!self.keep_class)
+    }
+
     pub fn image_features(&self, pixel_values: Tensor<4>) -> LlavaImageOutput {
         let deepest = self.layers.iter().copied().max().unwrap_or(0);
         let states = self

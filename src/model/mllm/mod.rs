@@ -146,6 +146,118 @@ impl MllmNet {
             Self::Llava(m) => m.image_features(pixel_values).projected,
         }
     }
+
+    /// The forward pass editors use, with the scenes VLM's contract
+    /// ([`crate::model::vlm::Vlm::forward`]): `ids` are the text alone (BOS first), the image
+    /// (if any) goes where the architecture's processor puts it - BLIP-2's query tokens before
+    /// BOS, LLaVA's features right after it - and `logits` cover the text positions only
+    /// (`logits[:, t]` predicts text token `t + 1`). A mask value of 2 (the scenes VLM's
+    /// bidirectional prefix) counts as 1: these LMs are causal throughout.
+    pub fn forward_text(
+        &self,
+        pixels: Option<Tensor<4>>,
+        ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &crate::model::lm::Hooks,
+    ) -> crate::model::lm::LmOutput {
+        let lm = self.language_model();
+        let attention_mask = attention_mask.clamp_max(1);
+        let text = lm.embed_tokens(ids);
+        let Some(pixels) = pixels else {
+            return lm.forward_hooked(text, attention_mask, hooks);
+        };
+        let [batch, seq, _] = text.dims();
+        let image = self.image_embeddings(pixels.cast(lm.dtype()));
+        let n = image.dims()[1];
+        let device = text.device();
+        let ones = Tensor::<2, Int>::ones([batch, n], &device);
+        // Where the image goes: after `at` text tokens.
+        let at = match self {
+            Self::Blip2(_) => 0,
+            Self::Llava(_) => 1.min(seq),
+        };
+        // `narrow` refuses empty ranges: a zero-length side is left out.
+        fn around<const D: usize, K: burn::tensor::kind::Basic>(
+            t: Tensor<D, K>,
+            at: usize,
+            middle: Tensor<D, K>,
+        ) -> Tensor<D, K> {
+            let len = t.dims()[1];
+            let mut parts = Vec::new();
+            if at > 0 {
+                parts.push(t.clone().narrow(1, 0, at));
+            }
+            parts.push(middle);
+            if at < len {
+                parts.push(t.narrow(1, at, len - at));
+            }
+            Tensor::cat(parts, 1)
+        }
+        let embeds = around(text, at, image);
+        let mask = around(attention_mask, at, ones);
+        let mut out = lm.forward_hooked(embeds, mask, hooks);
+        let logits = out.logits.clone();
+        let mut parts = Vec::new();
+        if at > 0 {
+            parts.push(logits.clone().narrow(1, 0, at));
+        }
+        if at < seq {
+            parts.push(logits.narrow(1, at + n, seq - at));
+        }
+        out.logits = Tensor::cat(parts, 1);
+        out
+    }
+
+    /// Greedy decoding with [`Self::forward_text`]'s contract (the scenes VLM's `generate`):
+    /// `prompt` is text ids (BOS first), the hooks apply at every step; up to `max_new`
+    /// tokens, stopping after `eos`. (Without hooks, [`Mllm::generate`] is faster: it caches
+    /// keys and values.)
+    pub fn generate_text(
+        &self,
+        pixels: Option<Tensor<4>>,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+        hooks: &crate::model::lm::Hooks,
+    ) -> Vec<u32> {
+        let device = self.language_model().embed_tokens_device();
+        let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let mut generated = Vec::new();
+        for _ in 0..max_new {
+            let n = ids.len();
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
+            let mask = Tensor::<2, Int>::ones([1, n], &device);
+            let logits = self.forward_text(pixels.clone(), input, mask, hooks).logits;
+            let vocab = logits.dims()[2];
+            let next = logits
+                .narrow(1, n - 1, 1)
+                .reshape([vocab])
+                .argmax(0)
+                .into_scalar::<i64>() as u32;
+            generated.push(next);
+            if next == eos {
+                break;
+            }
+            ids.push(next as i64);
+        }
+        generated
+    }
+
+    /// How many text tokens fit the LM's positions next to an image (its image tokens take
+    /// theirs), or alone.
+    pub fn text_capacity(&self, with_image: bool) -> usize {
+        let positions = self.language_model().max_positions();
+        let image = if with_image { self.image_tokens() } else { 0 };
+        positions.saturating_sub(image)
+    }
+
+    /// Image tokens per image (BLIP-2's queries, LLaVA's selected features).
+    pub fn image_tokens(&self) -> usize {
+        match self {
+            Self::Blip2(m) => m.query_tokens.dims()[1],
+            Self::Llava(m) => m.image_tokens(),
+        }
+    }
 }
 
 /// The key renamings of each architecture: the hub's (4.x) layout is the module tree; 5.x's
@@ -316,12 +428,7 @@ impl Mllm {
         )
     }
 
-    /// The forward pass editors use, with the scenes VLM's contract
-    /// ([`crate::model::vlm::Vlm::forward`]): `ids` are the text alone (BOS first), the image
-    /// (if any) goes where the architecture's processor puts it - BLIP-2's query tokens before
-    /// BOS, LLaVA's features right after it - and `logits` cover the text positions only
-    /// (`logits[:, t]` predicts text token `t + 1`). A mask value of 2 (the scenes VLM's
-    /// bidirectional prefix) counts as 1: these LMs are causal throughout.
+    /// [`MllmNet::forward_text`].
     pub fn forward_text(
         &self,
         pixels: Option<Tensor<4>>,
@@ -329,52 +436,7 @@ impl Mllm {
         attention_mask: Tensor<2, Int>,
         hooks: &crate::model::lm::Hooks,
     ) -> crate::model::lm::LmOutput {
-        let lm = self.net.language_model();
-        let attention_mask = attention_mask.clamp_max(1);
-        let text = lm.embed_tokens(ids);
-        let Some(pixels) = pixels else {
-            return lm.forward_hooked(text, attention_mask, hooks);
-        };
-        let [batch, seq, _] = text.dims();
-        let image = self.net.image_embeddings(pixels.cast(self.dtype()));
-        let n = image.dims()[1];
-        let device = text.device();
-        let ones = Tensor::<2, Int>::ones([batch, n], &device);
-        // Where the image goes: after `at` text tokens.
-        let at = match self.config {
-            MllmConfig::Blip2(_) => 0,
-            MllmConfig::Llava(_) => 1.min(seq),
-        };
-        // `narrow` refuses empty ranges: a zero-length side is left out.
-        fn around<const D: usize, K: burn::tensor::kind::Basic>(
-            t: Tensor<D, K>,
-            at: usize,
-            middle: Tensor<D, K>,
-        ) -> Tensor<D, K> {
-            let len = t.dims()[1];
-            let mut parts = Vec::new();
-            if at > 0 {
-                parts.push(t.clone().narrow(1, 0, at));
-            }
-            parts.push(middle);
-            if at < len {
-                parts.push(t.narrow(1, at, len - at));
-            }
-            Tensor::cat(parts, 1)
-        }
-        let embeds = around(text, at, image);
-        let mask = around(attention_mask, at, ones);
-        let mut out = lm.forward_hooked(embeds, mask, hooks);
-        let logits = out.logits.clone();
-        let mut parts = Vec::new();
-        if at > 0 {
-            parts.push(logits.clone().narrow(1, 0, at));
-        }
-        if at < seq {
-            parts.push(logits.narrow(1, at + n, seq - at));
-        }
-        out.logits = Tensor::cat(parts, 1);
-        out
+        self.net.forward_text(pixels, ids, attention_mask, hooks)
     }
 
     /// The ids the model's processor builds for one image and `prompt`: BLIP-2 puts its

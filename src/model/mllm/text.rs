@@ -113,6 +113,24 @@ impl TextModel {
         }
     }
 
+    /// The positions the LM reads (`max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Self::Opt(m) => {
+                m.model.decoder.embed_positions.weight.dims()[0] - crate::model::lm::POSITION_OFFSET
+            }
+            Self::Llama(m) => m.max_positions(),
+        }
+    }
+
+    /// The device the weights are on.
+    pub fn embed_tokens_device(&self) -> burn::tensor::Device {
+        match self {
+            Self::Opt(m) => m.model.decoder.embed_tokens.weight.device(),
+            Self::Llama(m) => m.model.embed_tokens.weight.device(),
+        }
+    }
+
     pub fn num_layers(&self) -> usize {
         match self {
             Self::Opt(m) => m.num_layers(),
