@@ -2,7 +2,6 @@
 //! FT-Visual the projector and the last vision layer. A few Adam steps on the edit's
 //! teacher-forced loss; edits accumulate in the weights until `reset` restores the original.
 
-use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
@@ -11,6 +10,7 @@ use super::Editor;
 use super::speaker::{Prediction, Query, Speaker};
 use crate::data::record::EditRecord;
 use crate::error::Result;
+use crate::model::editable::EditableModel;
 use crate::model::vlm::Vlm;
 
 /// Which part of the VLM an edit may change.
@@ -25,22 +25,14 @@ pub enum Part {
 
 impl Part {
     /// `model` with only this part trainable.
-    pub fn restrict(self, model: Vlm) -> Vlm {
-        let mut model = model.no_grad();
+    pub fn restrict<M: EditableModel>(self, model: M) -> M {
         match self {
             Part::LastLmLayer => {
-                let last = model.lm.num_layers() - 1;
-                model.lm = model.lm.train_only_layers(&[last]);
+                let last = model.num_layers() - 1;
+                model.train_only_lm_layers(&[last])
             }
-            Part::Visual => {
-                model.projector = model.projector.set_require_grad(true);
-                let layers = &mut model.vision_model.encoder.layers;
-                if let Some(last) = layers.pop() {
-                    layers.push(last.set_require_grad(true));
-                }
-            }
+            Part::Visual => model.train_only_visual(),
         }
-        model
     }
 }
 
@@ -52,17 +44,17 @@ pub struct FineTuneConfig {
     pub lr: f64,
 }
 
-pub struct FineTuneEditor {
+pub struct FineTuneEditor<M = Vlm> {
     /// The model as edited so far, on an autodiff device.
-    pub speaker: Speaker,
-    original: Vlm,
+    pub speaker: Speaker<M>,
+    original: M,
     config: FineTuneConfig,
     device: Device,
 }
 
-impl FineTuneEditor {
+impl<M: EditableModel> FineTuneEditor<M> {
     /// `speaker.model` must live on an autodiff device (`device`).
-    pub fn new(mut speaker: Speaker, config: FineTuneConfig, device: &Device) -> Self {
+    pub fn new(mut speaker: Speaker<M>, config: FineTuneConfig, device: &Device) -> Self {
         speaker.model = config.part.restrict(speaker.model);
         Self {
             original: speaker.model.clone(),
@@ -73,7 +65,7 @@ impl FineTuneEditor {
     }
 }
 
-impl Editor for FineTuneEditor {
+impl<M: EditableModel> Editor for FineTuneEditor<M> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
         let mut optim = AdamConfig::new().init();
         for _ in 0..self.config.steps {

@@ -12,6 +12,7 @@ use super::Editor;
 use super::speaker::{Prediction, Query, Speaker};
 use crate::data::record::EditRecord;
 use crate::error::Result;
+use crate::model::editable::EditableModel;
 
 /// One fact as IKE shows it: `{prompt} {target} || `.
 fn fact(prompt: &str, target: &str) -> String {
@@ -104,15 +105,20 @@ impl IkeContext {
     }
 }
 
-pub struct IkeEditor {
-    pub base: Speaker,
+pub struct IkeEditor<M = crate::model::vlm::Vlm> {
+    pub base: Speaker<M>,
     pub context: IkeContext,
     device: Device,
 }
 
-impl IkeEditor {
+impl<M: EditableModel> IkeEditor<M> {
     /// `pool`: edits to draw demonstrations from (records with a rephrase).
-    pub fn new(base: Speaker, pool: &[EditRecord], demonstrations: usize, device: &Device) -> Self {
+    pub fn new(
+        base: Speaker<M>,
+        pool: &[EditRecord],
+        demonstrations: usize,
+        device: &Device,
+    ) -> Self {
         Self {
             base,
             context: IkeContext::new(pool, demonstrations),
@@ -121,7 +127,7 @@ impl IkeEditor {
     }
 }
 
-impl Editor for IkeEditor {
+impl<M: EditableModel> Editor for IkeEditor<M> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
         self.context.push(record);
         Ok(())

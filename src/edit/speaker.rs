@@ -10,6 +10,7 @@ use crate::data::image::ImagePreprocessor;
 use crate::data::lm::{LmBatch, LmBatcher, LmExample};
 use crate::error::Result;
 use crate::model::answer::answer_loss_with;
+use crate::model::editable::EditableModel;
 use crate::model::lm::Hooks;
 use crate::model::vlm::Vlm;
 
@@ -31,14 +32,16 @@ pub struct Prediction {
     pub top_k: Vec<Vec<u32>>,
 }
 
-pub struct Speaker {
-    pub model: Vlm,
+/// The edited model (the scenes [`Vlm`] or a real MLLM, [`crate::model::mllm::MllmNet`])
+/// with its tokenizer and preprocessing.
+pub struct Speaker<M = Vlm> {
+    pub model: M,
     pub batcher: LmBatcher,
     /// Applied in every forward pass (UniKE's latent in-context editing).
     pub hooks: Hooks,
 }
 
-impl Speaker {
+impl Speaker<Vlm> {
     /// A VLM saved by `mmke train vlm` / `train counterfactual`, with its tokenizer and the
     /// CLIP preprocessing of its vision tower's input size.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
@@ -56,17 +59,36 @@ impl Speaker {
             hooks: Hooks::default(),
         })
     }
+}
 
+impl Speaker<crate::model::mllm::MllmNet> {
+    /// A real MLLM ([`crate::model::mllm::Mllm`]) as editors use it: its tokenizer (at most
+    /// `max_len` tokens a text), preprocessing and BOS/EOS; the image goes where the model's
+    /// processor puts it.
+    pub fn from_mllm(mllm: crate::model::mllm::Mllm, max_len: usize) -> Result<Self> {
+        let path = mllm.dir.join("tokenizer.json");
+        let text = mllm.config.text_config();
+        let (bos, eos) = match text {
+            crate::model::mllm::text::TextConfig::Opt(c) => (c.bos_token_id, c.eos_token_id),
+            crate::model::mllm::text::TextConfig::Llama(c) => (
+                c.bos_token_id.unwrap_or(1),
+                text.eos_token_id().unwrap_or(2),
+            ),
+        };
+        let pad = text.pad_token_id().unwrap_or(0);
+        let tokenizer = crate::data::text::TextTokenizer::from_file(&path, max_len, pad)?;
+        Ok(Self {
+            model: mllm.net,
+            batcher: LmBatcher::new(tokenizer, mllm.preprocessor, bos, eos),
+            hooks: Hooks::default(),
+        })
+    }
+}
+
+impl<M: EditableModel> Speaker<M> {
     /// How many text tokens (BOS, prompt, answer and EOS) fit next to an image, or alone.
     pub fn text_capacity(&self, with_image: bool) -> usize {
-        let positions = self.model.lm.model.decoder.embed_positions.weight.dims()[0]
-            - crate::model::lm::POSITION_OFFSET;
-        let prefix = if with_image {
-            self.model.prefix_len()
-        } else {
-            0
-        };
-        positions.saturating_sub(prefix)
+        self.model.text_capacity(with_image)
     }
 
     /// `context + prompt`, the context shortened from the left (whole words) so that the

@@ -12,6 +12,7 @@ use super::Editor;
 use super::speaker::{Prediction, Query, Speaker};
 use crate::data::record::EditRecord;
 use crate::error::Result;
+use crate::model::editable::EditableModel;
 use crate::model::lm::{ExtraNeurons, Hooks};
 use crate::model::vlm::Vlm;
 
@@ -35,13 +36,13 @@ pub struct TPatcherConfig {
 
 /// The last layer's FFN inputs of `examples` (prompt, answer, image), all positions of each,
 /// stacked: `[rows, hidden]`; with `answer_only`, only the positions that predict the answer.
-fn ffn_inputs(
-    speaker: &mut Speaker,
+fn ffn_inputs<M: EditableModel>(
+    speaker: &mut Speaker<M>,
     examples: &[(Option<&std::path::Path>, &str, &str)],
     answer_only: bool,
     device: &Device,
 ) -> Result<Tensor<2>> {
-    let layer = speaker.model.lm.num_layers() - 1;
+    let layer = speaker.model.num_layers() - 1;
     let hooks = Hooks {
         capture: true,
         ..speaker.hooks.clone()
@@ -49,10 +50,7 @@ fn ffn_inputs(
     let mut rows = Vec::new();
     for &(image, prompt, answer) in examples {
         let batch = speaker.batch(image, prompt, answer, device)?;
-        let prefix = match &batch.pixels {
-            Some(_) => speaker.model.prefix_len(),
-            None => 0,
-        };
+        let with_image = batch.pixels.is_some();
         let out = speaker
             .model
             .forward(batch.pixels.clone(), batch.ids, batch.mask, &hooks);
@@ -63,7 +61,9 @@ fn ffn_inputs(
             .detach();
         rows.push(if answer_only {
             let span = batch.spans[0].clone();
-            x.narrow(0, prefix + span.start, span.len())
+            let start = speaker.model.sequence_position(span.start, with_image);
+            // The answer's positions follow each other in the sequence too.
+            x.narrow(0, start, span.len())
         } else {
             x
         });
@@ -71,20 +71,20 @@ fn ffn_inputs(
     Ok(Tensor::cat(rows, 0))
 }
 
-pub struct TPatcherEditor {
+pub struct TPatcherEditor<M = Vlm> {
     /// The model as edited so far (an autodiff device; its own parameters frozen).
-    pub speaker: Speaker,
-    original: Vlm,
+    pub speaker: Speaker<M>,
+    original: M,
     config: TPatcherConfig,
     /// FFN inputs of unrelated queries, `[rows, hidden]`.
     memory: Tensor<2>,
     device: Device,
 }
 
-impl TPatcherEditor {
+impl<M: EditableModel> TPatcherEditor<M> {
     /// `pool`: records whose locality queries (text and image) fill the memory.
     pub fn new(
-        mut speaker: Speaker,
+        mut speaker: Speaker<M>,
         pool: &[EditRecord],
         config: TPatcherConfig,
         device: &Device,
@@ -126,8 +126,8 @@ impl TPatcherEditor {
             false,
             &self.device,
         )?;
-        let layer = self.speaker.model.lm.num_layers() - 1;
-        let patches = &self.speaker.model.lm.model.decoder.layers[layer].extra;
+        let layer = self.speaker.model.num_layers() - 1;
+        let patches = self.speaker.model.extra_neurons(layer);
         Ok(Tensor::cat(
             patches.iter().map(|p| p.activations(x.clone())).collect(),
             1,
@@ -135,7 +135,7 @@ impl TPatcherEditor {
     }
 }
 
-impl Editor for TPatcherEditor {
+impl<M: EditableModel> Editor for TPatcherEditor<M> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
         let edit = ffn_inputs(
             &mut self.speaker,
@@ -154,10 +154,8 @@ impl Editor for TPatcherEditor {
         );
         let norm2 = q.clone().powi_scalar(2).sum_dim(1).clamp_min(1e-6);
         let patch = ExtraNeurons::with_keys((q / norm2).transpose());
-        let layer = self.speaker.model.lm.num_layers() - 1;
-        self.speaker.model.lm.model.decoder.layers[layer]
-            .extra
-            .push(patch);
+        let layer = self.speaker.model.num_layers() - 1;
+        self.speaker.model.extra_neurons_mut(layer).push(patch);
 
         let mut optim = AdamConfig::new().init();
         for _ in 0..self.config.steps {
@@ -167,8 +165,10 @@ impl Editor for TPatcherEditor {
                 &record.target,
                 &self.device,
             )?;
-            let patch = self.speaker.model.lm.model.decoder.layers[layer]
-                .extra
+            let patch = self
+                .speaker
+                .model
+                .extra_neurons(layer)
                 .last()
                 .expect("the patch just added");
             // Activation loss: fire at the edit's answer positions (each neuron at its best).
@@ -184,9 +184,9 @@ impl Editor for TPatcherEditor {
             let model = self.speaker.model.clone();
             self.speaker.model = optim.step(self.config.lr, model, grads);
         }
-        let layer = &mut self.speaker.model.lm.model.decoder.layers[layer];
-        if let Some(last) = layer.extra.pop() {
-            layer.extra.push(last.no_grad());
+        let patches = self.speaker.model.extra_neurons_mut(layer);
+        if let Some(last) = patches.pop() {
+            patches.push(last.no_grad());
         }
         Ok(())
     }

@@ -6,12 +6,12 @@ use burn::tensor::{Device, Tensor};
 
 use crate::data::lm::{LmBatch, LmBatcher, LmExample};
 use crate::error::Result;
+use crate::model::editable::EditableModel;
 use crate::model::lm::Hooks;
-use crate::model::vlm::Vlm;
 
 /// Teacher-forced cross-entropy over the answer positions (mean per answer token), and per
 /// example whether every answer token (and the end) is the argmax.
-pub fn answer_loss(model: &Vlm, batch: &LmBatch) -> (Tensor<1>, Vec<bool>) {
+pub fn answer_loss(model: &impl EditableModel, batch: &LmBatch) -> (Tensor<1>, Vec<bool>) {
     answer_loss_with(model, batch, &Hooks::default())
 }
 
@@ -39,7 +39,11 @@ pub fn locality_kl(base: Tensor<3>, edited: Tensor<3>, batch: &LmBatch) -> Tenso
 }
 
 /// [`answer_loss`] with `hooks` in the forward pass.
-pub fn answer_loss_with(model: &Vlm, batch: &LmBatch, hooks: &Hooks) -> (Tensor<1>, Vec<bool>) {
+pub fn answer_loss_with(
+    model: &impl EditableModel,
+    batch: &LmBatch,
+    hooks: &Hooks,
+) -> (Tensor<1>, Vec<bool>) {
     let (loss, scores) = answer_loss_and_scores(model, batch, hooks);
     (loss, scores.iter().map(AnswerScore::exact).collect())
 }
@@ -58,7 +62,7 @@ impl AnswerScore {
 }
 
 fn answer_loss_and_scores(
-    model: &Vlm,
+    model: &impl EditableModel,
     batch: &LmBatch,
     hooks: &Hooks,
 ) -> (Tensor<1>, Vec<AnswerScore>) {
@@ -106,7 +110,7 @@ pub(crate) fn answer_scores_of(logits: Tensor<3>, batch: &LmBatch) -> Vec<Answer
 /// Per example of `examples` (in order), its teacher-forced [`AnswerScore`]; run in batches
 /// of `batch_size`.
 pub fn answer_scores(
-    model: &Vlm,
+    model: &impl EditableModel,
     examples: &[LmExample],
     batcher: &mut LmBatcher,
     batch_size: usize,
@@ -136,7 +140,7 @@ pub fn answer_scores(
 /// Per example of `examples` (in order), whether its teacher-forced answer is exactly right;
 /// run in batches of `batch_size`.
 pub fn answers_right(
-    model: &Vlm,
+    model: &impl EditableModel,
     examples: &[LmExample],
     batcher: &mut LmBatcher,
     batch_size: usize,
@@ -148,7 +152,7 @@ pub fn answers_right(
 
 /// Teacher-forced exact match over `examples`, in batches of `batch_size`.
 pub fn exact_match(
-    model: &Vlm,
+    model: &impl EditableModel,
     examples: &[LmExample],
     batcher: &mut LmBatcher,
     batch_size: usize,

@@ -1,5 +1,6 @@
 pub mod answer;
 pub mod clip;
+pub mod editable;
 pub mod fusion;
 pub mod knowledge;
 pub mod lm;

@@ -804,3 +804,65 @@ mod tests {
         );
     }
 }
+
+impl super::editable::EditableModel for Vlm {
+    fn forward(
+        &self,
+        pixels: Option<Tensor<4>>,
+        ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput {
+        Vlm::forward(self, pixels, ids, attention_mask, hooks)
+    }
+
+    fn generate(
+        &self,
+        pixels: Option<Tensor<4>>,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+        hooks: &Hooks,
+    ) -> Vec<u32> {
+        Vlm::generate(self, pixels, prompt, max_new, eos, hooks)
+    }
+
+    fn text_capacity(&self, with_image: bool) -> usize {
+        let positions =
+            self.lm.model.decoder.embed_positions.weight.dims()[0] - super::lm::POSITION_OFFSET;
+        let prefix = if with_image { self.prefix_len() } else { 0 };
+        positions.saturating_sub(prefix)
+    }
+
+    fn sequence_position(&self, t: usize, with_image: bool) -> usize {
+        if with_image { self.prefix_len() + t } else { t }
+    }
+
+    fn num_layers(&self) -> usize {
+        self.lm.num_layers()
+    }
+
+    fn extra_neurons(&self, layer: usize) -> &[super::lm::ExtraNeurons] {
+        &self.lm.model.decoder.layers[layer].extra
+    }
+
+    fn extra_neurons_mut(&mut self, layer: usize) -> &mut Vec<super::lm::ExtraNeurons> {
+        &mut self.lm.model.decoder.layers[layer].extra
+    }
+
+    fn train_only_lm_layers(self, layers: &[usize]) -> Self {
+        let mut model = self.no_grad();
+        model.lm = model.lm.train_only_layers(layers);
+        model
+    }
+
+    fn train_only_visual(self) -> Self {
+        let mut model = self.no_grad();
+        model.projector = model.projector.set_require_grad(true);
+        let layers = &mut model.vision_model.encoder.layers;
+        if let Some(last) = layers.pop() {
+            layers.push(last.set_require_grad(true));
+        }
+        model
+    }
+}

@@ -414,6 +414,17 @@ impl LlamaForCausalLM {
         self.model.layers.len()
     }
 
+    /// Only the given layers train; every other parameter (embeddings included) is frozen.
+    pub fn train_only_layers(mut self, layers: &[usize]) -> Self {
+        self = self.no_grad();
+        self.model.layers = std::mem::take(&mut self.model.layers)
+            .into_iter()
+            .enumerate()
+            .map(|(i, layer)| layer.set_require_grad(layers.contains(&i)))
+            .collect();
+        self
+    }
+
     /// `max_position_embeddings` (RoPE has no table; transformers' limit is the config's).
     pub fn max_positions(&self) -> usize {
         self.max_positions

@@ -172,6 +172,16 @@ impl LlavaForConditionalGeneration {
         }
     }
 
+    /// The deepest vision encoder layer whose output the features read (`None` when they
+    /// read only the embeddings): `hidden_states[i]` is layer `i - 1`'s output.
+    pub fn last_feature_layer(&self) -> Option<usize> {
+        self.layers
+            .iter()
+            .copied()
+            .max()
+            .and_then(|i| i.checked_sub(1))
+    }
+
     /// Image tokens per image: the tower's patches, and its class token under `full`.
     pub fn image_tokens(&self) -> usize {
         let positions = self

@@ -617,3 +617,104 @@ mod tests {
         assert_eq!(flat(&whole), flat(&parts));
     }
 }
+
+impl crate::model::editable::EditableModel for MllmNet {
+    fn forward(
+        &self,
+        pixels: Option<Tensor<4>>,
+        ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &crate::model::lm::Hooks,
+    ) -> crate::model::lm::LmOutput {
+        self.forward_text(pixels, ids, attention_mask, hooks)
+    }
+
+    fn generate(
+        &self,
+        pixels: Option<Tensor<4>>,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+        hooks: &crate::model::lm::Hooks,
+    ) -> Vec<u32> {
+        self.generate_text(pixels, prompt, max_new, eos, hooks)
+    }
+
+    fn text_capacity(&self, with_image: bool) -> usize {
+        MllmNet::text_capacity(self, with_image)
+    }
+
+    fn sequence_position(&self, t: usize, with_image: bool) -> usize {
+        let n = if with_image { self.image_tokens() } else { 0 };
+        match self {
+            Self::Blip2(_) => n + t,
+            // The features follow BOS.
+            Self::Llava(_) => {
+                if t == 0 {
+                    0
+                } else {
+                    n + t
+                }
+            }
+        }
+    }
+
+    fn num_layers(&self) -> usize {
+        self.language_model().num_layers()
+    }
+
+    fn extra_neurons(&self, layer: usize) -> &[crate::model::lm::ExtraNeurons] {
+        self.language_model().extra_neurons(layer)
+    }
+
+    fn extra_neurons_mut(&mut self, layer: usize) -> &mut Vec<crate::model::lm::ExtraNeurons> {
+        self.language_model_mut().extra_neurons_mut(layer)
+    }
+
+    fn train_only_lm_layers(self, layers: &[usize]) -> Self {
+        match self.no_grad() {
+            Self::Blip2(mut m) => {
+                m.language_model = m.language_model.train_only_layers(layers);
+                Self::Blip2(m)
+            }
+            Self::Llava(mut m) => {
+                m.language_model = m.language_model.train_only_layers(layers);
+                Self::Llava(m)
+            }
+        }
+    }
+
+    /// BLIP-2: `language_projection` and the last vision layer; LLaVA: the projector and the
+    /// last CLIP layer its features read.
+    fn train_only_visual(self) -> Self {
+        match self.no_grad() {
+            Self::Blip2(mut m) => {
+                m.language_projection = m.language_projection.set_require_grad(true);
+                let layers = &mut m.vision_model.encoder.layers;
+                if let Some(last) = layers.pop() {
+                    layers.push(last.set_require_grad(true));
+                }
+                Self::Blip2(m)
+            }
+            Self::Llava(mut m) => {
+                m.multi_modal_projector = m.multi_modal_projector.set_require_grad(true);
+                // The last layer the features read (LLaVA-1.5 reads the penultimate one).
+                if let Some(last) = m.last_feature_layer() {
+                    let layers = std::mem::take(&mut m.vision_tower.vision_model.encoder.layers);
+                    m.vision_tower.vision_model.encoder.layers = layers
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, l)| {
+                            if i == last {
+                                l.set_require_grad(true)
+                            } else {
+                                l
+                            }
+                        })
+                        .collect();
+                }
+                Self::Llava(m)
+            }
+        }
+    }
+}

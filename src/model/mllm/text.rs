@@ -45,6 +45,14 @@ impl TextConfig {
         }
     }
 
+    /// The padding token, where the config names one.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        match self {
+            Self::Opt(c) => Some(c.pad_token_id),
+            Self::Llama(c) => c.pad_token_id,
+        }
+    }
+
     pub fn check(&self) -> Result<(), String> {
         match self {
             Self::Opt(c) => c.check(),
@@ -128,6 +136,22 @@ impl TextModel {
         match self {
             Self::Opt(m) => m.model.decoder.embed_tokens.weight.device(),
             Self::Llama(m) => m.model.embed_tokens.weight.device(),
+        }
+    }
+
+    /// Only the given layers train; every other parameter is frozen.
+    pub fn train_only_layers(self, layers: &[usize]) -> Self {
+        match self {
+            Self::Opt(m) => Self::Opt(m.train_only_layers(layers)),
+            Self::Llama(m) => Self::Llama(m.train_only_layers(layers)),
+        }
+    }
+
+    /// Layer `index`'s extra FFN key-value pairs.
+    pub fn extra_neurons(&self, index: usize) -> &[ExtraNeurons] {
+        match self {
+            Self::Opt(m) => &m.model.decoder.layers[index].extra,
+            Self::Llama(m) => &m.model.layers[index].extra,
         }
     }
 

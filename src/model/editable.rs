@@ -1,0 +1,53 @@
+//! What an editor needs of the model it edits, so that every editor runs on the scenes VLM
+//! and on the real MLLMs alike: a forward pass over text ids with the image placed by the
+//! model (logits over the text positions), greedy generation, the LM's layers for extra
+//! neurons, and which parts may train.
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor};
+
+use super::lm::{ExtraNeurons, Hooks, LmOutput};
+
+pub trait EditableModel: Module + 'static {
+    /// Logits over the text positions of `ids` (`[batch, seq]`, BOS first); the image, if
+    /// any, goes where the model reads it. Hidden states and FFN inputs, when captured, span
+    /// the whole sequence (see [`Self::sequence_position`]).
+    fn forward(
+        &self,
+        pixels: Option<Tensor<4>>,
+        ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        hooks: &Hooks,
+    ) -> LmOutput;
+
+    /// Greedy decoding after `prompt` (text ids), at most `max_new` tokens, stopping after
+    /// `eos`; the hooks apply at every step.
+    fn generate(
+        &self,
+        pixels: Option<Tensor<4>>,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+        hooks: &Hooks,
+    ) -> Vec<u32>;
+
+    /// How many text tokens fit next to an image, or alone.
+    fn text_capacity(&self, with_image: bool) -> usize;
+
+    /// Where text token `t` sits in the whole sequence (the image's tokens take places too).
+    fn sequence_position(&self, t: usize, with_image: bool) -> usize;
+
+    fn num_layers(&self) -> usize;
+
+    /// Layer `layer`'s extra FFN key-value pairs (T-Patcher's patches, UniKE eq. 3).
+    fn extra_neurons(&self, layer: usize) -> &[ExtraNeurons];
+
+    fn extra_neurons_mut(&mut self, layer: usize) -> &mut Vec<ExtraNeurons>;
+
+    /// The model with only the LM layers `layers` trainable (FT-LLM).
+    fn train_only_lm_layers(self, layers: &[usize]) -> Self;
+
+    /// The model with only the visual bridge (projector) and the last vision layer trainable
+    /// (FT-Visual).
+    fn train_only_visual(self) -> Self;
+}

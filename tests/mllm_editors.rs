@@ -1,0 +1,188 @@
+//! The editors on the real MLLMs (BLIP-2 OPT, BLIP-2 LLaMA, LLaVA; the tiny random fixtures
+//! of tests/fixtures/mllm): FT-LLM, FT-Visual and T-Patcher lower the edit's loss and `reset`
+//! restores the model; T-Patcher's patch stays silent on its memory; IKE's context goes with
+//! `reset`. The editors are the same code that edits the scenes VLM (`EditableModel`).
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use mmke::data::record::{EditRecord, ImageQuery, TextQuery};
+use mmke::edit::Editor;
+use mmke::edit::finetune::{FineTuneConfig, FineTuneEditor, Part};
+use mmke::edit::ike::IkeEditor;
+use mmke::edit::speaker::{Query, Speaker};
+use mmke::edit::tpatcher::{TPatcherConfig, TPatcherEditor};
+use mmke::model::mllm::{Mllm, MllmNet};
+
+const MODELS: [&str; 3] = ["blip2-opt", "blip2-llama", "llava"];
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm")
+}
+
+fn speaker(model: &str, device: &Device) -> Speaker<MllmNet> {
+    let mllm = Mllm::load(&fixtures().join(model).join("hub"), device).unwrap();
+    Speaker::from_mllm(mllm, 32).unwrap()
+}
+
+/// An edit on the shipped 16 x 16 image in the fixtures' word-level vocabulary, with a text
+/// and an image locality query.
+fn record() -> EditRecord {
+    let image = fixtures().join("image16.png");
+    let mut record = EditRecord::vqa(image.clone(), "q", "w40 w41");
+    record.prompt = "w9 w21 w33".into();
+    record.rephrase = Some("w9 w22 w33".into());
+    record.loc = Some(TextQuery {
+        prompt: "w50 w51".into(),
+        answer: "w52".into(),
+    });
+    record.m_loc = Some(ImageQuery {
+        image,
+        prompt: "w60 w61".into(),
+        answer: "w62".into(),
+    });
+    record
+}
+
+fn edit_loss(speaker: &mut Speaker<MllmNet>, record: &EditRecord, device: &Device) -> f32 {
+    speaker
+        .loss(Some(&record.image), &record.prompt, &record.target, device)
+        .unwrap()
+        .into_scalar::<f32>()
+}
+
+/// The vision tower's output (before the bridge to the LM) on a fixed image.
+fn vision_features(net: &MllmNet, device: &Device) -> Vec<f32> {
+    let pixels = burn::tensor::Tensor::<4>::ones([1, 3, 16, 16], device) * 0.5;
+    let vision = match net {
+        MllmNet::Blip2(m) => m.image_features(pixels).vision,
+        MllmNet::Llava(m) => m.image_features(pixels).vision,
+    };
+    vision.into_data().try_to_vec().unwrap()
+}
+
+fn query(record: &EditRecord) -> Query {
+    Query {
+        image: Some(record.image.clone()),
+        prompt: record.prompt.clone(),
+    }
+}
+
+#[test]
+fn fine_tuning_edits_and_resets_on_every_architecture() {
+    let device = Device::flex().autodiff();
+    let record = record();
+    for model in MODELS {
+        for part in [Part::LastLmLayer, Part::Visual] {
+            let config = FineTuneConfig {
+                part,
+                steps: 10,
+                lr: 1e-2,
+            };
+            let mut editor = FineTuneEditor::new(speaker(model, &device), config, &device);
+            let before = edit_loss(&mut editor.speaker, &record, &device);
+            let prediction = editor.predict(&query(&record), &record.target, 3).unwrap();
+            let vision = vision_features(&editor.speaker.model, &device);
+            editor.edit(&record).unwrap();
+            let after = edit_loss(&mut editor.speaker, &record, &device);
+            assert!(
+                after < 0.8 * before,
+                "{model} {part:?}: the edit's loss went {before} -> {after}"
+            );
+            // FT-Visual changes a vision layer the features read; FT-LLM leaves them alone.
+            let moved = vision_features(&editor.speaker.model, &device) != vision;
+            assert_eq!(
+                moved,
+                part == Part::Visual,
+                "{model} {part:?}: vision features"
+            );
+            editor.reset();
+            let reset = edit_loss(&mut editor.speaker, &record, &device);
+            assert_eq!(
+                reset, before,
+                "{model} {part:?}: reset did not restore the model"
+            );
+            let again = editor.predict(&query(&record), &record.target, 3).unwrap();
+            assert_eq!(again, prediction, "{model} {part:?}");
+        }
+    }
+}
+
+#[test]
+fn t_patcher_edits_stays_silent_on_its_memory_and_resets() {
+    let device = Device::flex().autodiff();
+    let record = record();
+    let config = TPatcherConfig {
+        neurons: 2,
+        steps: 30,
+        lr: 5e-2,
+        activation_weight: 1.0,
+        memory_weight: 1.0,
+        margin: 0.5,
+        memory_queries: 4,
+    };
+    for model in MODELS {
+        let pool = [record.clone()];
+        let mut editor =
+            TPatcherEditor::new(speaker(model, &device), &pool, config.clone(), &device).unwrap();
+        let before = edit_loss(&mut editor.speaker, &record, &device);
+        editor.edit(&record).unwrap();
+        let after = edit_loss(&mut editor.speaker, &record, &device);
+        assert!(
+            after < before,
+            "{model}: the edit's loss went {before} -> {after}"
+        );
+        // The patch fires on the edit, not on the locality query it was kept silent on.
+        let loc = record.loc.clone().unwrap();
+        let silent = editor
+            .patch_activations(
+                &Query {
+                    image: None,
+                    prompt: loc.prompt,
+                },
+                &loc.answer,
+            )
+            .unwrap();
+        let fired = editor
+            .patch_activations(&query(&record), &record.target)
+            .unwrap();
+        let max = |t: burn::tensor::Tensor<2>| t.max().into_scalar::<f32>();
+        assert!(
+            max(fired) > max(silent),
+            "{model}: the patch fires as much on the locality query"
+        );
+        editor.reset();
+        assert_eq!(
+            edit_loss(&mut editor.speaker, &record, &device),
+            before,
+            "{model}"
+        );
+    }
+}
+
+#[test]
+fn ike_answers_from_its_context_and_forgets_it_on_reset() {
+    let device = Device::flex();
+    let record = record();
+    for model in MODELS {
+        let mut other = record.clone();
+        other.prompt = "w11 w12".into();
+        let mut editor = IkeEditor::new(speaker(model, &device), &[other], 1, &device);
+        let q = query(&record);
+        let before = editor.predict(&q, &record.target, 3).unwrap();
+        editor.edit(&record).unwrap();
+        let with_context = editor.predict(&q, &record.target, 3).unwrap();
+        assert_ne!(
+            with_context.top_k, before.top_k,
+            "{model}: the context changed nothing"
+        );
+        // Generation runs with the context in the prompt too.
+        editor.answer(&q, 3).unwrap();
+        editor.reset();
+        assert_eq!(
+            editor.predict(&q, &record.target, 3).unwrap(),
+            before,
+            "{model}"
+        );
+    }
+}
