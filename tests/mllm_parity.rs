@@ -845,3 +845,102 @@ fn generate_text_answers_as_generate_does() {
         assert_eq!(got, want, "{model}");
     }
 }
+
+/// MEND's rank-1 pieces on both LMs: for each probed FFN matrix (OPT: fc1, fc2; LLaMA: gate,
+/// up, down), `sum_t u_t^T delta_t` is the weight's gradient; and a weight change given as a
+/// hook acts as the changed weight.
+#[test]
+fn ffn_probes_and_deltas_work_on_opt_and_llama() {
+    use burn::tensor::{Distribution, Gradients};
+    use mmke::model::lm::Hooks;
+    use mmke::model::mllm::text::TextModel;
+    let device = device().autodiff();
+    for model in ["blip2-opt", "blip2-llama"] {
+        let r = reference(model);
+        let mllm = load_on(model, &device);
+        let lm = mllm.net.language_model();
+        let last = lm.num_layers() - 1;
+        let embeds = mllm
+            .input_embeddings(
+                float4(&r["pixel_values"], &device),
+                int2(&r["input_ids"], &device),
+            )
+            .unwrap()
+            .detach();
+        let mask = int2(&r["attention_mask"], &device);
+        let hooks = Hooks {
+            ffn_probes: vec![last],
+            ..Hooks::default()
+        };
+        let out = lm.forward_hooked(embeds.clone(), mask.clone(), &hooks);
+        let weights =
+            Tensor::<3>::random(out.logits.dims(), Distribution::Normal(0.0, 1.0), &device);
+        let grads: Gradients = (out.logits * weights.clone()).sum().backward();
+        let pieces = out.probes[0].gradients(&grads);
+        let matrices: Vec<Tensor<2>> = match lm {
+            TextModel::Opt(m) => {
+                let l = &m.model.decoder.layers[last];
+                vec![l.fc1.weight.val(), l.fc2.weight.val()]
+            }
+            TextModel::Llama(m) => {
+                let l = &m.model.layers[last].mlp;
+                vec![
+                    l.gate_proj.weight.val(),
+                    l.up_proj.weight.val(),
+                    l.down_proj.weight.val(),
+                ]
+            }
+        };
+        assert_eq!(pieces.len(), matrices.len(), "{model}");
+        for (m, ((u, delta), w)) in pieces.iter().zip(&matrices).enumerate() {
+            let want = values(w.grad(&grads).expect("the weight has a gradient"));
+            let got = values(u.clone().transpose().matmul(delta.clone()));
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let diff = max_diff(&got, &want);
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{model} matrix {m}: {diff} (scale {scale})"
+            );
+        }
+
+        // A change given as a hook = the same change in the weights.
+        let deltas: Vec<Tensor<2>> = matrices
+            .iter()
+            .map(|w| Tensor::random(w.dims(), Distribution::Normal(0.0, 0.01), &device))
+            .collect();
+        let mut ffn_deltas = vec![None; lm.num_layers()];
+        ffn_deltas[last] = Some(deltas.clone());
+        let hooked = values(
+            lm.forward_hooked(
+                embeds.clone(),
+                mask.clone(),
+                &Hooks {
+                    ffn_deltas,
+                    ..Hooks::default()
+                },
+            )
+            .logits,
+        );
+        let mut changed = load_on(model, &device);
+        match changed.net.language_model_mut() {
+            TextModel::Opt(m) => {
+                let l = &mut m.model.decoder.layers[last];
+                l.fc1.weight = l.fc1.weight.clone().map(|w| w + deltas[0].clone());
+                l.fc2.weight = l.fc2.weight.clone().map(|w| w + deltas[1].clone());
+            }
+            TextModel::Llama(m) => {
+                let l = &mut m.model.layers[last].mlp;
+                l.gate_proj.weight = l.gate_proj.weight.clone().map(|w| w + deltas[0].clone());
+                l.up_proj.weight = l.up_proj.weight.clone().map(|w| w + deltas[1].clone());
+                l.down_proj.weight = l.down_proj.weight.clone().map(|w| w + deltas[2].clone());
+            }
+        }
+        let direct = values(changed.net.language_model().forward_embeds(embeds, mask));
+        let diff = max_diff(&hooked, &direct);
+        assert!(diff <= 1e-4, "{model}: the hooked change differs by {diff}");
+    }
+}
+
+fn load_on(model: &str, device: &Device) -> Mllm {
+    Mllm::load(&fixture(model).join("hub"), device).unwrap()
+}

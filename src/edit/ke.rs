@@ -114,17 +114,21 @@ impl Hypernetwork for Ke {
         &self.layers
     }
 
-    fn updates(&self, edit: &EditSignal) -> Vec<[Tensor<2>; 2]> {
+    fn updates(&self, edit: &EditSignal) -> Vec<Vec<Tensor<2>>> {
         let (states, _) = self.lstm.forward(edit.tokens.clone(), None);
         let c = states.mean_dim(1).squeeze_dim::<2>(1); // [1, 2 hidden]
+        // One head per matrix, in layer order.
+        let mut heads = self.heads.iter();
         edit.pieces
             .iter()
-            .enumerate()
-            .map(|(slot, pieces)| {
-                [0, 1].map(|m| {
-                    let (u, delta) = pieces[m].clone();
-                    self.heads[2 * slot + m].update(c.clone(), u.transpose().matmul(delta))
-                })
+            .map(|pieces| {
+                pieces
+                    .iter()
+                    .map(|(u, delta)| {
+                        let head = heads.next().expect("a head per matrix");
+                        head.update(c.clone(), u.clone().transpose().matmul(delta.clone()))
+                    })
+                    .collect()
             })
             .collect()
     }

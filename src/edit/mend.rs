@@ -135,8 +135,8 @@ impl MatrixNet {
     }
 }
 
-/// The gradient pieces of one edited layer: `(u, delta)` of fc1 and of fc2.
-pub type LayerGradient = [(Tensor<2>, Tensor<2>); 2];
+/// The gradient pieces of one edited layer: `(u, delta)` of each FFN matrix (fc1, fc2).
+pub type LayerGradient = Vec<(Tensor<2>, Tensor<2>)>;
 
 /// MEND's networks for every edited matrix, in layer order (fc1, fc2 of each layer).
 #[derive(Module, Debug)]
@@ -157,8 +157,8 @@ pub trait Hypernetwork: Module + Sized {
     fn check(config: &Self::Config) -> std::result::Result<(), String>;
     /// The edited LM layers.
     fn layers(&self) -> &[usize];
-    /// The weight changes (`[in, out]`) of fc1 and fc2 per edited layer.
-    fn updates(&self, edit: &EditSignal) -> Vec<[Tensor<2>; 2]>;
+    /// The weight changes (`[in, out]`) of each FFN matrix (fc1, fc2) per edited layer.
+    fn updates(&self, edit: &EditSignal) -> Vec<Vec<Tensor<2>>>;
     /// Merges what an edit tells about the data (MEND's running normalisation).
     fn observe(self, _edit: &EditSignal) -> Self {
         self
@@ -203,15 +203,19 @@ impl Hypernetwork for Mend {
         &self.layers
     }
 
-    fn updates(&self, edit: &EditSignal) -> Vec<[Tensor<2>; 2]> {
+    fn updates(&self, edit: &EditSignal) -> Vec<Vec<Tensor<2>>> {
+        // One network per matrix, in layer order.
+        let mut nets = self.nets.iter();
         edit.pieces
             .iter()
-            .enumerate()
-            .map(|(slot, pieces)| {
-                [0, 1].map(|m| {
-                    let (u, delta) = pieces[m].clone();
-                    self.nets[2 * slot + m].update(u, delta)
-                })
+            .map(|pieces| {
+                pieces
+                    .iter()
+                    .map(|(u, delta)| {
+                        let net = nets.next().expect("a network per matrix");
+                        net.update(u.clone(), delta.clone())
+                    })
+                    .collect()
             })
             .collect()
     }
@@ -232,7 +236,7 @@ impl Hypernetwork for Mend {
 pub fn hooks_with_updates(
     base: &Hooks,
     layers: &[usize],
-    updates: Vec<[Tensor<2>; 2]>,
+    updates: Vec<Vec<Tensor<2>>>,
     num_layers: usize,
 ) -> Hooks {
     let mut deltas = vec![None; num_layers];
@@ -344,8 +348,11 @@ impl<N: Hypernetwork> Editor for HypernetEditor<N> {
         let signal = edit_signal(&mut self.speaker, record, &layers, &self.device)?;
         let updates = self.net.updates(&signal);
         let decoder = &mut self.speaker.model.lm.model.decoder;
-        for (&l, [fc1, fc2]) in layers.iter().zip(updates) {
+        for (&l, update) in layers.iter().zip(updates) {
             let layer = &mut decoder.layers[l];
+            let [fc1, fc2]: [Tensor<2>; 2] = update
+                .try_into()
+                .expect("an OPT layer has two FFN matrices");
             layer.fc1.weight = layer.fc1.weight.clone().map(|w| (w + fc1).detach());
             layer.fc2.weight = layer.fc2.weight.clone().map(|w| (w + fc2).detach());
         }

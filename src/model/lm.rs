@@ -240,10 +240,10 @@ pub struct Hooks {
     pub capture: bool,
     /// Layers whose FFN matrices report their inputs and gradients ([`FfnProbe`]; MEND, KE).
     pub ffn_probes: Vec<usize>,
-    /// Per layer, changes of fc1's and fc2's weights (`[in, out]`, Burn's layout) applied in
-    /// the forward pass and kept in the autodiff graph (meta-training differentiates through
-    /// them).
-    pub ffn_deltas: Vec<Option<[Tensor<2>; 2]>>,
+    /// Per layer, changes of its FFN matrices' weights (`[in, out]`, Burn's layout; OPT: fc1,
+    /// fc2; LLaMA: gate, up, down) applied in the forward pass and kept in the autodiff graph
+    /// (meta-training differentiates through them).
+    pub ffn_deltas: Vec<Option<Vec<Tensor<2>>>>,
 }
 
 /// What a probed FFN matrix saw in a forward pass: its input u and a zero tensor added to its
@@ -252,20 +252,74 @@ pub struct Hooks {
 #[derive(Clone, Debug)]
 pub struct FfnProbe {
     pub layer: usize,
-    /// fc1's and fc2's inputs, `[rows, in]`.
-    pub inputs: [Tensor<2>; 2],
-    /// fc1's and fc2's output probes, `[rows, out]`.
-    pub outputs: [Tensor<2>; 2],
+    /// Each FFN matrix's input, `[rows, in]` (OPT: fc1, fc2; LLaMA: gate, up, down).
+    pub inputs: Vec<Tensor<2>>,
+    /// Each matrix's output probe, `[rows, out]`.
+    pub outputs: Vec<Tensor<2>>,
 }
 
 impl FfnProbe {
-    /// `(u, delta)` of fc1 and fc2 after a backward pass.
-    pub fn gradients(&self, grads: &Gradients) -> [(Tensor<2>, Tensor<2>); 2] {
-        [0, 1].map(|m| {
-            let delta = self.outputs[m]
-                .grad(grads)
-                .unwrap_or_else(|| self.outputs[m].clone().detach().zeros_like());
-            (self.inputs[m].clone().detach(), delta)
+    /// `(u, delta)` of each matrix after a backward pass.
+    pub fn gradients(&self, grads: &Gradients) -> Vec<(Tensor<2>, Tensor<2>)> {
+        self.inputs
+            .iter()
+            .zip(&self.outputs)
+            .map(|(input, output)| {
+                let delta = output
+                    .grad(grads)
+                    .unwrap_or_else(|| output.clone().detach().zeros_like());
+                (input.clone().detach(), delta)
+            })
+            .collect()
+    }
+}
+
+/// A layer's FFN matrices applied with the hooks' weight changes and probes (OPT's and
+/// LLaMA's alike): call [`Self::apply`] for each matrix in order, then [`Self::finish`].
+pub(crate) struct FfnHook<'a> {
+    layer: usize,
+    delta: Option<&'a Vec<Tensor<2>>>,
+    probe: bool,
+    inputs: Vec<Tensor<2>>,
+    outputs: Vec<Tensor<2>>,
+}
+
+impl<'a> FfnHook<'a> {
+    pub(crate) fn new(layer: usize, hooks: &'a Hooks) -> Self {
+        Self {
+            layer,
+            delta: hooks.ffn_deltas.get(layer).and_then(Option::as_ref),
+            probe: hooks.ffn_probes.contains(&layer),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Whether the hooks touch this layer at all.
+    pub(crate) fn active(&self) -> bool {
+        self.delta.is_some() || self.probe
+    }
+
+    /// Matrix `m` (`linear`) on `input` (`[rows, in]`), plus its change, probed.
+    pub(crate) fn apply(&mut self, m: usize, linear: &Linear, input: Tensor<2>) -> Tensor<2> {
+        let mut out = linear.forward(input.clone());
+        if let Some(delta) = self.delta {
+            out = out + input.clone().matmul(delta[m].clone());
+        }
+        if self.probe {
+            let zero = out.clone().detach().zeros_like().require_grad();
+            out = out + zero.clone();
+            self.inputs.push(input);
+            self.outputs.push(zero);
+        }
+        out
+    }
+
+    pub(crate) fn finish(self) -> Option<FfnProbe> {
+        self.probe.then(|| FfnProbe {
+            layer: self.layer,
+            inputs: self.inputs,
+            outputs: self.outputs,
         })
     }
 }
@@ -323,37 +377,16 @@ impl OptDecoderLayer {
         x: Tensor<2>,
         hooks: &Hooks,
     ) -> (Tensor<2>, Option<FfnProbe>) {
-        let delta = hooks.ffn_deltas.get(index).and_then(Option::as_ref);
-        let probe = hooks.ffn_probes.contains(&index);
-        if delta.is_none() && !probe {
+        let mut hook = FfnHook::new(index, hooks);
+        if !hook.active() {
             return (self.ffn(x), None);
         }
-        let mut inputs = Vec::new();
-        let mut outputs = Vec::new();
-        let mut matrix = |m: usize, linear: &Linear, input: Tensor<2>| {
-            let mut out = linear.forward(input.clone());
-            if let Some(delta) = delta {
-                out = out + input.clone().matmul(delta[m].clone());
-            }
-            if probe {
-                let zero = out.clone().detach().zeros_like().require_grad();
-                out = out + zero.clone();
-                inputs.push(input);
-                outputs.push(zero);
-            }
-            out
-        };
-        let hidden = relu(matrix(0, &self.fc1, x.clone()));
-        let out = matrix(1, &self.fc2, hidden);
+        let hidden = relu(hook.apply(0, &self.fc1, x.clone()));
+        let out = hook.apply(1, &self.fc2, hidden);
         let out = self.extra.iter().fold(out, |out, extra| {
             out + extra.activations(x.clone()).matmul(extra.value_vectors())
         });
-        let probe = probe.then(|| FfnProbe {
-            layer: index,
-            inputs: [inputs[0].clone(), inputs[1].clone()],
-            outputs: [outputs[0].clone(), outputs[1].clone()],
-        });
-        (out, probe)
+        (out, hook.finish())
     }
 
     /// The layer's output, its FFN input (after `final_layer_norm`) and its FFN probe.

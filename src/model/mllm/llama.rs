@@ -11,7 +11,9 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::model::clip::encoder::{apply, extend_cache, linear_with_bias as linear};
-use crate::model::lm::{ExtraNeurons, Hooks, KvCache, LmOutput, attention_mask_4d};
+use crate::model::lm::{
+    ExtraNeurons, FfnHook, FfnProbe, Hooks, KvCache, LmOutput, attention_mask_4d,
+};
 
 /// The fields of a Hugging Face LLaMA `config.json`; missing ones take `LlamaConfig`'s
 /// defaults, as the abbreviated `text_config` of LLaVA-1.5's hub config relies on.
@@ -335,16 +337,21 @@ impl LlamaDecoderLayer {
         }
     }
 
-    /// The layer's output and its MLP input (after `post_attention_layernorm`); `shift` is
-    /// added to the self-attention output before the residual (UniKE eq. 2/7).
+    /// The layer's output, its MLP input (after `post_attention_layernorm`) and its MLP
+    /// probe; the hooks' shift for layer `index` is added to the self-attention output before
+    /// the residual (UniKE eq. 2/7), their weight changes and probes apply to gate, up and
+    /// down (MEND's rank-1 pieces: u = the normed input for gate and up, silu(gate) * up for
+    /// down; delta = the gradient at each projection's output).
     fn forward(
         &self,
+        index: usize,
         x: Tensor<3>,
         rope: &Rope,
         mask: Tensor<4, Bool>,
-        shift: Option<&Tensor<3>>,
+        hooks: &Hooks,
         cache: Option<&mut Option<[Tensor<4>; 2]>>,
-    ) -> (Tensor<3>, Tensor<3>) {
+    ) -> (Tensor<3>, Tensor<3>, Option<FfnProbe>) {
+        let shift = hooks.attention_shift.get(index).and_then(Option::as_ref);
         let mut attn =
             self.self_attn
                 .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
@@ -354,8 +361,16 @@ impl LlamaDecoderLayer {
         let x = x + attn;
         let normed = self.post_attention_layernorm.forward(x.clone());
         let [batch, seq, d] = normed.dims();
-        let mlp = self.mlp.forward(normed.clone());
         let rows = normed.clone().reshape([batch * seq, d]);
+        let mut hook = FfnHook::new(index, hooks);
+        let (mlp, probe) = if hook.active() {
+            let gate = silu(hook.apply(0, &self.mlp.gate_proj, rows.clone()));
+            let up = hook.apply(1, &self.mlp.up_proj, rows.clone());
+            let down = hook.apply(2, &self.mlp.down_proj, gate * up);
+            (down.reshape([batch, seq, d]), hook.finish())
+        } else {
+            (self.mlp.forward(normed.clone()), None)
+        };
         let mlp = self.extra.iter().fold(mlp, |out, extra| {
             let side = extra
                 .activations(rows.clone())
@@ -363,7 +378,7 @@ impl LlamaDecoderLayer {
                 .reshape([batch, seq, d]);
             out + side
         });
-        (x + mlp, normed)
+        (x + mlp, normed, probe)
     }
 }
 
@@ -433,10 +448,9 @@ impl LlamaForCausalLM {
     /// Logits and what the hooks ask for, from input embeddings; positions are `0..seq` (as
     /// `transformers` numbers them without a cache), padding keys masked. The hooks: per-layer
     /// attention shifts, captured hidden states (`hidden_states[0]` the embeddings, `[i + 1]`
-    /// layer i's output, the last after the final norm, as in `transformers`) and MLP inputs.
-    /// Those that rewrite or probe OPT's FFN matrices (`attention_mix`, `ffn_probes`,
-    /// `ffn_deltas`) are not implemented on LLaMA yet: asking for them panics rather than
-    /// being ignored.
+    /// layer i's output, the last after the final norm, as in `transformers`), MLP inputs,
+    /// and the MLP's weight changes and probes (gate, up, down). UniKE's `attention_mix` is not
+    /// implemented on LLaMA yet: asking for it panics rather than being ignored.
     pub fn forward_hooked(
         &self,
         embeds: Tensor<3>,
@@ -444,10 +458,8 @@ impl LlamaForCausalLM {
         hooks: &Hooks,
     ) -> LmOutput {
         assert!(
-            hooks.attention_mix.is_none()
-                && hooks.ffn_probes.is_empty()
-                && hooks.ffn_deltas.iter().all(Option::is_none),
-            "LLaMA: attention mixing, FFN probes and FFN deltas are not implemented"
+            hooks.attention_mix.is_none(),
+            "LLaMA: attention mixing (UniKE's latent in-context editing) is not implemented"
         );
         let [_, seq, _] = embeds.dims();
         let layers = &self.model.layers;
@@ -459,13 +471,14 @@ impl LlamaForCausalLM {
         let mut x = embeds;
         let mut hidden_states = Vec::new();
         let mut ffn_inputs = Vec::new();
+        let mut probes = Vec::new();
         for (i, layer) in layers.iter().enumerate() {
             if hooks.capture {
                 hidden_states.push(x.clone());
             }
-            let shift = hooks.attention_shift.get(i).and_then(Option::as_ref);
-            let (out, normed) = layer.forward(x, &rope, mask.clone(), shift, None);
+            let (out, normed, probe) = layer.forward(i, x, &rope, mask.clone(), hooks, None);
             x = out;
+            probes.extend(probe);
             if hooks.capture {
                 ffn_inputs.push(normed);
             }
@@ -478,7 +491,7 @@ impl LlamaForCausalLM {
             logits: self.lm_head(last_hidden_state.clone()),
             hidden_states,
             ffn_inputs,
-            probes: Vec::new(),
+            probes,
             last_hidden_state,
             referent_logits: None,
         }
@@ -496,8 +509,9 @@ impl LlamaForCausalLM {
         let rope = Rope::new(cache.len, new, head_dim, self.theta, &device);
         let mask = cache.causal_mask(batch, heads, new, &device);
         let mut x = embeds;
-        for (layer, kv) in layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &rope, mask.clone(), None, Some(kv)).0;
+        let hooks = Hooks::default();
+        for (i, (layer, kv)) in layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            x = layer.forward(i, x, &rope, mask.clone(), &hooks, Some(kv)).0;
         }
         cache.len += new;
         self.lm_head(self.model.norm.forward(x))
