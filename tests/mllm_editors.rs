@@ -1,6 +1,7 @@
 //! The editors on the real MLLMs (BLIP-2 OPT, BLIP-2 LLaMA, LLaVA; the tiny random fixtures
-//! of tests/fixtures/mllm): FT-LLM, FT-Visual and T-Patcher lower the edit's loss and `reset`
-//! restores the model; T-Patcher's patch stays silent on its memory; IKE's context goes with
+//! of tests/fixtures/mllm): FT-LLM, FT-Visual, T-Patcher, and MEND and KE at initialisation
+//! (their update is then a scaled gradient step) lower the edit's loss and `reset` restores
+//! the model; T-Patcher's patch stays silent on its memory; IKE's context goes with
 //! `reset`. The editors are the same code that edits the scenes VLM (`EditableModel`).
 
 use std::path::PathBuf;
@@ -10,6 +11,8 @@ use mmke::data::record::{EditRecord, ImageQuery, TextQuery};
 use mmke::edit::Editor;
 use mmke::edit::finetune::{FineTuneConfig, FineTuneEditor, Part};
 use mmke::edit::ike::IkeEditor;
+use mmke::edit::ke::{Ke, KeConfig};
+use mmke::edit::mend::{HypernetEditor, Hypernetwork, Mend, MendConfig};
 use mmke::edit::speaker::{Query, Speaker};
 use mmke::edit::tpatcher::{TPatcherConfig, TPatcherEditor};
 use mmke::model::mllm::{Mllm, MllmNet};
@@ -185,4 +188,70 @@ fn ike_answers_from_its_context_and_forgets_it_on_reset() {
             "{model}"
         );
     }
+}
+
+/// A hypernetwork editor at initialisation on every architecture: the edit lowers its loss,
+/// only the edited layers' FFN weights move, `reset` restores them.
+fn check_hypernetwork<N: Hypernetwork>(make: impl Fn(&MllmNet, &Device) -> N, name: &str) {
+    let device = Device::flex().autodiff();
+    let record = record();
+    for model in MODELS {
+        let base = speaker(model, &device);
+        let net = make(&base.model, &device);
+        let layers = net.layers().to_vec();
+        let mut editor = HypernetEditor::new(base, net, &device);
+        let before = edit_loss(&mut editor.speaker, &record, &device);
+        let weights = |e: &HypernetEditor<N, MllmNet>, l: usize| -> Vec<Vec<f32>> {
+            use mmke::model::editable::EditableModel;
+            e.speaker
+                .model
+                .ffn_weights(l)
+                .into_iter()
+                .map(|w| w.into_data().try_to_vec().unwrap())
+                .collect()
+        };
+        let first = weights(&editor, 0);
+        let edited = weights(&editor, layers[0]);
+        editor.edit(&record).unwrap();
+        let after = edit_loss(&mut editor.speaker, &record, &device);
+        assert!(
+            after < before,
+            "{name} on {model}: the edit's loss went {before} -> {after}"
+        );
+        assert_ne!(
+            weights(&editor, layers[0]),
+            edited,
+            "{name} on {model}: nothing moved"
+        );
+        if !layers.contains(&0) {
+            assert_eq!(
+                weights(&editor, 0),
+                first,
+                "{name} on {model}: an unedited layer moved"
+            );
+        }
+        editor.reset();
+        assert_eq!(
+            edit_loss(&mut editor.speaker, &record, &device),
+            before,
+            "{name} {model}"
+        );
+    }
+}
+
+#[test]
+fn mend_and_ke_edit_and_reset_on_every_architecture() {
+    let mend = MendConfig {
+        layers: 1,
+        rank: 4,
+        blocks: 1,
+        edit_lr: 0.5,
+    };
+    check_hypernetwork(|model, device| Mend::new(&mend, model, device), "MEND");
+    let ke = KeConfig {
+        layers: 1,
+        hidden: 8,
+        edit_lr: 1.0,
+    };
+    check_hypernetwork(|model, device| Ke::new(&ke, model, device), "KE");
 }

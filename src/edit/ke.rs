@@ -13,7 +13,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::mend::{EditSignal, Hypernetwork};
-use crate::model::vlm::Vlm;
+use crate::model::editable::EditableModel;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,17 +84,15 @@ impl Hypernetwork for Ke {
     type Config = KeConfig;
     const NAME: &'static str = "ke";
 
-    fn new(config: &KeConfig, model: &Vlm, device: &Device) -> Self {
+    fn new(config: &KeConfig, model: &impl EditableModel, device: &Device) -> Self {
         let layers = crate::edit::unike::edited_layers(model, config.layers);
-        let embedding = model.lm.model.decoder.embed_tokens.weight.dims()[1];
+        let embedding = model.hidden_size();
         let heads = layers
             .iter()
-            .flat_map(|&l| {
-                let layer = &model.lm.model.decoder.layers[l];
-                [&layer.fc1, &layer.fc2].map(|fc| {
-                    let [input, output] = fc.weight.dims();
-                    KeHead::new(2 * config.hidden, input, output, config.edit_lr, device)
-                })
+            .flat_map(|&l| model.ffn_weights(l))
+            .map(|w| {
+                let [input, output] = w.dims();
+                KeHead::new(2 * config.hidden, input, output, config.edit_lr, device)
             })
             .collect();
         Self {

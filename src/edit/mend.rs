@@ -20,6 +20,7 @@ use super::speaker::{Prediction, Query, Speaker};
 use crate::data::record::EditRecord;
 use crate::error::{Error, Result, write_atomic};
 use crate::model::answer::answer_nll;
+use crate::model::editable::EditableModel;
 use crate::model::lm::Hooks;
 use crate::model::vlm::Vlm;
 
@@ -152,7 +153,7 @@ pub trait Hypernetwork: Module + Sized {
     type Config: Clone + std::fmt::Debug + Serialize + serde::de::DeserializeOwned;
     /// Stem of its files (`NAME.json`, `NAME.bpk`) and its directory in experiments.
     const NAME: &'static str;
-    fn new(config: &Self::Config, model: &Vlm, device: &Device) -> Self;
+    fn new(config: &Self::Config, model: &impl EditableModel, device: &Device) -> Self;
     /// Why a config is unusable, if it is.
     fn check(config: &Self::Config) -> std::result::Result<(), String>;
     /// The edited LM layers.
@@ -178,16 +179,14 @@ impl Hypernetwork for Mend {
     type Config = MendConfig;
     const NAME: &'static str = "mend";
 
-    fn new(config: &MendConfig, model: &Vlm, device: &Device) -> Self {
+    fn new(config: &MendConfig, model: &impl EditableModel, device: &Device) -> Self {
         let layers = crate::edit::unike::edited_layers(model, config.layers);
         let nets = layers
             .iter()
-            .flat_map(|&l| {
-                let layer = &model.lm.model.decoder.layers[l];
-                [&layer.fc1, &layer.fc2].map(|fc| {
-                    let [input, output] = fc.weight.dims();
-                    MatrixNet::new(input, output, config, device)
-                })
+            .flat_map(|&l| model.ffn_weights(l))
+            .map(|w| {
+                let [input, output] = w.dims();
+                MatrixNet::new(input, output, config, device)
             })
             .collect();
         Self { nets, layers }
@@ -258,7 +257,11 @@ pub fn save<N: Hypernetwork>(net: &N, config: &N::Config, dir: &Path) -> Result<
 }
 
 /// Loads what [`save`] wrote, for `model`.
-pub fn load<N: Hypernetwork>(dir: &Path, model: &Vlm, device: &Device) -> Result<(N, N::Config)> {
+pub fn load<N: Hypernetwork>(
+    dir: &Path,
+    model: &impl EditableModel,
+    device: &Device,
+) -> Result<(N, N::Config)> {
     let config: N::Config =
         crate::error::read_json_config(&dir.join(format!("{}.json", N::NAME)), N::check)?;
     let path = dir.join(format!("{}.bpk", N::NAME));
@@ -273,8 +276,8 @@ pub fn load<N: Hypernetwork>(dir: &Path, model: &Vlm, device: &Device) -> Result
 
 /// An edit's [`EditSignal`] for `layers`: one forward and backward pass of `speaker` (on an
 /// autodiff device).
-pub fn edit_signal(
-    speaker: &mut Speaker,
+pub fn edit_signal<M: EditableModel>(
+    speaker: &mut Speaker<M>,
     record: &EditRecord,
     layers: &[usize],
     device: &Device,
@@ -297,24 +300,24 @@ pub fn edit_signal(
     Ok(EditSignal {
         loss: value,
         pieces,
-        tokens: speaker.model.lm.embed_tokens(batch.ids).detach(),
+        tokens: speaker.model.embed_tokens(batch.ids).detach(),
     })
 }
 
 /// Edits by a hypernetwork (MEND, KE): each edit's weight changes are added to the weights
 /// (sequential edits accumulate) until `reset`.
-pub struct HypernetEditor<N: Hypernetwork> {
+pub struct HypernetEditor<N: Hypernetwork, M = Vlm> {
     /// The model as edited so far (an autodiff device; its parameters are frozen).
-    pub speaker: Speaker,
-    original: Vlm,
+    pub speaker: Speaker<M>,
+    original: M,
     net: N,
     device: Device,
 }
 
 pub type MendEditor = HypernetEditor<Mend>;
 
-impl<N: Hypernetwork> HypernetEditor<N> {
-    pub fn new(mut speaker: Speaker, net: N, device: &Device) -> Self {
+impl<N: Hypernetwork, M: EditableModel> HypernetEditor<N, M> {
+    pub fn new(mut speaker: Speaker<M>, net: N, device: &Device) -> Self {
         speaker.model = speaker.model.no_grad();
         Self {
             original: speaker.model.clone(),
@@ -325,36 +328,28 @@ impl<N: Hypernetwork> HypernetEditor<N> {
     }
 
     /// The edited model and the (autodiff) device it runs on.
-    pub fn speaker_and_device(&mut self) -> (&mut Speaker, &Device) {
+    pub fn speaker_and_device(&mut self) -> (&mut Speaker<M>, &Device) {
         (&mut self.speaker, &self.device)
     }
 
-    /// The weights MEND changes, per edited layer (fc1, fc2), for tests and inspection.
-    pub fn edited_weights(&self) -> Vec<[Tensor<2>; 2]> {
+    /// The weights MEND changes, per edited layer (its FFN matrices), for tests and
+    /// inspection.
+    pub fn edited_weights(&self) -> Vec<Vec<Tensor<2>>> {
         self.net
             .layers()
             .iter()
-            .map(|&l| {
-                let layer = &self.speaker.model.lm.model.decoder.layers[l];
-                [layer.fc1.weight.val(), layer.fc2.weight.val()]
-            })
+            .map(|&l| self.speaker.model.ffn_weights(l))
             .collect()
     }
 }
 
-impl<N: Hypernetwork> Editor for HypernetEditor<N> {
+impl<N: Hypernetwork, M: EditableModel> Editor for HypernetEditor<N, M> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
         let layers = self.net.layers().to_vec();
         let signal = edit_signal(&mut self.speaker, record, &layers, &self.device)?;
         let updates = self.net.updates(&signal);
-        let decoder = &mut self.speaker.model.lm.model.decoder;
         for (&l, update) in layers.iter().zip(updates) {
-            let layer = &mut decoder.layers[l];
-            let [fc1, fc2]: [Tensor<2>; 2] = update
-                .try_into()
-                .expect("an OPT layer has two FFN matrices");
-            layer.fc1.weight = layer.fc1.weight.clone().map(|w| (w + fc1).detach());
-            layer.fc2.weight = layer.fc2.weight.clone().map(|w| (w + fc2).detach());
+            self.speaker.model.add_to_ffn_weights(l, update);
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ use super::speaker::{Prediction, Query, Speaker};
 use crate::data::lm::LmExample;
 use crate::data::record::EditRecord;
 use crate::error::Result;
+use crate::model::editable::EditableModel;
 use crate::model::knowledge::{Encoders, KnowledgeMemory, zeta};
 use crate::model::lm::{AttentionMix, ExtraNeurons, Hooks, OptDecoderLayer, ZetaShift};
 use crate::model::vlm::Vlm;
@@ -87,8 +88,8 @@ pub struct UniKeConfig {
 }
 
 /// The LM layers UniKE edits: the last `count`.
-pub fn edited_layers(model: &Vlm, count: usize) -> Vec<usize> {
-    let n = model.lm.num_layers();
+pub fn edited_layers(model: &impl EditableModel, count: usize) -> Vec<usize> {
+    let n = model.num_layers();
     (n.saturating_sub(count)..n).collect()
 }
 

@@ -39,6 +39,20 @@ pub trait EditableModel: Module + 'static {
 
     fn num_layers(&self) -> usize;
 
+    /// The LM's width.
+    fn hidden_size(&self) -> usize;
+
+    /// Token embeddings, `[batch, seq, hidden]`.
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3>;
+
+    /// Layer `layer`'s FFN weights in the order the hooks number them (`[in, out]`; OPT:
+    /// fc1, fc2; LLaMA: gate, up, down).
+    fn ffn_weights(&self, layer: usize) -> Vec<Tensor<2>>;
+
+    /// Adds `deltas` (as [`Self::ffn_weights`] orders them) to layer `layer`'s FFN weights,
+    /// outside the autodiff graph (a hypernetwork's edit).
+    fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>);
+
     /// Layer `layer`'s extra FFN key-value pairs (T-Patcher's patches, UniKE eq. 3).
     fn extra_neurons(&self, layer: usize) -> &[ExtraNeurons];
 

@@ -497,6 +497,20 @@ impl OptForCausalLM {
         self.model.decoder.layers.len()
     }
 
+    /// Layer `layer`'s fc1 and fc2 weights (`[in, out]`).
+    pub fn ffn_weights(&self, layer: usize) -> Vec<Tensor<2>> {
+        let l = &self.model.decoder.layers[layer];
+        vec![l.fc1.weight.val(), l.fc2.weight.val()]
+    }
+
+    /// Adds `[fc1, fc2]` changes to layer `layer`'s weights, detached.
+    pub fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>) {
+        let l = &mut self.model.decoder.layers[layer];
+        let [fc1, fc2]: [Tensor<2>; 2] = deltas.try_into().expect("fc1's and fc2's changes");
+        l.fc1.weight = l.fc1.weight.clone().map(|w| (w + fc1).detach());
+        l.fc2.weight = l.fc2.weight.clone().map(|w| (w + fc2).detach());
+    }
+
     /// Only the given layers train; every other parameter (embeddings included) is frozen.
     pub fn train_only_layers(mut self, layers: &[usize]) -> Self {
         self = self.set_require_grad(false);

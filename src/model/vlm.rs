@@ -842,6 +842,22 @@ impl super::editable::EditableModel for Vlm {
         self.lm.num_layers()
     }
 
+    fn hidden_size(&self) -> usize {
+        self.lm.model.decoder.embed_tokens.weight.dims()[1]
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.lm.embed_tokens(ids)
+    }
+
+    fn ffn_weights(&self, layer: usize) -> Vec<Tensor<2>> {
+        self.lm.ffn_weights(layer)
+    }
+
+    fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>) {
+        self.lm.add_to_ffn_weights(layer, deltas);
+    }
+
     fn extra_neurons(&self, layer: usize) -> &[super::lm::ExtraNeurons] {
         &self.lm.model.decoder.layers[layer].extra
     }

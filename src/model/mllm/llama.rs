@@ -429,6 +429,26 @@ impl LlamaForCausalLM {
         self.model.layers.len()
     }
 
+    /// Layer `layer`'s gate, up and down weights (`[in, out]`).
+    pub fn ffn_weights(&self, layer: usize) -> Vec<Tensor<2>> {
+        let m = &self.model.layers[layer].mlp;
+        vec![
+            m.gate_proj.weight.val(),
+            m.up_proj.weight.val(),
+            m.down_proj.weight.val(),
+        ]
+    }
+
+    /// Adds `[gate, up, down]` changes to layer `layer`'s weights, detached.
+    pub fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>) {
+        let m = &mut self.model.layers[layer].mlp;
+        let [gate, up, down]: [Tensor<2>; 3] =
+            deltas.try_into().expect("gate's, up's and down's changes");
+        m.gate_proj.weight = m.gate_proj.weight.clone().map(|w| (w + gate).detach());
+        m.up_proj.weight = m.up_proj.weight.clone().map(|w| (w + up).detach());
+        m.down_proj.weight = m.down_proj.weight.clone().map(|w| (w + down).detach());
+    }
+
     /// Only the given layers train; every other parameter (embeddings included) is frozen.
     pub fn train_only_layers(mut self, layers: &[usize]) -> Self {
         self = self.no_grad();

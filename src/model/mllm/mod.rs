@@ -663,6 +663,22 @@ impl crate::model::editable::EditableModel for MllmNet {
         self.language_model().num_layers()
     }
 
+    fn hidden_size(&self) -> usize {
+        self.language_model().hidden_size()
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.language_model().embed_tokens(ids)
+    }
+
+    fn ffn_weights(&self, layer: usize) -> Vec<Tensor<2>> {
+        self.language_model().ffn_weights(layer)
+    }
+
+    fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>) {
+        self.language_model_mut().add_to_ffn_weights(layer, deltas);
+    }
+
     fn extra_neurons(&self, layer: usize) -> &[crate::model::lm::ExtraNeurons] {
         self.language_model().extra_neurons(layer)
     }

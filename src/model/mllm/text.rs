@@ -139,6 +139,30 @@ impl TextModel {
         }
     }
 
+    /// Layer `layer`'s FFN weights (`[in, out]`; OPT: fc1, fc2; LLaMA: gate, up, down).
+    pub fn ffn_weights(&self, layer: usize) -> Vec<Tensor<2>> {
+        match self {
+            Self::Opt(m) => m.ffn_weights(layer),
+            Self::Llama(m) => m.ffn_weights(layer),
+        }
+    }
+
+    /// Adds changes (as [`Self::ffn_weights`] orders them) to layer `layer`'s FFN weights.
+    pub fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>) {
+        match self {
+            Self::Opt(m) => m.add_to_ffn_weights(layer, deltas),
+            Self::Llama(m) => m.add_to_ffn_weights(layer, deltas),
+        }
+    }
+
+    /// The LM's width.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Opt(m) => m.model.decoder.embed_tokens.weight.dims()[1],
+            Self::Llama(m) => m.model.embed_tokens.weight.dims()[1],
+        }
+    }
+
     /// Only the given layers train; every other parameter is frozen.
     pub fn train_only_layers(self, layers: &[usize]) -> Self {
         match self {
