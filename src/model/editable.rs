@@ -65,3 +65,40 @@ pub trait EditableModel: Module + 'static {
     /// (FT-Visual).
     fn train_only_visual(self) -> Self;
 }
+
+/// Greedy decoding without a cache: `logits(ids, mask)` is the model's forward pass over the
+/// whole sequence so far (`[1, n]` ids, the mask's prompt positions set to `prompt_mask`, the
+/// generated ones to 1); up to `max_new` tokens, stopping after `eos`.
+pub fn greedy_decode(
+    prompt: &[u32],
+    prompt_mask: i64,
+    max_new: usize,
+    eos: u32,
+    device: &burn::tensor::Device,
+    mut logits: impl FnMut(Tensor<2, Int>, Tensor<2, Int>) -> Tensor<3>,
+) -> Vec<u32> {
+    use burn::tensor::TensorData;
+    let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut generated = Vec::new();
+    for _ in 0..max_new {
+        let n = ids.len();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), device);
+        let mask: Vec<i64> = (0..n)
+            .map(|t| if t < prompt.len() { prompt_mask } else { 1 })
+            .collect();
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [1, n]), device);
+        let out = logits(input, mask);
+        let vocab = out.dims()[2];
+        let next = out
+            .narrow(1, n - 1, 1)
+            .reshape([vocab])
+            .argmax(0)
+            .into_scalar::<i64>() as u32;
+        generated.push(next);
+        if next == eos {
+            break;
+        }
+        ids.push(next as i64);
+    }
+    generated
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipVisionConfig, ClipVisionTransformer, pool_cells};
@@ -520,30 +520,10 @@ impl Vlm {
         hooks: &Hooks,
     ) -> Vec<u32> {
         let device = self.lm.model.decoder.embed_tokens.weight.device();
-        let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-        let mut generated = Vec::new();
         let prompt_mask = if self.prefix_lm { 2 } else { 1 };
-        for _ in 0..max_new {
-            let n = ids.len();
-            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
-            let mask: Vec<i64> = (0..n)
-                .map(|t| if t < prompt.len() { prompt_mask } else { 1 })
-                .collect();
-            let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [1, n]), &device);
-            let logits = self.forward(pixels.clone(), input, mask, hooks).logits;
-            let vocab = logits.dims()[2];
-            let next = logits
-                .narrow(1, n - 1, 1)
-                .reshape([1, vocab])
-                .argmax(1)
-                .into_scalar::<i64>() as u32;
-            generated.push(next);
-            if next == eos {
-                break;
-            }
-            ids.push(next as i64);
-        }
-        generated
+        super::editable::greedy_decode(prompt, prompt_mask, max_new, eos, &device, |ids, mask| {
+            self.forward(pixels.clone(), ids, mask, hooks).logits
+        })
     }
 }
 

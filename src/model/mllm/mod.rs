@@ -221,26 +221,9 @@ impl MllmNet {
         hooks: &crate::model::lm::Hooks,
     ) -> Vec<u32> {
         let device = self.language_model().embed_tokens_device();
-        let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-        let mut generated = Vec::new();
-        for _ in 0..max_new {
-            let n = ids.len();
-            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
-            let mask = Tensor::<2, Int>::ones([1, n], &device);
-            let logits = self.forward_text(pixels.clone(), input, mask, hooks).logits;
-            let vocab = logits.dims()[2];
-            let next = logits
-                .narrow(1, n - 1, 1)
-                .reshape([vocab])
-                .argmax(0)
-                .into_scalar::<i64>() as u32;
-            generated.push(next);
-            if next == eos {
-                break;
-            }
-            ids.push(next as i64);
-        }
-        generated
+        crate::model::editable::greedy_decode(prompt, 1, max_new, eos, &device, |ids, mask| {
+            self.forward_text(pixels.clone(), ids, mask, hooks).logits
+        })
     }
 
     /// How many text tokens fit the LM's positions next to an image (its image tokens take
