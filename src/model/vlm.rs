@@ -559,6 +559,7 @@ pub fn save(model: &Vlm, config: &VlmConfig, tokenizer: &Path, out: &Path) -> cr
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+    use burn::tensor::TensorData;
 
     fn tiny() -> VlmConfig {
         let mut config = VlmConfig::preset("vlm-tiny-objects", 40, 32).unwrap();
