@@ -750,13 +750,14 @@ fn forward_text_places_the_image_as_the_processor_does() {
                 .unwrap(),
         );
         let got = values(
-            mllm.forward_text(
-                Some(pixels),
-                tensor(&text),
-                ones(text.len()),
-                &Hooks::default(),
-            )
-            .logits,
+            mllm.net
+                .forward_text(
+                    Some(pixels),
+                    tensor(&text),
+                    ones(text.len()),
+                    &Hooks::default(),
+                )
+                .logits,
         );
         let vocab = got.len() / text.len();
         for (t, &p) in text_at.iter().enumerate() {

@@ -411,17 +411,6 @@ impl Mllm {
         )
     }
 
-    /// [`MllmNet::forward_text`].
-    pub fn forward_text(
-        &self,
-        pixels: Option<Tensor<4>>,
-        ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
-        hooks: &crate::model::lm::Hooks,
-    ) -> crate::model::lm::LmOutput {
-        self.net.forward_text(pixels, ids, attention_mask, hooks)
-    }
-
     /// The ids the model's processor builds for one image and `prompt`: BLIP-2 puts its
     /// query tokens before the tokenized prompt (BOS first); LLaVA expands `<image>` in the
     /// prompt to one token per feature, then tokenizes (BOS first).
