@@ -66,9 +66,9 @@ fn every_experiment(
             tables.push((stem.clone(), values(t)));
         }
     }
-    let png = std::fs::read(out.join(unike).join("unike-fig5.png")).unwrap();
+    let png = std::fs::read(out.join(unike).join("unike-fig5-pca.png")).unwrap();
     tables.push((
-        "unike-fig5.png".to_string(),
+        "unike-fig5-pca.png".to_string(),
         vec![(String::new(), png.iter().map(|&b| b as f64).collect())],
     ));
     tables
@@ -109,7 +109,8 @@ fn the_same_presets_and_seeds_give_identical_numbers_in_every_experiment() {
             "unike-fig4a",
             "unike-fig4b",
             "unike-fig4c",
-            "unike-fig5.png"
+            "unike-fig5",
+            "unike-fig5-pca.png"
         ]
     );
     for ((stem, a), (_, b)) in first.iter().zip(&second) {

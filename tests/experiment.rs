@@ -130,10 +130,21 @@ fn editing_tables_train_what_they_need_once_and_retrain_what_a_change_affects() 
     }
     // Both VLMs share one preset: the same size.
     assert_eq!(table.rows[1].values[1], table.rows[2].values[1]);
-    // Figure 5 writes its PNG (and builds UniKE's knowledge).
+    // Figure 5 writes its PCA plot and its separation table (and builds UniKE's knowledge).
     let outcome = run("unike-fig5");
-    assert_eq!(outcome.figures, ["unike-fig5.png"]);
-    assert!(out.join("unike-fig5.png").is_file() && out.join("knowledge/knowledge.bin").is_file());
+    assert_eq!(outcome.figures, ["unike-fig5-pca.png"]);
+    assert!(
+        out.join("unike-fig5-pca.png").is_file() && out.join("knowledge/knowledge.bin").is_file()
+    );
+    let separation = &outcome.tables[0].1;
+    let spaces: Vec<&str> = separation.rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(spaces, ["semantic space", "truthfulness space"]);
+    assert!(
+        separation
+            .rows
+            .iter()
+            .all(|r| (0.0..=100.0).contains(&r.values[0]))
+    );
     // Table 3 trains the second base model and its MEND by their own settings (3 steps).
     run("mscke-table3");
     let step = |dir: &str| {

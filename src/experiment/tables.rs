@@ -157,13 +157,16 @@ pub struct CostTable {
 }
 
 /// UniKE Figure 5: the knowledge of `method`'s last edited layer in its semantic and
-/// truthfulness spaces (PCA), as `{stem}.png`.
+/// truthfulness spaces (PCA), as `{stem}-pca.png`, and a table of how well each space
+/// separates the true from the hallucinated states.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KnowledgePca {
     pub method: String,
     /// Entries drawn (the first ones).
     pub entries: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<Claim>,
 }
 
 /// One protocol run of one method.
@@ -182,7 +185,7 @@ impl TableSpec {
             TableSpec::Editing(t) => &t.claims,
             TableSpec::Transfer(t) => &t.claims,
             TableSpec::Cost(t) => &t.claims,
-            TableSpec::KnowledgePca(_) => &[],
+            TableSpec::KnowledgePca(t) => &t.claims,
         }
     }
 }
@@ -287,10 +290,10 @@ pub fn run(
             TableSpec::Transfer(t) => transfer_table(preset, t, &workspace)?,
             TableSpec::Cost(t) => cost_table(preset, t, &workspace)?,
             TableSpec::KnowledgePca(t) => {
-                let file = format!("{stem}.png");
-                knowledge_pca(t, &workspace, &out.join(&file))?;
+                let file = format!("{stem}-pca.png");
+                let table = knowledge_pca(t, &workspace, &out.join(&file))?;
                 figures.push(file);
-                continue;
+                (table, serde_json::json!({}))
             }
         };
         // The claims are checked once the table is safe on disk (a claim naming a row the
@@ -660,8 +663,10 @@ fn cost_table(
 /// Figure 5: the positive and negative hidden states of the last edited layer's knowledge,
 /// encoded into the semantic and the truthfulness space, each projected on its first two
 /// principal components. Disentangling shows as pairs overlapping in the semantic space and
-/// two separate clouds in the truthfulness space.
-fn knowledge_pca(spec: &KnowledgePca, workspace: &Workspace, path: &Path) -> Result<()> {
+/// two separate clouds in the truthfulness space. The table measures it in each full space:
+/// the share of states (positive and negative) nearer their own class's centroid
+/// ([`nearest_centroid_accuracy`]; 50 is no separation, 100 two clean clouds).
+fn knowledge_pca(spec: &KnowledgePca, workspace: &Workspace, path: &Path) -> Result<Table> {
     use crate::report::{ScatterPanel, pca_2d, scatter_png};
     let prepared = workspace.knowledge.as_ref().ok_or_else(|| Error::Config {
         path: workspace.out.clone(),
@@ -674,7 +679,12 @@ fn knowledge_pca(spec: &KnowledgePca, workspace: &Workspace, path: &Path) -> Res
     let device = encoders.semantic.first.weight.val().device();
     let rows = |t: &burn::tensor::Tensor<2>| t.clone().narrow(0, 0, n).to_device(&device);
     let (pos, neg) = (rows(&memory.pos[slot]), rows(&memory.neg[slot]));
-    let panel =
+    let mut table = Table::new(
+        "UniKE Figure 5: true vs hallucinated knowledge",
+        "space",
+        &["separation"],
+    );
+    let mut panel =
         |title: &str, encode: &dyn Fn(burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2>| {
             let both = burn::tensor::Tensor::cat(vec![encode(pos.clone()), encode(neg.clone())], 0);
             let d = both.dims()[1];
@@ -683,6 +693,7 @@ fn knowledge_pca(spec: &KnowledgePca, workspace: &Workspace, path: &Path) -> Res
                 .convert::<f32>()
                 .try_into_vec()
                 .expect("f32");
+            table.push(title, vec![nearest_centroid_accuracy(&values, d, n)]);
             let points = pca_2d(&values, d);
             ScatterPanel {
                 title: title.to_string(),
@@ -703,5 +714,49 @@ fn knowledge_pca(spec: &KnowledgePca, workspace: &Workspace, path: &Path) -> Res
         ),
         &panels,
         path,
-    )
+    )?;
+    Ok(table)
+}
+
+/// The share (%) of `2 n` points (rows of `values`, `d` wide: `n` positives, then `n`
+/// negatives) nearer (Euclidean) their own class's centroid than the other's.
+pub fn nearest_centroid_accuracy(values: &[f32], d: usize, n: usize) -> f64 {
+    let centroid = |rows: std::ops::Range<usize>| -> Vec<f64> {
+        let mut c = vec![0f64; d];
+        for r in rows.clone() {
+            for (k, v) in values[r * d..(r + 1) * d].iter().enumerate() {
+                c[k] += *v as f64;
+            }
+        }
+        c.iter().map(|v| v / rows.len().max(1) as f64).collect()
+    };
+    let (pos, neg) = (centroid(0..n), centroid(n..2 * n));
+    let distance = |r: usize, c: &[f64]| -> f64 {
+        values[r * d..(r + 1) * d]
+            .iter()
+            .zip(c)
+            .map(|(v, c)| (*v as f64 - c).powi(2))
+            .sum()
+    };
+    let right = (0..2 * n)
+        .filter(|&r| {
+            let (own, other) = if r < n { (&pos, &neg) } else { (&neg, &pos) };
+            distance(r, own) < distance(r, other)
+        })
+        .count();
+    100.0 * right as f64 / (2 * n).max(1) as f64
+}
+
+#[cfg(test)]
+mod separation_tests {
+    use super::nearest_centroid_accuracy;
+
+    #[test]
+    fn nearest_centroid_accuracy_tells_two_clouds_from_one() {
+        // Two points a class in 2-d: far apart, then the same points in both classes.
+        let apart = [0.0, 0.0, 0.1, 0.0, 5.0, 5.0, 5.1, 5.0];
+        assert_eq!(nearest_centroid_accuracy(&apart, 2, 2), 100.0);
+        let mixed = [0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 5.0, 5.0];
+        assert_eq!(nearest_centroid_accuracy(&mixed, 2, 2), 0.0);
+    }
 }
