@@ -2,7 +2,10 @@
 //! of tests/fixtures/mllm): FT-LLM, FT-Visual, T-Patcher, and MEND and KE at initialisation
 //! (their update is then a scaled gradient step) lower the edit's loss and `reset` restores
 //! the model; T-Patcher's patch stays silent on its memory; IKE's context goes with
-//! `reset`. The editors are the same code that edits the scenes VLM (`EditableModel`).
+//! `reset`; SERAC/MSCKE and MSCKE-MEND route in-scope queries to their counterfactual model
+//! (reading the base model's visual tokens through a new projection) or to MEND's edit, and
+//! leave out-of-scope ones to the base model. The editors are the same code that edits the
+//! scenes VLM (`EditableModel`).
 
 use std::path::PathBuf;
 
@@ -254,4 +257,169 @@ fn mend_and_ke_edit_and_reset_on_every_architecture() {
         edit_lr: 1.0,
     };
     check_hypernetwork(|model, device| Ke::new(&ke, model, device), "KE");
+}
+
+/// A scope classifier (untrained tiny CLIP) that calls every query in scope (scale 0: rho =
+/// 1) or none (a huge scale: rho = 0), with its batcher.
+fn router(
+    record: &EditRecord,
+    scale: f64,
+    device: &Device,
+) -> (
+    mmke::model::scope::ScopeClassifier,
+    mmke::data::batch::ScopeBatcher,
+) {
+    use mmke::data::image::ImagePreprocessor;
+    use mmke::model::clip::{ClipConfig, ClipModel};
+    use mmke::model::fusion::FusionKind;
+    use mmke::model::scope::{ScopeClassifier, ScopeConfig, Similarity};
+    let path = fixtures().join("blip2-opt/hub/tokenizer.json");
+    let tokenizer = mmke::data::text::TextTokenizer::from_file(&path, 16, 0).unwrap();
+    let vocab = tokenizer.inner().get_vocab_size(true);
+    let pairs = mmke::data::pairs::pairs(record);
+    let batcher =
+        mmke::data::batch::ScopeBatcher::new(tokenizer, ImagePreprocessor::clip(16), &pairs)
+            .unwrap();
+    let mut clip = ClipConfig::scenes_preset("clip-tiny", vocab, 16).unwrap();
+    // The fixtures' tokenizer ends no text with an end token: pool at the largest id (CLIP's
+    // legacy rule for eos_token_id 2), which tells the edit side from the query.
+    clip.text_config.eos_token_id = 2;
+    let config = ScopeConfig {
+        similarity: Similarity::SquaredL2 { scale },
+        ..ScopeConfig::multimodal(FusionKind::DotProduct)
+    };
+    let classifier = ScopeClassifier::new(&config, ClipModel::new(&clip, device), &clip, device);
+    (classifier, batcher)
+}
+
+/// In scope, `editor` answers through its in-scope model (its predictions differ from the
+/// base model's); out of scope, exactly as the base model; `reset` empties the memory.
+fn check_routing<C: mmke::model::editable::EditableModel>(
+    name: &str,
+    make: impl Fn(f64) -> mmke::edit::serac::MemoryEditor<MllmNet, C>,
+    record: &EditRecord,
+) {
+    let q = query(record);
+    for (scale, in_scope) in [(0.0, true), (1e9, false)] {
+        let mut editor = make(scale);
+        let base = editor.predict(&q, &record.target, 3).unwrap();
+        let base_answer = editor.answer(&q, 3).unwrap();
+        editor.edit(record).unwrap();
+        let routed = editor.answer_with_route(&q, 3).unwrap();
+        assert_eq!(routed.edited, in_scope, "{name}, scale {scale}");
+        let prediction = editor.predict(&q, &record.target, 3).unwrap();
+        if in_scope {
+            assert_ne!(
+                prediction.top_k, base.top_k,
+                "{name}: the edit changed nothing"
+            );
+        } else {
+            assert_eq!(prediction, base, "{name}: out of scope, not the base model");
+            assert_eq!(routed.text, base_answer, "{name}");
+        }
+        editor.reset();
+        assert!(editor.is_empty());
+        assert_eq!(
+            editor.predict(&q, &record.target, 3).unwrap(),
+            base,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn serac_and_mscke_route_to_the_counterfactual_model_on_every_architecture() {
+    use mmke::edit::serac::MemoryEditor;
+    let device = Device::flex();
+    let record = record();
+    for model in MODELS {
+        // The counterfactual LM: a copy of the base model's, or (beside BLIP-2 OPT) a smaller
+        // OPT of its own width, as MSCKE's release pairs OPT-125m with OPT-2.7B.
+        let mut lms = vec![None];
+        if model == "blip2-opt" {
+            lms.push(Some(fixtures().join("opt-lm")));
+        }
+        for lm in lms {
+            let name = format!("{model} with {lm:?}");
+            check_routing(
+                &name,
+                |scale| {
+                    let (classifier, batcher) = router(&record, scale, &device);
+                    let base = speaker(model, &device);
+                    let counterfactual =
+                        Speaker::counterfactual(&base, lm.as_deref(), &device).unwrap();
+                    MemoryEditor::new(classifier, batcher, base, counterfactual, &device)
+                },
+                &record,
+            );
+        }
+    }
+}
+
+#[test]
+fn the_counterfactual_model_reads_the_image_through_a_projection_that_trains() {
+    let device = Device::flex().autodiff();
+    let record = record();
+    for model in MODELS {
+        let base = speaker(model, &device);
+        let vision = vision_features(&base.model, &device);
+        let counterfactual = Speaker::counterfactual(&base, None, &device).unwrap();
+        // FT-Visual on the counterfactual model trains the projection alone.
+        let config = FineTuneConfig {
+            part: Part::Visual,
+            steps: 10,
+            lr: 1e-2,
+        };
+        let mut editor = FineTuneEditor::new(counterfactual, config, &device);
+        let loss = |e: &mut FineTuneEditor<_>| {
+            e.speaker
+                .loss(Some(&record.image), &record.prompt, &record.target, &device)
+                .unwrap()
+                .into_scalar::<f32>()
+        };
+        let before = loss(&mut editor);
+        editor.edit(&record).unwrap();
+        let after = loss(&mut editor);
+        assert!(after < 0.8 * before, "{model}: {before} -> {after}");
+        assert_eq!(
+            vision_features(&editor.speaker.model.base, &device),
+            vision,
+            "{model}: the base model's image path moved"
+        );
+    }
+}
+
+#[test]
+fn mscke_mend_routes_to_the_base_model_edited_by_mend() {
+    use mmke::edit::serac::{InScope, MemoryEditor};
+    let device = Device::flex().autodiff();
+    let record = record();
+    let config = MendConfig {
+        layers: 1,
+        rank: 4,
+        blocks: 1,
+        edit_lr: 0.5,
+    };
+    for model in MODELS {
+        check_routing(
+            model,
+            |scale| {
+                let (classifier, batcher) = router(&record, scale, &device);
+                let edited = speaker(model, &device);
+                let net = Mend::new(&config, &edited.model, &device);
+                let in_scope = InScope::<MllmNet, MllmNet>::Mend {
+                    editor: Box::new(HypernetEditor::new(edited, net, &device)),
+                    applied: None,
+                };
+                MemoryEditor::with(
+                    classifier,
+                    batcher,
+                    speaker(model, &device),
+                    in_scope,
+                    &device,
+                )
+            },
+            &record,
+        );
+    }
 }

@@ -171,6 +171,29 @@ fn llava_matches_transformers_in_both_layouts() {
     }
 }
 
+/// A causal LM on its own (SERAC's counterfactual LM), saved as `OPTForCausalLM`.
+#[test]
+fn a_causal_lm_on_its_own_matches_transformers() {
+    use mmke::model::mllm::text::TextModel;
+    let device = device();
+    let r = reference("opt-lm");
+    let lm = TextModel::load(&fixture("opt-lm"), &device, burn::tensor::DType::F32).unwrap();
+    let ids = int2(&r["input_ids"], &device);
+    let logits = lm.forward_embeds(lm.embed_tokens(ids), int2(&r["attention_mask"], &device));
+    let got = values(logits);
+    let want = &r["logits"];
+    let vocab = want.shape[2];
+    assert_eq!(got.len(), want.f32s.len(), "logits shape");
+    let mut worst = 0f32;
+    for (row, &m) in r["attention_mask"].i64s.iter().enumerate() {
+        if m == 1 {
+            let span = row * vocab..(row + 1) * vocab;
+            worst = worst.max(max_diff(&got[span.clone()], &want.f32s[span]));
+        }
+    }
+    assert!(worst <= TOL, "opt-lm: logits differ by {worst}");
+}
+
 #[test]
 fn prompts_and_greedy_answers_match_the_processor_and_generate() {
     let device = device();

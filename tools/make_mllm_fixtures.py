@@ -8,6 +8,8 @@ saved today by 5.x):
     PYTHONPATH=~/.venvs/tf4 python tools/make_mllm_fixtures.py --stage hub
     # transformers 5.x
     python tools/make_mllm_fixtures.py --stage v5
+    # a small causal LM on its own (SERAC's counterfactual LM), transformers 5.x
+    python tools/make_mllm_fixtures.py --stage lm
 
 Stage `hub` builds each model from a small config whose sizes all differ (odd widths,
 grouped-query attention, an explicit head_dim, cross-attention every 2nd of 3 Q-Former
@@ -396,11 +398,43 @@ def stage_v5():
               f"max |5.x - 4.x| logits {diff:.2e}")
 
 
+def stage_lm():
+    """A small causal LM on its own (SERAC's counterfactual LM beside BLIP-2 OPT: the
+    fixtures' vocabulary, a narrower width), saved as `OPTForCausalLM`, with reference logits."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    out = ROOT / "opt-lm"
+    out.mkdir(parents=True, exist_ok=True)
+    config = OPTConfig(
+        vocab_size=VOCAB, hidden_size=20, ffn_dim=36, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=20,
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = OPTForCausalLM._from_config(config, attn_implementation="eager").eval()
+    randomise(model)
+    model.save_pretrained(out, safe_serialization=True)
+    keys = [f"{k} {list(v.shape)} {v.dtype}" for k, v in load_file(out / "model.safetensors").items()]
+    (out / "keys.txt").write_text(
+        f"# transformers {transformers.__version__}\n" + "\n".join(sorted(keys)) + "\n"
+    )
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB - 1, (2, 7), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()},
+              out / "reference.safetensors")
+    print(f"opt-lm: transformers {transformers.__version__}")
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", choices=["hub", "v5"], required=True)
+    parser.add_argument("--stage", choices=["hub", "v5", "lm"], required=True)
     args = parser.parse_args()
-    {"hub": stage_hub, "v5": stage_v5}[args.stage]()
+    {"hub": stage_hub, "v5": stage_v5, "lm": stage_lm}[args.stage]()
 
 
 if __name__ == "__main__":

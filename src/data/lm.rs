@@ -243,6 +243,7 @@ pub struct LmBatch {
 }
 
 /// Tokenizes examples and keeps preprocessed images in memory.
+#[derive(Clone)]
 pub struct LmBatcher {
     tokenizer: TextTokenizer,
     preprocessor: ImagePreprocessor,
@@ -279,6 +280,10 @@ impl LmBatcher {
 
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    pub fn preprocessor(&self) -> &ImagePreprocessor {
+        &self.preprocessor
     }
 
     pub fn bos(&self) -> u32 {

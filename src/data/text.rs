@@ -11,6 +11,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
     path: std::path::PathBuf,
@@ -96,6 +97,13 @@ impl TextTokenizer {
 
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+
+    /// The most tokens a text is cut to.
+    pub fn max_len(&self) -> usize {
+        self.tokenizer
+            .get_truncation()
+            .map_or(usize::MAX, |t| t.max_length)
     }
 
     /// Token ids of one text, with the tokenizer's special tokens when `special` is set.

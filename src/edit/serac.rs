@@ -15,7 +15,9 @@ use crate::data::batch::ScopeBatcher;
 use crate::data::lm::edit_context;
 use crate::data::record::EditRecord;
 use crate::error::Result;
+use crate::model::editable::EditableModel;
 use crate::model::scope::ScopeClassifier;
+use crate::model::vlm::Vlm;
 
 /// How a query was answered.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,34 +29,36 @@ pub struct Answer {
     pub text: String,
 }
 
-/// What answers an in-scope query.
-pub enum InScope {
+/// What answers an in-scope query (`B`: the base model, `C`: the counterfactual model).
+pub enum InScope<B = Vlm, C = Vlm> {
     /// A counterfactual model reading the routed edit as context (SERAC, MSCKE).
-    Counterfactual(Speaker),
+    Counterfactual(Speaker<C>),
     /// The base model edited by MEND with the routed edit alone (MSCKE-MEND); `applied` is
     /// the edit its weights hold now.
     Mend {
-        editor: Box<super::mend::MendEditor>,
+        editor: Box<super::mend::HypernetEditor<super::mend::Mend, B>>,
         applied: Option<usize>,
     },
 }
 
-pub struct MemoryEditor {
+/// The router over a base model `B` (the scenes VLM or a real MLLM) with a counterfactual
+/// model `C` (on a real MLLM, [`crate::model::mllm::counterfactual::CounterfactualMllm`]).
+pub struct MemoryEditor<B = Vlm, C = Vlm> {
     pub classifier: ScopeClassifier,
     pub batcher: ScopeBatcher,
-    pub base: Speaker,
-    pub in_scope: InScope,
+    pub base: Speaker<B>,
+    pub in_scope: InScope<B, C>,
     memory: EditMemory,
     edits: Vec<EditRecord>,
     device: Device,
 }
 
-impl MemoryEditor {
+impl<B: EditableModel, C: EditableModel> MemoryEditor<B, C> {
     pub fn new(
         classifier: ScopeClassifier,
         batcher: ScopeBatcher,
-        base: Speaker,
-        counterfactual: Speaker,
+        base: Speaker<B>,
+        counterfactual: Speaker<C>,
         device: &Device,
     ) -> Self {
         Self::with(
@@ -70,8 +74,8 @@ impl MemoryEditor {
     pub fn with(
         classifier: ScopeClassifier,
         batcher: ScopeBatcher,
-        base: Speaker,
-        in_scope: InScope,
+        base: Speaker<B>,
+        in_scope: InScope<B, C>,
         device: &Device,
     ) -> Self {
         Self {
@@ -160,12 +164,44 @@ impl MemoryEditor {
         Ok((route, true, prompt))
     }
 
-    /// The in-scope model (`edited`) or the base model, and the device.
-    fn speaker(&mut self, edited: bool) -> (&mut Speaker, &Device) {
+    /// What the in-scope model (`edited`) or the base model answers.
+    fn answer_by(
+        &mut self,
+        edited: bool,
+        image: Option<&std::path::Path>,
+        prompt: &str,
+        max_new: usize,
+    ) -> Result<String> {
         match (&mut self.in_scope, edited) {
-            (_, false) => (&mut self.base, &self.device),
-            (InScope::Counterfactual(speaker), true) => (speaker, &self.device),
-            (InScope::Mend { editor, .. }, true) => editor.speaker_and_device(),
+            (_, false) => self.base.answer(image, prompt, max_new, &self.device),
+            (InScope::Counterfactual(speaker), true) => {
+                speaker.answer(image, prompt, max_new, &self.device)
+            }
+            (InScope::Mend { editor, .. }, true) => {
+                let (speaker, device) = editor.speaker_and_device();
+                speaker.answer(image, prompt, max_new, device)
+            }
+        }
+    }
+
+    /// The teacher-forced predictions of the in-scope model (`edited`) or the base model.
+    fn predict_by(
+        &mut self,
+        edited: bool,
+        image: Option<&std::path::Path>,
+        prompt: &str,
+        answer: &str,
+        k: usize,
+    ) -> Result<Prediction> {
+        match (&mut self.in_scope, edited) {
+            (_, false) => self.base.predict(image, prompt, answer, k, &self.device),
+            (InScope::Counterfactual(speaker), true) => {
+                speaker.predict(image, prompt, answer, k, &self.device)
+            }
+            (InScope::Mend { editor, .. }, true) => {
+                let (speaker, device) = editor.speaker_and_device();
+                speaker.predict(image, prompt, answer, k, device)
+            }
         }
     }
 
@@ -173,8 +209,7 @@ impl MemoryEditor {
     /// query is in scope (eq. 3), the base model otherwise.
     pub fn answer_with_route(&mut self, query: &Query, max_new: usize) -> Result<Answer> {
         let (route, edited, prompt) = self.dispatch(query)?;
-        let (speaker, device) = self.speaker(edited);
-        let text = speaker.answer(query.image.as_deref(), &prompt, max_new, device)?;
+        let text = self.answer_by(edited, query.image.as_deref(), &prompt, max_new)?;
         Ok(Answer {
             route,
             edited,
@@ -183,15 +218,14 @@ impl MemoryEditor {
     }
 }
 
-impl super::Editor for MemoryEditor {
+impl<B: EditableModel, C: EditableModel> super::Editor for MemoryEditor<B, C> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
         MemoryEditor::edit(self, record)
     }
 
     fn predict(&mut self, query: &Query, answer: &str, k: usize) -> Result<Prediction> {
         let (_, edited, prompt) = self.dispatch(query)?;
-        let (speaker, device) = self.speaker(edited);
-        speaker.predict(query.image.as_deref(), &prompt, answer, k, device)
+        self.predict_by(edited, query.image.as_deref(), &prompt, answer, k)
     }
 
     fn answer(&mut self, query: &Query, max_new: usize) -> Result<String> {

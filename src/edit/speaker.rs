@@ -85,6 +85,54 @@ impl Speaker<crate::model::mllm::MllmNet> {
     }
 }
 
+impl Speaker<crate::model::mllm::counterfactual::CounterfactualMllm> {
+    /// SERAC's counterfactual model beside the real MLLM of `base`: the causal LM in `lm_dir`
+    /// (with its `tokenizer.json`, else the base model's), or a copy of the base model's own
+    /// LM, reading the base model's visual tokens through a new projection
+    /// ([`crate::model::mllm::counterfactual::CounterfactualMllm`]).
+    pub fn counterfactual(
+        base: &Speaker<crate::model::mllm::MllmNet>,
+        lm_dir: Option<&Path>,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::model::mllm::counterfactual::CounterfactualMllm;
+        use crate::model::mllm::text::{TextConfig, TextModel};
+        let Some(dir) = lm_dir else {
+            return Ok(Self {
+                model: CounterfactualMllm::from_base(&base.model, device),
+                batcher: base.batcher.clone(),
+                hooks: Hooks::default(),
+            });
+        };
+        let dtype = base.model.language_model().dtype();
+        let lm = TextModel::load(dir, device, dtype)?;
+        let config: TextConfig =
+            crate::error::read_json_config(&dir.join("config.json"), |_: &TextConfig| Ok(()))?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        let batcher = if tokenizer_path.is_file() {
+            let (bos, eos) = match &config {
+                TextConfig::Opt(c) => (c.bos_token_id, c.eos_token_id),
+                TextConfig::Llama(c) => (
+                    c.bos_token_id.unwrap_or(1),
+                    config.eos_token_id().unwrap_or(2),
+                ),
+            };
+            let max_len = base.batcher.tokenizer().max_len();
+            let pad = config.pad_token_id().unwrap_or(0);
+            let tokenizer =
+                crate::data::text::TextTokenizer::from_file(&tokenizer_path, max_len, pad)?;
+            LmBatcher::new(tokenizer, base.batcher.preprocessor().clone(), bos, eos)
+        } else {
+            base.batcher.clone()
+        };
+        Ok(Self {
+            model: CounterfactualMllm::new(&base.model, lm, device),
+            batcher,
+            hooks: Hooks::default(),
+        })
+    }
+}
+
 impl<M: EditableModel> Speaker<M> {
     /// How many text tokens (BOS, prompt, answer and EOS) fit next to an image, or alone.
     pub fn text_capacity(&self, with_image: bool) -> usize {

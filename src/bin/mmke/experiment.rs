@@ -66,8 +66,8 @@ pub enum ExperimentCommand {
     UnikeTable4(ExperimentArgs),
     /// UniKE Figure 4: retrieved states K, fixed vs dynamic alpha, zeta variants.
     UnikeFig4(ExperimentArgs),
-    /// UniKE Figure 5: positive and negative knowledge in the semantic and the truthfulness
-    /// space (PCA), as PNG.
+    /// UniKE Figure 5: true vs hallucinated knowledge in the semantic and the truthfulness
+    /// space: how well each separates them (table) and their PCA (PNG).
     UnikeFig5(ExperimentArgs),
 }
 

@@ -5,6 +5,7 @@
 //! takes the processor's inputs and gives the logits, `generate` answers a prompt greedily.
 
 pub mod blip2;
+pub mod counterfactual;
 pub mod io;
 pub mod llama;
 pub mod llava;
@@ -161,51 +162,15 @@ impl MllmNet {
         hooks: &crate::model::lm::Hooks,
     ) -> crate::model::lm::LmOutput {
         let lm = self.language_model();
-        let attention_mask = attention_mask.clamp_max(1);
+        let seq = ids.dims()[1];
         let text = lm.embed_tokens(ids);
-        let Some(pixels) = pixels else {
-            return lm.forward_hooked(text, attention_mask, hooks);
-        };
-        let [batch, seq, _] = text.dims();
-        let image = self.image_embeddings(pixels.cast(lm.dtype()));
-        let n = image.dims()[1];
-        let device = text.device();
-        let ones = Tensor::<2, Int>::ones([batch, n], &device);
+        let image = pixels.map(|p| self.image_embeddings(p.cast(lm.dtype())));
         // Where the image goes: after `at` text tokens.
         let at = match self {
             Self::Blip2(_) => 0,
             Self::Llava(_) => 1.min(seq),
         };
-        // `narrow` refuses empty ranges: a zero-length side is left out.
-        fn around<const D: usize, K: burn::tensor::kind::Basic>(
-            t: Tensor<D, K>,
-            at: usize,
-            middle: Tensor<D, K>,
-        ) -> Tensor<D, K> {
-            let len = t.dims()[1];
-            let mut parts = Vec::new();
-            if at > 0 {
-                parts.push(t.clone().narrow(1, 0, at));
-            }
-            parts.push(middle);
-            if at < len {
-                parts.push(t.narrow(1, at, len - at));
-            }
-            Tensor::cat(parts, 1)
-        }
-        let embeds = around(text, at, image);
-        let mask = around(attention_mask, at, ones);
-        let mut out = lm.forward_hooked(embeds, mask, hooks);
-        let logits = out.logits.clone();
-        let mut parts = Vec::new();
-        if at > 0 {
-            parts.push(logits.clone().narrow(1, 0, at));
-        }
-        if at < seq {
-            parts.push(logits.narrow(1, at + n, seq - at));
-        }
-        out.logits = Tensor::cat(parts, 1);
-        out
+        forward_with_image(lm, text, attention_mask, image, at, hooks)
     }
 
     /// Greedy decoding with [`Self::forward_text`]'s contract (the scenes VLM's `generate`):
@@ -241,6 +206,57 @@ impl MllmNet {
             Self::Llava(m) => m.image_tokens(),
         }
     }
+}
+
+/// `lm`'s forward pass over text embeddings `[batch, seq, hidden]` with `image` embeddings
+/// `[batch, n, hidden]` (if any) placed after the first `at` text tokens; the logits cover the
+/// text positions only. A mask value of 2 (the scenes VLM's bidirectional prefix) counts as
+/// 1: these LMs are causal throughout.
+pub(crate) fn forward_with_image(
+    lm: &TextModel,
+    text: Tensor<3>,
+    attention_mask: Tensor<2, Int>,
+    image: Option<Tensor<3>>,
+    at: usize,
+    hooks: &crate::model::lm::Hooks,
+) -> crate::model::lm::LmOutput {
+    let attention_mask = attention_mask.clamp_max(1);
+    let Some(image) = image else {
+        return lm.forward_hooked(text, attention_mask, hooks);
+    };
+    let [batch, seq, _] = text.dims();
+    let n = image.dims()[1];
+    let ones = Tensor::<2, Int>::ones([batch, n], &text.device());
+    // `narrow` refuses empty ranges: a zero-length side is left out.
+    fn around<const D: usize, K: burn::tensor::kind::Basic>(
+        t: Tensor<D, K>,
+        at: usize,
+        middle: Tensor<D, K>,
+    ) -> Tensor<D, K> {
+        let len = t.dims()[1];
+        let mut parts = Vec::new();
+        if at > 0 {
+            parts.push(t.clone().narrow(1, 0, at));
+        }
+        parts.push(middle);
+        if at < len {
+            parts.push(t.narrow(1, at, len - at));
+        }
+        Tensor::cat(parts, 1)
+    }
+    let embeds = around(text, at, image);
+    let mask = around(attention_mask, at, ones);
+    let mut out = lm.forward_hooked(embeds, mask, hooks);
+    let logits = out.logits.clone();
+    let mut parts = Vec::new();
+    if at > 0 {
+        parts.push(logits.clone().narrow(1, 0, at));
+    }
+    if at < seq {
+        parts.push(logits.narrow(1, at + n, seq - at));
+    }
+    out.logits = Tensor::cat(parts, 1);
+    out
 }
 
 /// The key renamings of each architecture: the hub's (4.x) layout is the module tree; 5.x's

@@ -76,6 +76,35 @@ impl TextModel {
         }
     }
 
+    /// A causal LM on its own (`OPTForCausalLM`, `LlamaForCausalLM`) from a Hugging Face
+    /// model directory (`config.json` and its weight files), held in `dtype`: a small LM for
+    /// SERAC's counterfactual model (OPT-125m beside BLIP-2 OPT-2.7B). Also reads `OPTModel`
+    /// saves (keys `decoder.*`).
+    pub fn load(
+        dir: &std::path::Path,
+        device: &Device,
+        dtype: burn::tensor::DType,
+    ) -> crate::Result<Self> {
+        let path = dir.join("config.json");
+        let config: TextConfig = crate::error::read_json_config(&path, |c: &TextConfig| c.check())?;
+        let tied = match &config {
+            TextConfig::Opt(_) => true,
+            TextConfig::Llama(c) => c.tie_word_embeddings,
+        };
+        let renames = [(r"^decoder\.", "model.decoder.")];
+        let unused = move |key: &str| tied && key == "lm_head.weight";
+        super::weights::load_dir(
+            Self::new(&config, device),
+            dir,
+            &super::weights::KeyMap {
+                renames: &renames,
+                unused: &unused,
+            },
+            dtype,
+            super::weights::GROUP_BYTES,
+        )
+    }
+
     /// The dtype of the weights (that of the token embeddings).
     pub fn dtype(&self) -> burn::tensor::DType {
         match self {
