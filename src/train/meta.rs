@@ -6,7 +6,6 @@
 
 use std::path::Path;
 
-use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::Device;
 use rand::{Rng, SeedableRng};
@@ -19,6 +18,7 @@ use crate::edit::mend::{Hypernetwork, edit_signal, hooks_with_updates};
 use crate::edit::speaker::Speaker;
 use crate::error::Result;
 use crate::model::answer::{answer_nll, locality_kl};
+use crate::model::editable::EditableModel;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,9 +52,9 @@ pub struct MetaLosses {
 /// since the device was seeded for `net`, see [`super::initialising`]) is released once every
 /// parameter has its initial values.
 #[allow(clippy::too_many_arguments)]
-pub fn meta_train<N: Hypernetwork>(
+pub fn meta_train<N: Hypernetwork, M: EditableModel>(
     mut net: N,
-    speaker: &mut Speaker,
+    speaker: &mut Speaker<M>,
     records: &[EditRecord],
     config: &MetaTrainConfig,
     dir: &Path,
@@ -73,7 +73,7 @@ pub fn meta_train<N: Hypernetwork>(
         });
     }
     speaker.model = speaker.model.clone().no_grad();
-    let num_layers = speaker.model.lm.num_layers();
+    let num_layers = speaker.model.num_layers();
     let mut optim = AdamConfig::new().init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, net.clone(), optim.clone())? {
@@ -166,8 +166,10 @@ pub fn meta_train<N: Hypernetwork>(
     Ok((net, last))
 }
 
-/// `mmke train mend|ke`: meta-trains the hypernetwork for the VLM in `model_dir` on the edits
-/// of `data_dir/train.json`; writes `out/NAME.{json,bpk}`. `device` must be an autodiff device.
+/// `mmke train mend|ke`: meta-trains the hypernetwork for the model in `model_dir` (a scenes
+/// VLM written by `mmke train vlm`, or a Hugging Face MLLM directory: BLIP-2, LLaVA) on the
+/// edits of `data_dir/train.json`; writes `out/NAME.{json,bpk}`. `device` must be an autodiff
+/// device.
 pub fn run<N: Hypernetwork>(
     model_dir: &Path,
     data_dir: &Path,
@@ -177,7 +179,28 @@ pub fn run<N: Hypernetwork>(
     resume: bool,
     device: &Device,
 ) -> Result<MetaLosses> {
-    let mut speaker = Speaker::load(model_dir, device)?;
+    if crate::model::mllm::is_model_dir(model_dir) {
+        let mllm = crate::model::mllm::Mllm::load(model_dir, device)?;
+        let speaker = Speaker::from_mllm(mllm, MAX_TOKENS)?;
+        run_with::<N, _>(speaker, data_dir, net_config, config, out, resume, device)
+    } else {
+        let speaker = Speaker::load(model_dir, device)?;
+        run_with::<N, _>(speaker, data_dir, net_config, config, out, resume, device)
+    }
+}
+
+/// The most tokens of a text on a real MLLM's tokenizer.
+const MAX_TOKENS: usize = 256;
+
+fn run_with<N: Hypernetwork, M: EditableModel>(
+    mut speaker: Speaker<M>,
+    data_dir: &Path,
+    net_config: &N::Config,
+    config: &MetaTrainConfig,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<MetaLosses> {
     let mut records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
     if config.captions {
         let captions: Vec<EditRecord> = records

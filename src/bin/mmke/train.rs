@@ -132,7 +132,8 @@ struct NetworkFile<C> {
 pub struct MetaArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// A directory written by `mmke train vlm`.
+    /// A directory written by `mmke train vlm`, or a Hugging Face MLLM directory (BLIP-2,
+    /// LLaVA).
     #[arg(long)]
     model: PathBuf,
     /// Directory with train.json and the images it names.

@@ -306,6 +306,16 @@ fn key_map(config: &MllmConfig) -> (Vec<(&'static str, &'static str)>, Box<dyn F
     }
 }
 
+/// Whether `dir` holds a Hugging Face MLLM mmke loads (a `config.json` whose `model_type` is
+/// `blip-2` or `llava`), as opposed to a scenes VLM (`vlm.json`).
+pub fn is_model_dir(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .is_ok_and(|json| matches!(json["model_type"].as_str(), Some("blip-2") | Some("llava")))
+}
+
 /// A multimodal LLM loaded from a Hugging Face model directory.
 #[derive(Debug)]
 pub struct Mllm {
