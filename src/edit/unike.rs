@@ -26,7 +26,7 @@ use crate::data::record::EditRecord;
 use crate::error::Result;
 use crate::model::editable::EditableModel;
 use crate::model::knowledge::{Encoders, KnowledgeMemory, zeta};
-use crate::model::lm::{AttentionMix, ExtraNeurons, Hooks, OptDecoderLayer, ZetaShift};
+use crate::model::lm::{AttentionMix, ExtraNeurons, Hooks, MemoryAttention, ZetaShift};
 use crate::model::vlm::Vlm;
 
 /// How in-context knowledge enters.
@@ -115,8 +115,8 @@ struct Captured {
 
 /// Runs `examples` (all with an image or all without) through `speaker` with its hooks and
 /// captures [`Captured`] in `layers`.
-fn capture(
-    speaker: &mut Speaker,
+fn capture<M: EditableModel>(
+    speaker: &mut Speaker<M>,
     examples: &[LmExample],
     layers: &[usize],
     device: &Device,
@@ -127,20 +127,17 @@ fn capture(
         capture: true,
         ..speaker.hooks.clone()
     };
-    let prefix = match &batch.pixels {
-        Some(_) => speaker.model.prefix_len(),
-        None => 0,
-    };
-    let out = speaker
-        .model
-        .forward(batch.pixels.clone(), batch.ids, batch.mask, &hooks);
+    let with_image = batch.pixels.is_some();
+    let model = &speaker.model;
+    let at_text = |t: usize| model.sequence_position(t, with_image);
+    let out = model.forward(batch.pixels.clone(), batch.ids, batch.mask, &hooks);
     let [n, total, hidden] = out.hidden_states[0].dims();
     let rows = |at: &dyn Fn(&std::ops::Range<usize>) -> usize| {
         let index: Vec<i64> = batch
             .spans
             .iter()
             .enumerate()
-            .map(|(b, span)| (b * total + prefix + at(span)) as i64)
+            .map(|(b, span)| (b * total + at_text(at(span))) as i64)
             .collect();
         Tensor::<1, burn::tensor::Int>::from_data(index.as_slice(), device)
     };
@@ -160,7 +157,7 @@ fn capture(
             .collect()
     };
     let span = batch.spans[0].clone();
-    let span_rows: Vec<i64> = span.map(|t| (prefix + t) as i64).collect();
+    let span_rows: Vec<i64> = span.map(|t| at_text(t) as i64).collect();
     let span_rows = Tensor::<1, burn::tensor::Int>::from_data(span_rows.as_slice(), device);
     Ok(Captured {
         question: pick(&out.hidden_states, &question),
@@ -172,8 +169,8 @@ fn capture(
 /// The hidden states of `triplets` in `layers` (each layer's input), per layer `[n, hidden]`:
 /// h_sem at the last question token, h_pos and h_neg at the last token of question + answer.
 /// `triplets` must all have an image or all not.
-pub fn knowledge_states(
-    speaker: &mut Speaker,
+pub fn knowledge_states<M: EditableModel>(
+    speaker: &mut Speaker<M>,
     triplets: &[Triplet],
     layers: &[usize],
     device: &Device,
@@ -211,7 +208,7 @@ impl LatentInContext {
     /// The hook over `memory` for `model`'s edited layers; `encoders` for the dynamic alpha.
     pub fn new(
         memory: KnowledgeMemory,
-        model: &Vlm,
+        model: &impl EditableModel,
         top_k: usize,
         alpha: Alpha,
         encoders: Option<Vec<Encoders>>,
@@ -221,12 +218,11 @@ impl LatentInContext {
             .iter()
             .zip(&memory.pos)
             .map(|(&l, pos)| {
-                let layer = &model.lm.model.decoder.layers[l];
+                let layer = model.memory_attention(l);
                 let normed = layer
-                    .self_attn_layer_norm
-                    .forward(pos.clone().unsqueeze::<3>())
+                    .attention_norm(pos.clone().unsqueeze::<3>())
                     .squeeze_dim::<2>(0);
-                layer.self_attn.project_memory(normed).map(|t| t.detach())
+                layer.project_memory(normed).map(|t| t.detach())
             })
             .collect();
         Self {
@@ -243,7 +239,7 @@ impl AttentionMix for LatentInContext {
     fn mix(
         &self,
         index: usize,
-        layer: &OptDecoderLayer,
+        layer: &dyn MemoryAttention,
         x: &Tensor<3>,
         h_input: &Tensor<3>,
     ) -> Option<Tensor<3>> {
@@ -256,12 +252,9 @@ impl AttentionMix for LatentInContext {
         let query = x.clone().reshape([n, hidden]);
         // Top-K h_sem by cosine with the pre-attention state, then attention over their h_pos.
         let retrieved = self.memory.top_k(slot, query.clone(), self.top_k);
-        let normed = layer
-            .self_attn_layer_norm
-            .forward(x.clone())
-            .reshape([n, hidden]);
+        let normed = layer.attention_norm(x.clone()).reshape([n, hidden]);
         let [keys, values] = self.projected[slot].clone();
-        let h_know = layer.self_attn.attend(normed, keys, values, retrieved);
+        let h_know = layer.attend(normed, keys, values, retrieved);
         let alpha = match (self.alpha, &self.encoders) {
             (Alpha::Dynamic, Some(encoders)) => {
                 // eq. 7: relevance = Sim(Enc_sem(h_know), h_input[-1]), per position, kept in
@@ -290,10 +283,11 @@ pub struct Prepared {
     pub encoders: Vec<Encoders>,
 }
 
-pub struct UniKeEditor {
+/// UniKE on the scenes VLM or a real MLLM (`M`).
+pub struct UniKeEditor<M = Vlm> {
     /// The model as edited so far (an autodiff device).
-    pub speaker: Speaker,
-    original: Vlm,
+    pub speaker: Speaker<M>,
+    original: M,
     config: UniKeConfig,
     layers: Vec<usize>,
     memory: KnowledgeMemory,
@@ -322,11 +316,11 @@ fn normal<const D: usize>(
     Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
 }
 
-impl UniKeEditor {
+impl<M: EditableModel> UniKeEditor<M> {
     /// `speaker` on an autodiff `device`; `prepared` from [`crate::train::knowledge`];
     /// `pool`: demonstrations for vanilla IKE.
     pub fn new(
-        mut speaker: Speaker,
+        mut speaker: Speaker<M>,
         prepared: Prepared,
         pool: &[EditRecord],
         config: UniKeConfig,
@@ -463,9 +457,7 @@ impl UniKeEditor {
             if let Some(zeta) = &self.zetas[slot] {
                 neurons.zeta = Some(ZetaShift::new(zeta.clone(), hidden, self.config.beta));
             }
-            self.speaker.model.lm.model.decoder.layers[l]
-                .extra
-                .push(neurons);
+            self.speaker.model.extra_neurons_mut(l).push(neurons);
         }
         let mut optim = AdamConfig::new().init();
         for _ in 0..self.config.steps {
@@ -478,16 +470,16 @@ impl UniKeEditor {
         }
         // Done learning: this edit's neurons stay as they are during later edits.
         for &l in &self.layers {
-            let layer = &mut self.speaker.model.lm.model.decoder.layers[l];
-            if let Some(last) = layer.extra.pop() {
-                layer.extra.push(last.no_grad());
+            let extra = self.speaker.model.extra_neurons_mut(l);
+            if let Some(last) = extra.pop() {
+                extra.push(last.no_grad());
             }
         }
         Ok(())
     }
 }
 
-impl Editor for UniKeEditor {
+impl<M: EditableModel> Editor for UniKeEditor<M> {
     fn edit(&mut self, record: &EditRecord) -> Result<()> {
         if self.config.in_context == InContext::Latent {
             let neg = record

@@ -6,7 +6,7 @@
 use burn::module::Module;
 use burn::tensor::{Int, Tensor};
 
-use super::lm::{ExtraNeurons, Hooks, LmOutput};
+use super::lm::{ExtraNeurons, Hooks, LmOutput, MemoryAttention};
 
 pub trait EditableModel: Module + 'static {
     /// Logits over the text positions of `ids` (`[batch, seq]`, BOS first); the image, if
@@ -57,6 +57,9 @@ pub trait EditableModel: Module + 'static {
     fn extra_neurons(&self, layer: usize) -> &[ExtraNeurons];
 
     fn extra_neurons_mut(&mut self, layer: usize) -> &mut Vec<ExtraNeurons>;
+
+    /// Layer `layer`'s self-attention as UniKE's latent in-context editing reads it.
+    fn memory_attention(&self, layer: usize) -> &dyn MemoryAttention;
 
     /// The model with only the LM layers `layers` trainable (FT-LLM).
     fn train_only_lm_layers(self, layers: &[usize]) -> Self;

@@ -332,10 +332,49 @@ pub trait AttentionMix: std::fmt::Debug + Send + Sync {
     fn mix(
         &self,
         index: usize,
-        layer: &OptDecoderLayer,
+        layer: &dyn MemoryAttention,
         x: &Tensor<3>,
         h_input: &Tensor<3>,
     ) -> Option<Tensor<3>>;
+}
+
+/// A decoder layer's self-attention as UniKE's latent in-context editing reads it (OPT and
+/// LLaMA alike): its pre-attention norm, and attention over memory states instead of the
+/// sequence.
+pub trait MemoryAttention {
+    /// The layer's normalisation of its input before self-attention (`[.., hidden]`).
+    fn attention_norm(&self, x: Tensor<3>) -> Tensor<3>;
+    /// The keys and values of (normalised) memory states `[m, hidden]`, computed once.
+    fn project_memory(&self, memory: Tensor<2>) -> [Tensor<2>; 2];
+    /// Each (normalised) query row `[n, hidden]` attending to its retrieved entries `ids`
+    /// (`[n, k]`) of the projected memory, through the layer's output projection.
+    fn attend(
+        &self,
+        queries: Tensor<2>,
+        keys: Tensor<2>,
+        values: Tensor<2>,
+        ids: Tensor<2, Int>,
+    ) -> Tensor<2>;
+}
+
+impl MemoryAttention for OptDecoderLayer {
+    fn attention_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        self.self_attn_layer_norm.forward(x)
+    }
+
+    fn project_memory(&self, memory: Tensor<2>) -> [Tensor<2>; 2] {
+        self.self_attn.project_memory(memory)
+    }
+
+    fn attend(
+        &self,
+        queries: Tensor<2>,
+        keys: Tensor<2>,
+        values: Tensor<2>,
+        ids: Tensor<2, Int>,
+    ) -> Tensor<2> {
+        self.self_attn.attend(queries, keys, values, ids)
+    }
 }
 
 impl OptDecoderLayer {

@@ -847,6 +847,10 @@ impl super::editable::EditableModel for Vlm {
         &mut self.lm.model.decoder.layers[layer].extra
     }
 
+    fn memory_attention(&self, layer: usize) -> &dyn crate::model::lm::MemoryAttention {
+        &self.lm.model.decoder.layers[layer]
+    }
+
     fn train_only_lm_layers(self, layers: &[usize]) -> Self {
         let mut model = self.no_grad();
         model.lm = model.lm.train_only_layers(layers);

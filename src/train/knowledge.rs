@@ -19,6 +19,7 @@ use crate::edit::speaker::Speaker;
 use crate::edit::unike::{Prepared, Triplet, knowledge_states};
 use crate::error::Result;
 use crate::model::answer::answers_right;
+use crate::model::editable::EditableModel;
 use crate::model::knowledge::{Encoders, KnowledgeMemory, semantic_loss, truthfulness_loss};
 use crate::train::vlm::Knowledge;
 
@@ -54,8 +55,8 @@ fn is_default_memory_batch(n: &usize) -> bool {
 /// Triplets from `records`: each edit (its question, the target as the truth to learn, the
 /// original answer as the model's), and up to `max` pre-edit questions on images the base
 /// model gets wrong (its greedy answer as the hallucination).
-pub fn collect_triplets(
-    speaker: &mut Speaker,
+pub fn collect_triplets<M: EditableModel>(
+    speaker: &mut Speaker<M>,
     records: &[EditRecord],
     max: usize,
     device: &Device,
@@ -111,14 +112,14 @@ pub fn collect_triplets(
 }
 
 /// The knowledge memory of `triplets` (on images) in `layers`, in batches of `batch`.
-pub fn build_memory(
-    speaker: &mut Speaker,
+pub fn build_memory<M: EditableModel>(
+    speaker: &mut Speaker<M>,
     triplets: &[Triplet],
     layers: &[usize],
     batch: usize,
     device: &Device,
 ) -> Result<KnowledgeMemory> {
-    let hidden = speaker.model.lm.model.decoder.embed_tokens.weight.dims()[1];
+    let hidden = speaker.model.hidden_size();
     let mut memory = KnowledgeMemory::new(layers.to_vec(), hidden, device);
     for with_image in [true, false] {
         let group: Vec<Triplet> = triplets
@@ -210,8 +211,8 @@ pub fn train_encoders(
 
 /// The knowledge memory and encoders for `speaker`'s `layers` from `records`, cached in
 /// `dir` (`knowledge.bin`, `encoders.bpk`): built and trained when missing.
-pub fn prepare(
-    speaker: &mut Speaker,
+pub fn prepare<M: EditableModel>(
+    speaker: &mut Speaker<M>,
     records: &[EditRecord],
     layers: &[usize],
     config: &KnowledgeConfig,
@@ -222,7 +223,7 @@ pub fn prepare(
     let memory_path = dir.join("knowledge.bin");
     let encoders_path = dir.join("encoders.bpk");
     let plain = device.clone().without_autodiff();
-    let hidden = speaker.model.lm.model.decoder.embed_tokens.weight.dims()[1];
+    let hidden = speaker.model.hidden_size();
     if memory_path.is_file() && encoders_path.is_file() {
         let memory = KnowledgeMemory::load(&memory_path, device)?;
         let template: Vec<Encoders> = (0..layers.len())

@@ -132,6 +132,10 @@ impl EditableModel for CounterfactualMllm {
         self.language_model.extra_neurons_mut(layer)
     }
 
+    fn memory_attention(&self, layer: usize) -> &dyn crate::model::lm::MemoryAttention {
+        self.language_model.memory_attention(layer)
+    }
+
     fn train_only_lm_layers(self, layers: &[usize]) -> Self {
         let Self {
             base,

@@ -228,6 +228,70 @@ impl LlamaAttention {
     }
 }
 
+impl LlamaAttention {
+    /// [`crate::model::lm::MemoryAttention::attend`] with grouped-query heads. No rotary
+    /// position on either side: rotating a query and a key by the same position leaves their
+    /// product as it is, so the retrieved states count as if at the query's own position.
+    fn attend_memory(
+        &self,
+        queries: Tensor<2>,
+        keys: Tensor<2>,
+        values: Tensor<2>,
+        ids: Tensor<2, Int>,
+    ) -> Tensor<2> {
+        let n = queries.dims()[0];
+        let k = ids.dims()[1];
+        let (hd, r) = (self.head_dim, self.heads / self.kv_heads);
+        let ids = ids.reshape([n * k]);
+        // [n, heads, k, head_dim]: each row's retrieved entries, kv head j serving query
+        // heads j*r .. j*r + r - 1.
+        let retrieved = |t: Tensor<2>| {
+            t.select(0, ids.clone())
+                .reshape([n, k, self.kv_heads, 1, hd])
+                .expand([n, k, self.kv_heads, r, hd])
+                .reshape([n, k, self.heads, hd])
+                .swap_dims(1, 2)
+        };
+        let q = self
+            .q_proj
+            .forward(queries)
+            .reshape([n, 1, self.heads, hd])
+            .swap_dims(1, 2);
+        let context = attention(
+            q,
+            retrieved(keys),
+            retrieved(values),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        );
+        self.o_proj.forward(context.reshape([n, self.heads * hd]))
+    }
+}
+
+impl crate::model::lm::MemoryAttention for LlamaDecoderLayer {
+    fn attention_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        self.input_layernorm.forward(x)
+    }
+
+    fn project_memory(&self, memory: Tensor<2>) -> [Tensor<2>; 2] {
+        [
+            self.self_attn.k_proj.forward(memory.clone()),
+            self.self_attn.v_proj.forward(memory),
+        ]
+    }
+
+    fn attend(
+        &self,
+        queries: Tensor<2>,
+        keys: Tensor<2>,
+        values: Tensor<2>,
+        ids: Tensor<2, Int>,
+    ) -> Tensor<2> {
+        self.self_attn.attend_memory(queries, keys, values, ids)
+    }
+}
+
 /// Rotary position embedding for positions `start..start + seq`: `inv_freq =
 /// theta^(-2i/hd)`, `emb = cat(freqs, freqs)`.
 struct Rope {
@@ -355,6 +419,13 @@ impl LlamaDecoderLayer {
         let mut attn =
             self.self_attn
                 .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        if let Some(mixed) = hooks
+            .attention_mix
+            .as_ref()
+            .and_then(|mix| mix.mix(index, self, &x, &attn))
+        {
+            attn = mixed;
+        }
         if let Some(shift) = shift {
             attn = attn + shift.clone();
         }
@@ -469,18 +540,13 @@ impl LlamaForCausalLM {
     /// `transformers` numbers them without a cache), padding keys masked. The hooks: per-layer
     /// attention shifts, captured hidden states (`hidden_states[0]` the embeddings, `[i + 1]`
     /// layer i's output, the last after the final norm, as in `transformers`), MLP inputs,
-    /// and the MLP's weight changes and probes (gate, up, down). UniKE's `attention_mix` is not
-    /// implemented on LLaMA yet: asking for it panics rather than being ignored.
+    /// the MLP's weight changes and probes (gate, up, down), and UniKE's attention mix.
     pub fn forward_hooked(
         &self,
         embeds: Tensor<3>,
         attention_mask: Tensor<2, Int>,
         hooks: &Hooks,
     ) -> LmOutput {
-        assert!(
-            hooks.attention_mix.is_none(),
-            "LLaMA: attention mixing (UniKE's latent in-context editing) is not implemented"
-        );
         let [_, seq, _] = embeds.dims();
         let layers = &self.model.layers;
         let (heads, head_dim) = layers
@@ -550,5 +616,41 @@ impl LlamaForCausalLM {
                     .reshape([batch, seq, vocab])
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lm::MemoryAttention;
+    use burn::tensor::{Distribution, TensorData};
+
+    /// One retrieved entry takes all the attention: query head h reads kv head h / r (r query
+    /// heads per kv head), so the output is o_proj of the entry's values, repeated that way.
+    #[test]
+    fn memory_attention_shares_each_kv_head_among_its_query_heads() {
+        let device = Device::flex();
+        let config = LlamaConfig {
+            hidden_size: 12,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: Some(5),
+            ..LlamaConfig::default()
+        };
+        let layer = LlamaDecoderLayer::new(&config, &device);
+        let memory = Tensor::<2>::random([3, 12], Distribution::Normal(0.0, 1.0), &device);
+        let queries = Tensor::<2>::random([2, 12], Distribution::Normal(0.0, 1.0), &device);
+        let [keys, values] = layer.project_memory(memory);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![2i64, 0], [2, 1]), &device);
+        let got = layer.attend(queries, keys, values.clone(), ids);
+        // [2 rows, 2 kv heads, 5] -> [2 rows, 4 heads, 5]: heads 0, 1 read kv head 0.
+        let picked = values.select(0, Tensor::from_data([2i64, 0], &device));
+        let repeated = picked
+            .reshape([2, 2, 1, 5])
+            .expand([2, 2, 2, 5])
+            .reshape([2, 20]);
+        let want = layer.self_attn.o_proj.forward(repeated);
+        let diff = (got - want).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-5, "differs by {diff}");
     }
 }

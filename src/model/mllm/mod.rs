@@ -685,6 +685,10 @@ impl crate::model::editable::EditableModel for MllmNet {
         self.language_model_mut().extra_neurons_mut(layer)
     }
 
+    fn memory_attention(&self, layer: usize) -> &dyn crate::model::lm::MemoryAttention {
+        self.language_model().memory_attention(layer)
+    }
+
     fn train_only_lm_layers(self, layers: &[usize]) -> Self {
         match self.no_grad() {
             Self::Blip2(mut m) => {

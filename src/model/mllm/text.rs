@@ -215,6 +215,14 @@ impl TextModel {
         }
     }
 
+    /// Layer `index`'s self-attention as UniKE's latent in-context editing reads it.
+    pub fn memory_attention(&self, index: usize) -> &dyn crate::model::lm::MemoryAttention {
+        match self {
+            Self::Opt(m) => &m.model.decoder.layers[index],
+            Self::Llama(m) => &m.model.layers[index],
+        }
+    }
+
     /// Layer `index`'s extra FFN key-value pairs (T-Patcher's neurons, UniKE eq. 3).
     pub fn extra_neurons_mut(&mut self, index: usize) -> &mut Vec<ExtraNeurons> {
         match self {
