@@ -609,3 +609,114 @@ fn unike_edits_and_resets_on_every_architecture() {
         );
     }
 }
+
+/// `Method::build` on a Hugging Face MLLM directory: every method that needs no scope
+/// classifier run (those are tested above, routed by hand) builds from the directory, edits
+/// (the prediction moves) and resets (it comes back).
+#[test]
+fn methods_build_from_a_real_mllm_directory() {
+    use mmke::edit::method::{Method, Models};
+    use mmke::edit::tpatcher::TPatcherConfig;
+    use mmke::train::meta::{MetaTrainConfig, run};
+    let record = record();
+    let mut other = record.clone();
+    other.prompt = "w11 w12".into();
+    let pool = [other];
+    let base = fixtures().join("llava/hub");
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(fixtures().join("image16.png"), data.path().join("a.png")).unwrap();
+    let records = serde_json::json!([{
+        "src": "w9 w21 w33", "alt": "w40 w41", "rephrase": "w9 w22 w33", "image": "a.png",
+        "loc": "w50 w51", "loc_ans": "w52", "fg_gen_q": "w9 w25 w33", "fg_gen_a": "w40 w41",
+        "fg_loc_q": "w9 w26", "fg_loc_a": "w43"
+    }]);
+    std::fs::write(data.path().join("train.json"), records.to_string()).unwrap();
+    let train = MetaTrainConfig {
+        steps: 2,
+        lr: 1e-3,
+        edit_weight: 1.0,
+        locality_weight: 1.0,
+        checkpoint_every: 2,
+        seed: 0,
+        captions: false,
+    };
+    let autodiff = Device::flex().autodiff();
+    let mend = MendConfig {
+        layers: 1,
+        rank: 4,
+        blocks: 1,
+        edit_lr: 0.5,
+    };
+    run::<Mend>(
+        &base,
+        data.path(),
+        &mend,
+        &train,
+        &dir.path().join("mend"),
+        false,
+        &autodiff,
+    )
+    .unwrap();
+    let ke = KeConfig {
+        layers: 1,
+        hidden: 8,
+        edit_lr: 1.0,
+    };
+    run::<Ke>(
+        &base,
+        data.path(),
+        &ke,
+        &train,
+        &dir.path().join("ke"),
+        false,
+        &autodiff,
+    )
+    .unwrap();
+    let models = Models::with_base(&base, dir.path(), &pool);
+    assert!(models.real_mllm());
+    let methods = [
+        Method::FtLlm {
+            steps: 10,
+            lr: 1e-2,
+        },
+        Method::FtVisual {
+            steps: 10,
+            lr: 1e-2,
+        },
+        Method::Ike { demonstrations: 1 },
+        Method::Mend {
+            network: "mend".into(),
+        },
+        Method::Ke {
+            network: "ke".into(),
+        },
+        Method::TPatcher(TPatcherConfig {
+            neurons: 2,
+            steps: 30,
+            lr: 5e-2,
+            activation_weight: 1.0,
+            memory_weight: 1.0,
+            margin: 0.5,
+            memory_queries: 4,
+        }),
+    ];
+    let q = query(&record);
+    for method in methods {
+        let mut editor = method.build(&models, &Device::flex()).unwrap();
+        let before = editor.predict(&q, &record.target, 3).unwrap();
+        editor.edit(&record).unwrap();
+        let after = editor.predict(&q, &record.target, 3).unwrap();
+        assert_ne!(
+            after.top_k, before.top_k,
+            "{method:?}: the edit changed nothing"
+        );
+        editor.answer(&q, 3).unwrap();
+        editor.reset();
+        assert_eq!(
+            editor.predict(&q, &record.target, 3).unwrap(),
+            before,
+            "{method:?}"
+        );
+    }
+}

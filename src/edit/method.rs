@@ -19,7 +19,10 @@ use super::tpatcher::{TPatcherConfig, TPatcherEditor};
 use super::unike::{Prepared, UniKeConfig, UniKeEditor};
 use crate::data::record::EditRecord;
 use crate::error::{Error, Result};
-use crate::model::scope::ScopeRun;
+use crate::model::editable::EditableModel;
+use crate::model::mllm::MllmNet;
+use crate::model::scope::{ScopeClassifier, ScopeRun};
+use crate::model::vlm::Vlm;
 
 /// An editing method and its options. In a TOML file: `{ kind = "ft-llm", steps = 10, lr =
 /// 1e-3 }`, `{ kind = "mscke", classifier = "scope-multimodal" }`, `{ kind = "unike", ... }`.
@@ -58,9 +61,10 @@ pub enum Method {
 
 /// What methods are built from: one base model and what was trained for it.
 pub struct Models<'a> {
-    /// The base model's directory (`mmke train vlm`); MEND's and KE's networks are found next
-    /// to it (they are meta-trained for it).
+    /// The base model's directory: a scenes VLM (`mmke train vlm`) or a Hugging Face MLLM.
     pub base: PathBuf,
+    /// Where MEND's and KE's networks (meta-trained for the base model) are found by name.
+    pub networks: PathBuf,
     /// The counterfactual model SERAC and MSCKE route to (`mmke train counterfactual`).
     pub counterfactual: PathBuf,
     /// Where scope classifiers are found by name.
@@ -77,6 +81,7 @@ impl<'a> Models<'a> {
     pub fn in_dir(dir: &Path, pool: &'a [EditRecord]) -> Self {
         Self {
             base: dir.join("vlm"),
+            networks: dir.to_path_buf(),
             counterfactual: dir.join("counterfactual"),
             classifiers: dir.to_path_buf(),
             pool,
@@ -84,47 +89,57 @@ impl<'a> Models<'a> {
         }
     }
 
-    /// The directory of `network`, next to the base model.
-    fn network(&self, network: &str) -> PathBuf {
-        self.base
-            .parent()
-            .map_or_else(|| PathBuf::from(network), |p| p.join(network))
+    /// A base model from anywhere (a Hugging Face MLLM directory, say), what was trained for
+    /// it in `dir` (the networks, the classifiers; a counterfactual LM in
+    /// `dir/counterfactual` when there is one).
+    pub fn with_base(base: &Path, dir: &Path, pool: &'a [EditRecord]) -> Self {
+        Self {
+            base: base.to_path_buf(),
+            ..Self::in_dir(dir, pool)
+        }
     }
 
-    /// A memory editor routing by `classifier`; `in_scope` makes the in-scope model (called
-    /// after the classifier loads, as is `base_first` for the base model: the order in which
-    /// models are made is the order in which they draw from the device's generator).
-    fn memory_editor(
+    /// The directory of `network`.
+    fn network(&self, network: &str) -> PathBuf {
+        self.networks.join(network)
+    }
+
+    /// The scope classifier `classifier` and its batcher.
+    fn router(
         &self,
         classifier: &str,
-        base_first: bool,
-        in_scope: impl FnOnce() -> Result<InScope>,
         device: &Device,
-    ) -> Result<MemoryEditor> {
+    ) -> Result<(ScopeClassifier, crate::data::batch::ScopeBatcher)> {
         let mut run = ScopeRun::load(&self.classifiers.join(classifier), device)?;
         let batcher = run.batcher(&[])?;
-        let (base, in_scope) = if base_first {
-            let base = Speaker::load(&self.base, device)?;
-            (base, in_scope()?)
-        } else {
-            let in_scope = in_scope()?;
-            (Speaker::load(&self.base, device)?, in_scope)
-        };
-        Ok(MemoryEditor::with(
-            run.model, batcher, base, in_scope, device,
-        ))
+        Ok((run.model, batcher))
     }
 
-    fn hypernet<N: Hypernetwork>(
-        &self,
-        network: &str,
-        device: &Device,
-    ) -> Result<HypernetEditor<N>> {
-        let speaker = Speaker::load(&self.base, device)?;
-        let (net, _) = super::mend::load::<N>(&self.network(network), &speaker.model, device)?;
-        Ok(HypernetEditor::new(speaker, net, device))
+    /// Whether the base model is a Hugging Face MLLM (BLIP-2, LLaVA) rather than a scenes VLM.
+    pub fn real_mllm(&self) -> bool {
+        crate::model::mllm::is_model_dir(&self.base)
     }
 }
+
+/// How one kind of base model (`M`) and its counterfactual model (`C`) load.
+struct Loaders<'a, M, C> {
+    base: &'a dyn Fn(&Device) -> Result<Speaker<M>>,
+    counterfactual: &'a dyn Fn(&Speaker<M>, &Device) -> Result<Speaker<C>>,
+}
+
+fn hypernet<N: Hypernetwork, M: EditableModel>(
+    models: &Models,
+    base: &dyn Fn(&Device) -> Result<Speaker<M>>,
+    network: &str,
+    device: &Device,
+) -> Result<HypernetEditor<N, M>> {
+    let speaker = base(device)?;
+    let (net, _) = super::mend::load::<N>(&models.network(network), &speaker.model, device)?;
+    Ok(HypernetEditor::new(speaker, net, device))
+}
+
+/// The most tokens of a text on a real MLLM's tokenizer.
+const MLLM_MAX_TOKENS: usize = 256;
 
 impl Method {
     /// Whether the method trains or differentiates when it edits (it then runs on the
@@ -137,20 +152,66 @@ impl Method {
     }
 
     /// The editor for `models` on `device` (a plain device: methods that need gradients make
-    /// its autodiff version themselves).
+    /// its autodiff version themselves). The base model is a scenes VLM or a Hugging Face MLLM
+    /// directory; beside an MLLM, SERAC's and MSCKE's counterfactual model is the causal LM in
+    /// `models.counterfactual` when that is a model directory, else a copy of the base
+    /// model's LM, reading the base model's visual tokens through a new projection
+    /// ([`crate::model::mllm::counterfactual::CounterfactualMllm`]).
     pub fn build(&self, models: &Models, device: &Device) -> Result<Box<dyn Editor>> {
+        if models.real_mllm() {
+            let lm = models
+                .counterfactual
+                .join("config.json")
+                .is_file()
+                .then_some(models.counterfactual.as_path());
+            let base = |device: &Device| {
+                let mllm = crate::model::mllm::Mllm::load(&models.base, device)?;
+                Speaker::from_mllm(mllm, MLLM_MAX_TOKENS)
+            };
+            let counterfactual = |base: &Speaker<MllmNet>, device: &Device| {
+                Speaker::counterfactual(base, lm, device)
+            };
+            self.build_with(
+                models,
+                Loaders {
+                    base: &base,
+                    counterfactual: &counterfactual,
+                },
+                device,
+            )
+        } else {
+            let base = |device: &Device| Speaker::load(&models.base, device);
+            let counterfactual =
+                |_: &Speaker<Vlm>, device: &Device| Speaker::load(&models.counterfactual, device);
+            self.build_with(
+                models,
+                Loaders {
+                    base: &base,
+                    counterfactual: &counterfactual,
+                },
+                device,
+            )
+        }
+    }
+
+    fn build_with<M: EditableModel, C: EditableModel>(
+        &self,
+        models: &Models,
+        load: Loaders<M, C>,
+        device: &Device,
+    ) -> Result<Box<dyn Editor>> {
         let plain = device.clone().without_autodiff();
         let train = plain.clone().autodiff();
         let finetune = |part, steps, lr| -> Result<Box<dyn Editor>> {
             let config = FineTuneConfig { part, steps, lr };
-            let speaker = Speaker::load(&models.base, &train)?;
+            let speaker = (load.base)(&train)?;
             Ok(Box::new(FineTuneEditor::new(speaker, config, &train)))
         };
         Ok(match self {
             Method::FtLlm { steps, lr } => finetune(Part::LastLmLayer, *steps, *lr)?,
             Method::FtVisual { steps, lr } => finetune(Part::Visual, *steps, *lr)?,
             Method::Ike { demonstrations } => Box::new(IkeEditor::new(
-                Speaker::load(&models.base, &plain)?,
+                (load.base)(&plain)?,
                 models.pool,
                 *demonstrations,
                 &plain,
@@ -159,33 +220,42 @@ impl Method {
             | Method::Mscke {
                 classifier,
                 mend: None,
-            } => Box::new(models.memory_editor(
-                classifier,
-                true,
-                || {
-                    let counterfactual = Speaker::load(&models.counterfactual, &plain)?;
-                    Ok(InScope::Counterfactual(counterfactual))
-                },
-                &plain,
-            )?),
+            } => {
+                // The order in which models are made is the order in which they draw from the
+                // device's generator: the classifier, the base, the counterfactual model.
+                let (classifier, batcher) = models.router(classifier, &plain)?;
+                let base = (load.base)(&plain)?;
+                let counterfactual = (load.counterfactual)(&base, &plain)?;
+                Box::new(MemoryEditor::with(
+                    classifier,
+                    batcher,
+                    base,
+                    InScope::<M, C>::Counterfactual(counterfactual),
+                    &plain,
+                ))
+            }
             Method::Mscke {
                 classifier,
                 mend: Some(network),
-            } => Box::new(models.memory_editor(
-                classifier,
-                false,
-                || {
-                    Ok(InScope::Mend {
-                        editor: Box::new(models.hypernet::<Mend>(network, &train)?),
-                        applied: None,
-                    })
-                },
-                &plain,
-            )?),
-            Method::Mend { network } => Box::new(models.hypernet::<Mend>(network, &train)?),
-            Method::Ke { network } => Box::new(models.hypernet::<Ke>(network, &train)?),
+            } => {
+                let (classifier, batcher) = models.router(classifier, &plain)?;
+                let in_scope = InScope::<M, C>::Mend {
+                    editor: Box::new(hypernet::<Mend, M>(models, load.base, network, &train)?),
+                    applied: None,
+                };
+                let base = (load.base)(&plain)?;
+                Box::new(MemoryEditor::with(
+                    classifier, batcher, base, in_scope, &plain,
+                ))
+            }
+            Method::Mend { network } => {
+                Box::new(hypernet::<Mend, M>(models, load.base, network, &train)?)
+            }
+            Method::Ke { network } => {
+                Box::new(hypernet::<Ke, M>(models, load.base, network, &train)?)
+            }
             Method::TPatcher(config) => Box::new(TPatcherEditor::new(
-                Speaker::load(&models.base, &train)?,
+                (load.base)(&train)?,
                 models.pool,
                 config.clone(),
                 &train,
@@ -202,7 +272,7 @@ impl Method {
                     encoders: knowledge.encoders.clone(),
                 };
                 Box::new(UniKeEditor::new(
-                    Speaker::load(&models.base, &train)?,
+                    (load.base)(&train)?,
                     prepared,
                     models.pool,
                     config.clone(),

@@ -218,6 +218,7 @@ impl Workspace {
         let dir = self.base_dir(base);
         Models {
             base: dir.join("vlm"),
+            networks: dir.clone(),
             counterfactual: dir.join("counterfactual"),
             classifiers: self.out.clone(),
             pool: &self.pool,
