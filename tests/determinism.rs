@@ -61,7 +61,7 @@ fn every_experiment(
     for (name, preset) in experiments {
         let dir = out.join(preset);
         let experiment = Experiment::named(name).unwrap();
-        let outcome = run(experiment, preset, Some(scenes), None, &dir, &device).unwrap();
+        let outcome = run(experiment, preset, Some(scenes), None, None, &dir, &device).unwrap();
         for (stem, t) in &outcome.tables {
             tables.push((stem.clone(), values(t)));
         }

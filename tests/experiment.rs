@@ -1,5 +1,7 @@
 //! The experiment runner, end to end on a tiny preset: files, cache reuse, determinism.
 
+use std::path::PathBuf;
+
 use burn::tensor::Device;
 use mmke::experiment::fusion_ablation::{Preset, run};
 use mmke::experiment::load_preset;
@@ -110,7 +112,7 @@ fn editing_tables_train_what_they_need_once_and_retrain_what_a_change_affects() 
     let device = Device::flex();
     let run = |name: &str| {
         let experiment = Experiment::named(name).unwrap();
-        mmke::experiment::run(experiment, "tiny", Some(&file), None, &out, &device).unwrap()
+        mmke::experiment::run(experiment, "tiny", Some(&file), None, None, &out, &device).unwrap()
     };
     // Table 1 writes its files; the numbers are the golden ones of tests/determinism.rs.
     run("mscke-table1");
@@ -170,7 +172,7 @@ fn editing_tables_train_what_they_need_once_and_retrain_what_a_change_affects() 
         .unwrap();
     let prepare = |preset: &tables::Preset| -> Vec<&str> {
         let before = stamps();
-        let mut workspace = Workspace::new(&preset.models, None, &out, &device).unwrap();
+        let mut workspace = Workspace::new(&preset.models, None, None, &out, &device).unwrap();
         workspace.prepare(&needs).unwrap();
         artifacts
             .iter()
@@ -207,4 +209,85 @@ fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
+}
+
+/// `mmke experiment ... --model DIR --data FGVEDIT`: the editing tables run on a Hugging Face
+/// MLLM (the tiny LLaVA the tests ship) with every method of the table, nothing trains a
+/// scenes VLM, and what is trained for the model (MEND, UniKE's knowledge) names it in its
+/// provenance; the tables that need the scenes VLMs say so.
+#[test]
+fn editing_tables_run_on_a_real_mllm_directory() {
+    use mmke::experiment::Experiment;
+    let file = fixture("tiny-scenes.toml");
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm/llava/hub");
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm/image16.png"),
+        data.path().join("a.png"),
+    )
+    .unwrap();
+    let record = |i: usize| {
+        let w = |k: usize| format!("w{}", 3 + (i * 7 + k * 5) % 66);
+        serde_json::json!({
+            "src": format!("{} {} {}", w(0), w(1), w(2)), "alt": w(3),
+            "rephrase": format!("{} {} {}", w(0), w(4), w(2)), "image": "a.png",
+            "loc": format!("{} {}", w(5), w(6)), "loc_ans": w(7),
+            "fg_gen_q": format!("{} {}", w(0), w(8)), "fg_gen_a": w(3),
+            "fg_loc_q": format!("{} {}", w(9), w(10)), "fg_loc_a": w(11)
+        })
+    };
+    let write = |name: &str, n: usize, from: usize| {
+        let records: Vec<_> = (from..from + n).map(record).collect();
+        let text = serde_json::Value::Array(records).to_string();
+        std::fs::write(data.path().join(name), text).unwrap();
+    };
+    write("train.json", 6, 0);
+    write("test.json", 4, 6);
+    let out = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let run = |name: &str| {
+        let experiment = Experiment::named(name).unwrap();
+        mmke::experiment::run(
+            experiment,
+            "tiny",
+            Some(&file),
+            Some(data.path()),
+            Some(&model),
+            out.path(),
+            &device,
+        )
+    };
+    for name in ["mscke-table1", "unike-table1"] {
+        let outcome = run(name).unwrap();
+        let (_, table) = &outcome.tables[0];
+        let rows: Vec<&str> = table.rows.iter().map(|r| r.name.as_str()).collect();
+        let expected: &[&str] = if name == "mscke-table1" {
+            &[
+                "FT-LLM",
+                "FT-Visual",
+                "IKE",
+                "SERAC",
+                "MEND",
+                "MSCKE",
+                "MSCKE-MEND",
+            ]
+        } else {
+            &["FT", "KE", "T-Patcher", "MEND", "IKE", "SERAC", "UniKE"]
+        };
+        assert_eq!(rows, expected, "{name}");
+    }
+    assert!(!out.path().join("vlm").exists(), "a scenes VLM was trained");
+    for artifact in ["mend", "knowledge"] {
+        let text =
+            std::fs::read_to_string(out.path().join(artifact).join("provenance.json")).unwrap();
+        let provenance: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            provenance["vlm"]["kind"], "mllm",
+            "{artifact}: {provenance}"
+        );
+    }
+    for name in ["mscke-table3", "mscke-table4"] {
+        let error = run(name).err().expect("needs the scenes VLMs").to_string();
+        assert!(error.contains("--model"), "{name}: {error}");
+    }
 }

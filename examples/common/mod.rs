@@ -25,7 +25,7 @@ pub fn run_dir(arg: Option<String>, scratch: &Path) -> anyhow::Result<PathBuf> {
     let preset: tables::Preset = load_preset("scenes", Some(file), "tiny")?;
     let needs = preset.needs(&preset.tables_of("mscke-table1")?)?;
     let device = burn::tensor::Device::flex();
-    Workspace::new(&preset.models, None, scratch, &device)?.prepare(&needs)?;
+    Workspace::new(&preset.models, None, None, scratch, &device)?.prepare(&needs)?;
     Ok(scratch.to_path_buf())
 }
 

@@ -139,7 +139,7 @@ fn hypernet<N: Hypernetwork, M: EditableModel>(
 }
 
 /// The most tokens of a text on a real MLLM's tokenizer.
-const MLLM_MAX_TOKENS: usize = 256;
+pub const MLLM_MAX_TOKENS: usize = 256;
 
 impl Method {
     /// Whether the method trains or differentiates when it edits (it then runs on the

@@ -90,12 +90,21 @@ pub fn run(
     preset: &str,
     file: Option<&Path>,
     data: Option<&Path>,
+    model: Option<&Path>,
     out: &Path,
     device: &burn::tensor::Device,
 ) -> Result<Outcome> {
     let name = experiment.file();
     match experiment {
         Experiment::FusionAblation => {
+            if let Some(model) = model {
+                return Err(Error::Config {
+                    path: model.to_path_buf(),
+                    reason: "fusion-ablation compares scope classifiers: it has no base model \
+                             to replace (leave out --model)"
+                        .into(),
+                });
+            }
             let preset: fusion_ablation::Preset = load_preset(name, file, preset)?;
             let (table, results) = fusion_ablation::run(&preset, data, out, device)?;
             let stem = experiment.name().to_string();
@@ -114,7 +123,7 @@ pub fn run(
         }
         Experiment::Scenes(which) => {
             let preset: tables::Preset = load_preset(name, file, preset)?;
-            let produced = tables::run(which, &preset, data, out, device)?;
+            let produced = tables::run(which, &preset, data, model, out, device)?;
             Ok(Outcome {
                 tables: produced.tables,
                 notes: String::new(),
@@ -395,6 +404,7 @@ pub fn scenes_data(cache: &Path, config: &ScenesConfig) -> Result<PathBuf> {
 /// edits of `data_dir`'s train split, unless it is already there (an interrupted run resumes).
 pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
     models: &Path,
+    base: &Path,
     name: &str,
     config: &N::Config,
     train: &crate::train::meta::MetaTrainConfig,
@@ -406,19 +416,12 @@ pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
         "kind": N::NAME,
         "config": config,
         "train": train,
-        "vlm": provenance::read(&models.join("vlm")),
+        "vlm": provenance::base_model(base)?,
         "data": provenance::data(data_dir)?,
     });
     if !provenance::reusable(&dir, &format!("{}.bpk", N::NAME), &wanted)? {
-        let losses = crate::train::meta::run::<N>(
-            &models.join("vlm"),
-            data_dir,
-            config,
-            train,
-            &dir,
-            true,
-            train_device,
-        )?;
+        let losses =
+            crate::train::meta::run::<N>(base, data_dir, config, train, &dir, true, train_device)?;
         eprintln!(
             "{name}: edit loss {:.4} -> {:.4} after the update, locality KL {:.4}",
             losses.before, losses.after, losses.locality_kl

@@ -30,6 +30,30 @@ pub fn data(dir: &Path) -> Result<Value> {
     Ok(Value::Object(sums))
 }
 
+/// The identity of a base model: a scenes VLM's stored provenance, or, for a Hugging Face
+/// model directory (trained elsewhere), CRC-32 of its `config.json` and each weight file's
+/// name and size (hashing gigabytes of weights on every run would cost minutes).
+pub fn base_model(dir: &Path) -> Result<Value> {
+    if !crate::model::mllm::is_model_dir(dir) {
+        return Ok(read(dir));
+    }
+    let config = dir.join("config.json");
+    let bytes = std::fs::read(&config).map_err(|e| Error::io(&config, e))?;
+    let mut weights = serde_json::Map::new();
+    for file in crate::model::mllm::weights::weight_files(dir)? {
+        let size = std::fs::metadata(&file)
+            .map_err(|e| Error::io(&file, e))?
+            .len();
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+        weights.insert(name.unwrap_or_default(), json!(size));
+    }
+    Ok(json!({
+        "kind": "mllm",
+        "config.json": format!("{:08x}", crc32fast::hash(&bytes)),
+        "weights": weights,
+    }))
+}
+
 /// The provenance stored in `dir` (`null` when there is none).
 pub fn read(dir: &Path) -> Value {
     std::fs::read_to_string(dir.join(FILE))

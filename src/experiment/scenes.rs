@@ -170,6 +170,9 @@ pub struct Workspace {
     pub data_dir: PathBuf,
     spec: ModelsSpec,
     user_data: Option<PathBuf>,
+    /// A Hugging Face MLLM directory that replaces the first base model (and its
+    /// counterfactual VLM) when given.
+    model: Option<PathBuf>,
     /// Every test edit, in order.
     pub test: Vec<EditRecord>,
     /// The training edits (IKE's demonstrations, T-Patcher's and UniKE's pools).
@@ -185,6 +188,7 @@ impl Workspace {
     pub fn new(
         spec: &ModelsSpec,
         data: Option<&Path>,
+        model: Option<&Path>,
         out: &Path,
         device: &Device,
     ) -> Result<Self> {
@@ -197,6 +201,7 @@ impl Workspace {
             data_dir,
             spec: spec.clone(),
             user_data: data.map(Path::to_path_buf),
+            model: model.map(Path::to_path_buf),
             test,
             pool,
             knowledge: None,
@@ -213,11 +218,20 @@ impl Workspace {
         }
     }
 
-    /// What methods are built from on `base`.
+    /// The base model `base`: the scenes VLM trained in its directory, or the model given.
+    pub fn base_model(&self, base: Base) -> PathBuf {
+        match (&self.model, base) {
+            (Some(model), Base::First) => model.clone(),
+            _ => self.base_dir(base).join("vlm"),
+        }
+    }
+
+    /// What methods are built from on `base` (beside a given MLLM, the counterfactual model
+    /// reads its visual tokens: see [`crate::edit::method::Method::build`]).
     pub fn models(&self, base: Base) -> Models<'_> {
         let dir = self.base_dir(base);
         Models {
-            base: dir.join("vlm"),
+            base: self.base_model(base),
             networks: dir.clone(),
             counterfactual: dir.join("counterfactual"),
             classifiers: self.out.clone(),
@@ -230,6 +244,16 @@ impl Workspace {
     /// side), the base and counterfactual VLMs (side by side), the networks, the second base
     /// model and UniKE's knowledge.
     pub fn prepare(&mut self, needs: &Needs) -> Result<()> {
+        if needs.transfer
+            && let Some(model) = &self.model
+        {
+            return Err(Error::Config {
+                path: model.clone(),
+                reason: "MSCKE Table 3 transfers the classifier to a second scenes VLM; with \
+                         --model run the one-base-model tables"
+                    .into(),
+            });
+        }
         let (out, train_device) = (&self.out, &self.train_device);
         let spec = &self.spec;
         let clip_dir = super::pretrained_clip(
@@ -266,7 +290,9 @@ impl Workspace {
                     .map(drop)
             })
         })?;
-        self.base_models(Base::First, &clip_dir, &spec.vlm, &spec.counterfactual)?;
+        if self.model.is_none() {
+            self.base_models(Base::First, &clip_dir, &spec.vlm, &spec.counterfactual)?;
+        }
         self.networks(needs, false, &spec.networks)?;
         if needs.transfer {
             let transfer = spec.transfer.as_ref().ok_or_else(|| Error::Config {
@@ -341,11 +367,12 @@ impl Workspace {
         transfer: bool,
         specs: &BTreeMap<String, NetworkSpec>,
     ) -> Result<()> {
-        let dir = self.base_dir(if transfer {
+        let which = if transfer {
             Base::Transfer
         } else {
             Base::First
-        });
+        };
+        let (dir, base) = (self.base_dir(which), self.base_model(which));
         for (name, _) in needs.networks.iter().filter(|(_, t)| *t == transfer) {
             let spec = specs
                 .get(name)
@@ -353,6 +380,7 @@ impl Workspace {
             match spec {
                 NetworkSpec::Mend { config, train } => super::trained_hypernet::<Mend>(
                     &dir,
+                    &base,
                     name,
                     config,
                     train,
@@ -361,6 +389,7 @@ impl Workspace {
                 )?,
                 NetworkSpec::Ke { config, train } => super::trained_hypernet::<Ke>(
                     &dir,
+                    &base,
                     name,
                     config,
                     train,
@@ -374,31 +403,49 @@ impl Workspace {
 
     /// UniKE's knowledge memory and encoders for the last `layers` layers of the base model,
     /// built once (a changed model or config clears them).
+    /// The knowledge of base model `speaker` (in `base`) for its last `layers` layers.
+    fn knowledge_of<M: crate::model::editable::EditableModel>(
+        &self,
+        mut speaker: Speaker<M>,
+        base: &Path,
+        layers: usize,
+        config: &crate::train::knowledge::KnowledgeConfig,
+    ) -> Result<Prepared> {
+        let layers = edited_layers(&speaker.model, layers);
+        let dir = self.out.join("knowledge");
+        let wanted = serde_json::json!({
+            "kind": "knowledge",
+            "config": config,
+            "layers": layers,
+            "vlm": provenance::base_model(base)?,
+            "data": provenance::data(&self.data_dir)?,
+        });
+        provenance::reusable(&dir, "encoders.bpk", &wanted)?;
+        crate::train::knowledge::prepare(
+            &mut speaker,
+            &self.pool,
+            &layers,
+            config,
+            &dir,
+            &self.device,
+        )
+    }
+
     fn prepare_knowledge(&mut self, layers: usize) -> Result<()> {
         let config = self
             .spec
             .knowledge
             .clone()
             .ok_or_else(|| self.undefined("knowledge", "knowledge"))?;
-        let mut base = Speaker::load(&self.out.join("vlm"), &self.device)?;
-        let layers = edited_layers(&base.model, layers);
-        let dir = self.out.join("knowledge");
-        let wanted = serde_json::json!({
-            "kind": "knowledge",
-            "config": config,
-            "layers": layers,
-            "vlm": provenance::read(&self.out.join("vlm")),
-            "data": provenance::data(&self.data_dir)?,
-        });
-        provenance::reusable(&dir, "encoders.bpk", &wanted)?;
-        self.knowledge = Some(crate::train::knowledge::prepare(
-            &mut base,
-            &self.pool,
-            &layers,
-            &config,
-            &dir,
-            &self.device,
-        )?);
+        let base = self.base_model(Base::First);
+        if crate::model::mllm::is_model_dir(&base) {
+            let mllm = crate::model::mllm::Mllm::load(&base, &self.device)?;
+            let speaker = Speaker::from_mllm(mllm, crate::edit::method::MLLM_MAX_TOKENS)?;
+            self.knowledge = Some(self.knowledge_of(speaker, &base, layers, &config)?);
+        } else {
+            let speaker = Speaker::load(&base, &self.device)?;
+            self.knowledge = Some(self.knowledge_of(speaker, &base, layers, &config)?);
+        }
         Ok(())
     }
 }

@@ -277,11 +277,12 @@ pub fn run(
     name: &str,
     preset: &Preset,
     data: Option<&Path>,
+    model: Option<&Path>,
     out: &Path,
     device: &burn::tensor::Device,
 ) -> Result<Produced> {
     let specs = preset.tables_of(name)?;
-    let mut workspace = Workspace::new(&preset.models, data, out, device)?;
+    let mut workspace = Workspace::new(&preset.models, data, model, out, device)?;
     workspace.prepare(&preset.needs(&specs)?)?;
     let (mut tables, mut claims, mut figures) = (Vec::new(), Vec::new(), Vec::new());
     for (stem, spec) in specs {
@@ -580,6 +581,14 @@ fn cost_table(
             };
             queries.push((query, q.answer.clone(), i));
         }
+    }
+    if models.real_mllm() {
+        return Err(crate::Error::Config {
+            path: models.base.clone(),
+            reason: "the cost table times the scenes VLMs beside the classifier; with --model \
+                     run the editing tables"
+                .into(),
+        });
     }
     let mut scope = ScopeRun::load(&models.classifiers.join(classifier), device)?;
     let batcher = scope.batcher(&[])?;

@@ -21,24 +21,42 @@ pub struct ExperimentArgs {
     /// instead of the preset's scenes split.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// A Hugging Face MLLM directory (BLIP-2 OPT or LLaMA, LLaVA) to edit instead of the
+    /// scenes VLM: the editing tables run on it (the scope classifiers, MEND, KE and UniKE's
+    /// knowledge are trained for it on the data).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Output directory; what it already holds is reused (default: runs/FILE/PRESET, FILE
-    /// being `scenes` for every editing experiment: they share their models).
+    /// being `scenes` for every editing experiment: they share their models; with --model,
+    /// runs/MODEL/PRESET, MODEL being the model directory's name).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where the run's record goes: `EXPERIMENT-PRESET.md` (the tables, the command, the
     /// commit, the models trained and reused, the wall time, the machine) and the tables'
-    /// CSV, JSON and PNG.
-    #[arg(long, default_value = "docs/results")]
-    results: PathBuf,
+    /// CSV, JSON and PNG (default: docs/results; with --model, OUT/results).
+    #[arg(long)]
+    results: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
 }
 
 impl ExperimentArgs {
     fn out(&self, name: &str) -> PathBuf {
+        let model = self.model.as_ref().and_then(|m| m.file_name());
+        let name = model.map_or_else(|| name.into(), |m| m.to_os_string());
         self.out
             .clone()
             .unwrap_or_else(|| PathBuf::from("runs").join(name).join(&self.preset))
+    }
+
+    /// Where the record goes: a run on a model of the user's stays out of the project's
+    /// own results.
+    fn results(&self, out: &std::path::Path) -> PathBuf {
+        match (&self.results, &self.model) {
+            (Some(results), _) => results.clone(),
+            (None, Some(_)) => out.join("results"),
+            (None, None) => PathBuf::from("docs/results"),
+        }
     }
 }
 
@@ -104,6 +122,7 @@ pub fn run(command: ExperimentCommand) -> Result<()> {
         &args.preset,
         args.file.as_deref(),
         args.data.as_deref(),
+        args.model.as_deref(),
         &out,
         &device,
     )?;
@@ -118,7 +137,7 @@ pub fn run(command: ExperimentCommand) -> Result<()> {
         eprintln!("wrote {}/{figure}", out.display());
     }
     let record = mmke::experiment::record::write(
-        &args.results,
+        &args.results(&out),
         &mmke::experiment::record::Measurement {
             experiment,
             preset: &args.preset,
