@@ -316,3 +316,49 @@ fn data_check_reports_scope_counts_of_generated_scenes() {
         "{stdout}"
     );
 }
+
+/// `--data` directories hold either benchmark's files: `read_edits` tells them apart by their
+/// keys (MMEdit's caption task by the name), and a file of neither is an error naming it.
+#[test]
+fn edit_files_of_either_benchmark_are_told_apart() {
+    use mmke::data::read_edits;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("a.png");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm/image16.png"),
+        &image,
+    )
+    .unwrap();
+    let mmedit = serde_json::json!([{
+        "src": "What is it?", "pred": "a cat", "alt": "a dog", "rephrase": "What is this?",
+        "image": "a.png", "image_rephrase": "a.png", "loc": "who wrote it", "loc_ans": "me",
+        "m_loc": "a.png", "m_loc_q": "What colour?", "m_loc_a": "red"
+    }]);
+    let write = |name: &str, json: &serde_json::Value| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, json.to_string()).unwrap();
+        path
+    };
+    let vqa = read_edits(&write("train.json", &mmedit), dir.path()).unwrap();
+    assert_eq!(vqa.records[0].task, Task::Vqa);
+    assert_eq!(vqa.records[0].original.as_deref(), Some("a cat"));
+    assert!(vqa.records[0].m_loc.is_some());
+    let caption = read_edits(&write("caption_train.json", &mmedit), dir.path()).unwrap();
+    assert_eq!(caption.records[0].task, Task::Caption);
+    let fgv: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data().join("fgvedit_test_data.json")).unwrap(),
+    )
+    .unwrap();
+    let fgv_read = read_edits(&data().join("fgvedit_test_data.json"), &coco()).unwrap();
+    assert_eq!(fgv_read.records.len(), fgv.as_array().unwrap().len());
+    assert!(
+        fgv_read.records[0].fg_gen.is_some(),
+        "FGVEdit's fine-grained query"
+    );
+    let neither = write("odd.json", &serde_json::json!([{"question": "q"}]));
+    let error = read_edits(&neither, dir.path()).unwrap_err().to_string();
+    assert!(
+        error.contains("odd.json") && error.contains("neither"),
+        "{error}"
+    );
+}

@@ -9,7 +9,6 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::provenance;
-use crate::data::fgvedit;
 use crate::data::record::EditRecord;
 use crate::data::scenes::ScenesConfig;
 use crate::edit::ke::{Ke, KeConfig};
@@ -193,8 +192,8 @@ impl Workspace {
         device: &Device,
     ) -> Result<Self> {
         let data_dir = super::data_dir(out, data, &spec.data)?;
-        let test = fgvedit::read(&data_dir.join("test.json"), &data_dir)?.records;
-        let pool = fgvedit::read(&data_dir.join("train.json"), &data_dir)?.records;
+        let test = crate::data::read_edits(&data_dir.join("test.json"), &data_dir)?.records;
+        let pool = crate::data::read_edits(&data_dir.join("train.json"), &data_dir)?.records;
         let device = device.clone().without_autodiff();
         Ok(Self {
             out: out.to_path_buf(),

@@ -201,7 +201,7 @@ fn run_with<N: Hypernetwork, M: EditableModel>(
     resume: bool,
     device: &Device,
 ) -> Result<MetaLosses> {
-    let mut records = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
+    let mut records = crate::data::read_edits(&data_dir.join("train.json"), data_dir)?.records;
     if config.captions {
         let captions: Vec<EditRecord> = records
             .iter()

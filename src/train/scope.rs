@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
 use crate::data::batch::ScopeBatcher;
-use crate::data::fgvedit;
 use crate::data::pairs::pairs;
 use crate::data::pairs::{PairKind, ScopePair};
 use crate::error::{Error, Result, write_atomic};
@@ -284,7 +283,7 @@ pub fn run(
     let run_toml = toml::to_string(config).expect("a run config serializes");
     write_atomic(&out.join("run.toml"), run_toml.as_bytes())?;
 
-    let records = fgvedit::read(&data_dir.join("train.json"), data_dir)?.records;
+    let records = crate::data::read_edits(&data_dir.join("train.json"), data_dir)?.records;
     let held_out = records.len() - held_out_count(records.len(), config.train.held_out);
     let train_pairs: Vec<ScopePair> = records[..held_out].iter().flat_map(pairs).collect();
     let valid_pairs: Vec<ScopePair> = records[held_out..].iter().flat_map(pairs).collect();

@@ -17,8 +17,8 @@ pub struct ExperimentArgs {
     /// Experiment file (default: experiments/FILE.toml, else the copy built into mmke).
     #[arg(long)]
     file: Option<PathBuf>,
-    /// A directory with train.json and test.json (FGVEdit schema, images relative to it)
-    /// instead of the preset's scenes split.
+    /// A directory with train.json and test.json (FGVEdit's or MMEdit's schema, told apart by
+    /// their keys; images relative to it) instead of the preset's scenes split.
     #[arg(long)]
     data: Option<PathBuf>,
     /// A Hugging Face MLLM directory (BLIP-2 OPT or LLaMA, LLaVA) to edit instead of the
