@@ -429,7 +429,26 @@ fn mscke_mend_routes_to_the_base_model_edited_by_mend() {
 /// the trained network loads back for editing.
 #[test]
 fn mend_and_ke_meta_train_on_a_real_mllm() {
-    use mmke::train::meta::{MetaTrainConfig, run};
+    let data = fgvedit_dir();
+    let model = fixtures().join("blip2-opt/hub");
+    let out = tempfile::tempdir().unwrap();
+    let mend = MendConfig {
+        layers: 1,
+        rank: 4,
+        blocks: 1,
+        edit_lr: 0.5,
+    };
+    check_meta_training::<Mend>(&model, data.path(), &mend, out.path());
+    let ke = KeConfig {
+        layers: 1,
+        hidden: 8,
+        edit_lr: 1.0,
+    };
+    check_meta_training::<Ke>(&model, data.path(), &ke, out.path());
+}
+
+/// A data directory of two FGVEdit records in the fixtures' vocabulary on the shipped image.
+fn fgvedit_dir() -> tempfile::TempDir {
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(fixtures().join("image16.png"), data.path().join("a.png")).unwrap();
     let records = serde_json::json!([
@@ -441,8 +460,11 @@ fn mend_and_ke_meta_train_on_a_real_mllm() {
          "fg_loc_q": "w10 w28", "fg_loc_a": "w44"}
     ]);
     std::fs::write(data.path().join("train.json"), records.to_string()).unwrap();
-    let device = Device::flex().autodiff();
-    let train = |steps: usize| MetaTrainConfig {
+    data
+}
+
+fn meta_config(steps: usize) -> mmke::train::meta::MetaTrainConfig {
+    mmke::train::meta::MetaTrainConfig {
         steps,
         lr: 1e-2,
         edit_weight: 1.0,
@@ -450,74 +472,43 @@ fn mend_and_ke_meta_train_on_a_real_mllm() {
         checkpoint_every: steps.min(10),
         seed: 3,
         captions: false,
+    }
+}
+
+/// Meta-training `N` for 40 steps: the update then lowers the edit's loss more than after one
+/// step; the network loads back for the model.
+fn check_meta_training<N: Hypernetwork>(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    config: &N::Config,
+    out: &std::path::Path,
+) {
+    let device = Device::flex().autodiff();
+    let train = |steps: usize| {
+        let dir = out.join(format!("{}-{steps}", N::NAME));
+        let losses = mmke::train::meta::run::<N>(
+            model,
+            data,
+            config,
+            &meta_config(steps),
+            &dir,
+            false,
+            &device,
+        )
+        .unwrap();
+        (losses, dir)
     };
-    let model = fixtures().join("blip2-opt/hub");
-    let mend = MendConfig {
-        layers: 1,
-        rank: 4,
-        blocks: 1,
-        edit_lr: 0.5,
-    };
-    let ke = KeConfig {
-        layers: 1,
-        hidden: 8,
-        edit_lr: 1.0,
-    };
-    let out = tempfile::tempdir().unwrap();
-    let first = run::<Mend>(
-        &model,
-        data.path(),
-        &mend,
-        &train(1),
-        &out.path().join("m1"),
-        false,
-        &device,
-    )
-    .unwrap();
-    let trained = run::<Mend>(
-        &model,
-        data.path(),
-        &mend,
-        &train(40),
-        &out.path().join("m40"),
-        false,
-        &device,
-    )
-    .unwrap();
+    let (first, _) = train(1);
+    let (trained, dir) = train(40);
     assert!(
         trained.after < first.after,
-        "MEND: after the update {} (step 1) -> {} (steps 31-40)",
+        "{}: after the update {} (step 1) -> {} (steps 31-40)",
+        N::NAME,
         first.after,
         trained.after
     );
     let base = speaker("blip2-opt", &device);
-    mmke::edit::mend::load::<Mend>(&out.path().join("m40"), &base.model, &device).unwrap();
-    let first = run::<Ke>(
-        &model,
-        data.path(),
-        &ke,
-        &train(1),
-        &out.path().join("k1"),
-        false,
-        &device,
-    )
-    .unwrap();
-    let trained = run::<Ke>(
-        &model,
-        data.path(),
-        &ke,
-        &train(40),
-        &out.path().join("k40"),
-        false,
-        &device,
-    )
-    .unwrap();
-    assert!(
-        trained.after < first.after,
-        "KE: after the update {} (step 1) -> {} (steps 31-40)",
-        first.after,
-        trained.after
-    );
+    mmke::edit::mend::load::<N>(&dir, &base.model, &device).unwrap();
 }
 
 /// UniKE on every architecture (LLaMA's grouped-query attention included): the knowledge
@@ -617,30 +608,15 @@ fn unike_edits_and_resets_on_every_architecture() {
 fn methods_build_from_a_real_mllm_directory() {
     use mmke::edit::method::{Method, Models};
     use mmke::edit::tpatcher::TPatcherConfig;
-    use mmke::train::meta::{MetaTrainConfig, run};
+    use mmke::train::meta::run;
     let record = record();
     let mut other = record.clone();
     other.prompt = "w11 w12".into();
     let pool = [other];
     let base = fixtures().join("llava/hub");
     let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    std::fs::copy(fixtures().join("image16.png"), data.path().join("a.png")).unwrap();
-    let records = serde_json::json!([{
-        "src": "w9 w21 w33", "alt": "w40 w41", "rephrase": "w9 w22 w33", "image": "a.png",
-        "loc": "w50 w51", "loc_ans": "w52", "fg_gen_q": "w9 w25 w33", "fg_gen_a": "w40 w41",
-        "fg_loc_q": "w9 w26", "fg_loc_a": "w43"
-    }]);
-    std::fs::write(data.path().join("train.json"), records.to_string()).unwrap();
-    let train = MetaTrainConfig {
-        steps: 2,
-        lr: 1e-3,
-        edit_weight: 1.0,
-        locality_weight: 1.0,
-        checkpoint_every: 2,
-        seed: 0,
-        captions: false,
-    };
+    let data = fgvedit_dir();
+    let train = meta_config(2);
     let autodiff = Device::flex().autodiff();
     let mend = MendConfig {
         layers: 1,

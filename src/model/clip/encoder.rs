@@ -125,31 +125,55 @@ impl SelfAttention {
         values: Tensor<2>,
         ids: Tensor<2, Int>,
     ) -> Tensor<2> {
-        let [n, hidden] = queries.dims();
-        let k = ids.dims()[1];
-        let head_dim = hidden / self.num_heads;
-        let ids = ids.reshape([n * k]);
-        // [n, heads, k, head_dim]: each row's retrieved entries, split into heads.
-        let retrieved = |t: Tensor<2>| {
-            t.select(0, ids.clone())
-                .reshape([n, k, self.num_heads, head_dim])
-                .swap_dims(1, 2)
-        };
-        let q = self
-            .q_proj
-            .forward(queries)
-            .reshape([n, 1, self.num_heads, head_dim])
-            .swap_dims(1, 2);
-        let context = attention(
-            q,
-            retrieved(keys),
-            retrieved(values),
-            None,
-            None,
-            AttentionModuleOptions::default(),
+        let head_dim = queries.dims()[1] / self.num_heads;
+        let heads = [self.num_heads, self.num_heads];
+        let context = attend_retrieved(
+            self.q_proj.forward(queries),
+            keys,
+            values,
+            ids,
+            heads,
+            head_dim,
         );
-        self.out_proj.forward(context.reshape([n, hidden]))
+        self.out_proj.forward(context)
     }
+}
+
+/// Attention of each projected query row (`[n, heads * head_dim]`) over its own retrieved
+/// rows `ids[i]` (`[n, k]`) of projected keys and values (`[m, kv_heads * head_dim]`),
+/// `heads = [query heads, kv heads]`: kv head j serves query heads j*r .. j*r + r - 1 (r =
+/// heads / kv heads; 1 without grouping). The context, `[n, heads * head_dim]`, before the
+/// output projection.
+pub fn attend_retrieved(
+    q: Tensor<2>,
+    keys: Tensor<2>,
+    values: Tensor<2>,
+    ids: Tensor<2, Int>,
+    [heads, kv_heads]: [usize; 2],
+    head_dim: usize,
+) -> Tensor<2> {
+    let n = q.dims()[0];
+    let k = ids.dims()[1];
+    let r = heads / kv_heads;
+    let ids = ids.reshape([n * k]);
+    // [n, heads, k, head_dim]: each row's retrieved entries, split into heads.
+    let retrieved = |t: Tensor<2>| {
+        t.select(0, ids.clone())
+            .reshape([n, k, kv_heads, 1, head_dim])
+            .expand([n, k, kv_heads, r, head_dim])
+            .reshape([n, k, heads, head_dim])
+            .swap_dims(1, 2)
+    };
+    let q = q.reshape([n, 1, heads, head_dim]).swap_dims(1, 2);
+    let context = attention(
+        q,
+        retrieved(keys),
+        retrieved(values),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    );
+    context.reshape([n, heads * head_dim])
 }
 
 /// The two-layer MLP of an encoder layer (`mlp`).

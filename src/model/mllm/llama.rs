@@ -226,9 +226,7 @@ impl LlamaAttention {
             .reshape([batch, seq, self.heads * hd]);
         apply(&self.o_proj, context)
     }
-}
 
-impl LlamaAttention {
     /// [`crate::model::lm::MemoryAttention::attend`] with grouped-query heads. No rotary
     /// position on either side: rotating a query and a key by the same position leaves their
     /// product as it is, so the retrieved states count as if at the query's own position.
@@ -239,33 +237,17 @@ impl LlamaAttention {
         values: Tensor<2>,
         ids: Tensor<2, Int>,
     ) -> Tensor<2> {
-        let n = queries.dims()[0];
-        let k = ids.dims()[1];
-        let (hd, r) = (self.head_dim, self.heads / self.kv_heads);
-        let ids = ids.reshape([n * k]);
-        // [n, heads, k, head_dim]: each row's retrieved entries, kv head j serving query
-        // heads j*r .. j*r + r - 1.
-        let retrieved = |t: Tensor<2>| {
-            t.select(0, ids.clone())
-                .reshape([n, k, self.kv_heads, 1, hd])
-                .expand([n, k, self.kv_heads, r, hd])
-                .reshape([n, k, self.heads, hd])
-                .swap_dims(1, 2)
-        };
-        let q = self
-            .q_proj
-            .forward(queries)
-            .reshape([n, 1, self.heads, hd])
-            .swap_dims(1, 2);
-        let context = attention(
+        let q = self.q_proj.forward(queries);
+        let heads = [self.heads, self.kv_heads];
+        let context = crate::model::clip::encoder::attend_retrieved(
             q,
-            retrieved(keys),
-            retrieved(values),
-            None,
-            None,
-            AttentionModuleOptions::default(),
+            keys,
+            values,
+            ids,
+            heads,
+            self.head_dim,
         );
-        self.o_proj.forward(context.reshape([n, self.heads * hd]))
+        self.o_proj.forward(context)
     }
 }
 
