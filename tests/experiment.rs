@@ -277,6 +277,11 @@ fn editing_tables_run_on_a_real_mllm_directory() {
         assert_eq!(rows, expected, "{name}");
     }
     assert!(!out.path().join("vlm").exists(), "a scenes VLM was trained");
+    assert!(
+        out.path()
+            .join("counterfactual/language_model.bpk")
+            .is_file()
+    );
     for artifact in ["mend", "knowledge"] {
         let text =
             std::fs::read_to_string(out.path().join(artifact).join("provenance.json")).unwrap();

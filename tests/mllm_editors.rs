@@ -380,7 +380,7 @@ fn the_counterfactual_model_reads_the_image_through_a_projection_that_trains() {
         let before = loss(&mut editor);
         editor.edit(&record).unwrap();
         let after = loss(&mut editor);
-        assert!(after < 0.8 * before, "{model}: {before} -> {after}");
+        assert!(after < 0.9 * before, "{model}: {before} -> {after}");
         assert_eq!(
             vision_features(&editor.speaker.model.base, &device),
             vision,
@@ -694,5 +694,52 @@ fn methods_build_from_a_real_mllm_directory() {
             before,
             "{method:?}"
         );
+    }
+}
+
+/// The counterfactual model beside a real MLLM trains on the edits' counterfactual examples
+/// (its answer loss falls), and what it learned saves and loads back exactly.
+#[test]
+fn the_counterfactual_model_trains_saves_and_loads() {
+    use mmke::data::lm::counterfactual_examples;
+    use mmke::train::counterfactual::{is_trained, load, save, train};
+    use mmke::train::vlm::VlmTrainConfig;
+    let device = Device::flex().autodiff();
+    let data = fgvedit_dir();
+    let records = mmke::data::read_edits(&data.path().join("train.json"), data.path())
+        .unwrap()
+        .records;
+    for model in MODELS {
+        let base = speaker(model, &device);
+        let mut counterfactual = Speaker::counterfactual(&base, None, &device).unwrap();
+        let example = counterfactual_examples(&records[0])
+            .into_iter()
+            .find(|e| e.image.is_some())
+            .unwrap();
+        let loss = |s: &mut Speaker<_>| {
+            s.loss(
+                example.image.as_deref(),
+                &example.prompt,
+                &example.answer,
+                &device,
+            )
+            .unwrap()
+            .into_scalar::<f32>()
+        };
+        let before = loss(&mut counterfactual);
+        let config: VlmTrainConfig = serde_json::from_value(serde_json::json!({
+            "steps": 30, "batch_size": 4, "lr": 1e-2, "text_every": 0,
+            "checkpoint_every": 30, "seed": 0
+        }))
+        .unwrap();
+        train(&mut counterfactual, &records, &config, &device).unwrap();
+        let after = loss(&mut counterfactual);
+        assert!(after < 0.9 * before, "{model}: {before} -> {after}");
+        let dir = tempfile::tempdir().unwrap();
+        save(&counterfactual.model, dir.path()).unwrap();
+        assert!(is_trained(dir.path()));
+        let mut fresh = Speaker::counterfactual(&base, None, &device).unwrap();
+        fresh.model = load(fresh.model, dir.path()).unwrap();
+        assert_eq!(loss(&mut fresh), after, "{model}: the loaded model differs");
     }
 }

@@ -65,8 +65,12 @@ pub struct Models<'a> {
     pub base: PathBuf,
     /// Where MEND's and KE's networks (meta-trained for the base model) are found by name.
     pub networks: PathBuf,
-    /// The counterfactual model SERAC and MSCKE route to (`mmke train counterfactual`).
+    /// The counterfactual model SERAC and MSCKE route to (`mmke train counterfactual`; beside
+    /// a real MLLM, what [`crate::train::counterfactual`] trained, when it did).
     pub counterfactual: PathBuf,
+    /// Beside a real MLLM, the causal LM the counterfactual model starts from, when this
+    /// directory holds one (`config.json` and weights; else a copy of the base model's LM).
+    pub counterfactual_lm: PathBuf,
     /// Where scope classifiers are found by name.
     pub classifiers: PathBuf,
     /// Training edits: IKE's demonstrations, T-Patcher's memory of unrelated queries, UniKE's.
@@ -83,6 +87,7 @@ impl<'a> Models<'a> {
             base: dir.join("vlm"),
             networks: dir.to_path_buf(),
             counterfactual: dir.join("counterfactual"),
+            counterfactual_lm: dir.join("counterfactual-lm"),
             classifiers: dir.to_path_buf(),
             pool,
             knowledge: None,
@@ -90,8 +95,8 @@ impl<'a> Models<'a> {
     }
 
     /// A base model from anywhere (a Hugging Face MLLM directory, say), what was trained for
-    /// it in `dir` (the networks, the classifiers; a counterfactual LM in
-    /// `dir/counterfactual` when there is one).
+    /// it in `dir` (the networks, the classifiers, the counterfactual model; its LM in
+    /// `dir/counterfactual-lm` when there is one).
     pub fn with_base(base: &Path, dir: &Path, pool: &'a [EditRecord]) -> Self {
         Self {
             base: base.to_path_buf(),
@@ -113,6 +118,12 @@ impl<'a> Models<'a> {
         let mut run = ScopeRun::load(&self.classifiers.join(classifier), device)?;
         let batcher = run.batcher(&[])?;
         Ok((run.model, batcher))
+    }
+
+    /// The causal LM a real MLLM's counterfactual model starts from, if one is given.
+    pub fn counterfactual_lm(&self) -> Option<&Path> {
+        let dir = self.counterfactual_lm.as_path();
+        dir.join("config.json").is_file().then_some(dir)
     }
 
     /// Whether the base model is a Hugging Face MLLM (BLIP-2, LLaVA) rather than a scenes VLM.
@@ -154,22 +165,24 @@ impl Method {
     /// The editor for `models` on `device` (a plain device: methods that need gradients make
     /// its autodiff version themselves). The base model is a scenes VLM or a Hugging Face MLLM
     /// directory; beside an MLLM, SERAC's and MSCKE's counterfactual model is the causal LM in
-    /// `models.counterfactual` when that is a model directory, else a copy of the base
+    /// `models.counterfactual_lm` when that is a model directory, else a copy of the base
     /// model's LM, reading the base model's visual tokens through a new projection
-    /// ([`crate::model::mllm::counterfactual::CounterfactualMllm`]).
+    /// ([`crate::model::mllm::counterfactual::CounterfactualMllm`]), with the weights trained
+    /// into `models.counterfactual` when they are there.
     pub fn build(&self, models: &Models, device: &Device) -> Result<Box<dyn Editor>> {
         if models.real_mllm() {
-            let lm = models
-                .counterfactual
-                .join("config.json")
-                .is_file()
-                .then_some(models.counterfactual.as_path());
+            let lm = models.counterfactual_lm();
             let base = |device: &Device| {
                 let mllm = crate::model::mllm::Mllm::load(&models.base, device)?;
                 Speaker::from_mllm(mllm, MLLM_MAX_TOKENS)
             };
             let counterfactual = |base: &Speaker<MllmNet>, device: &Device| {
-                Speaker::counterfactual(base, lm, device)
+                let mut speaker = Speaker::counterfactual(base, lm, device)?;
+                if crate::train::counterfactual::is_trained(&models.counterfactual) {
+                    speaker.model =
+                        crate::train::counterfactual::load(speaker.model, &models.counterfactual)?;
+                }
+                Ok(speaker)
             };
             self.build_with(
                 models,

@@ -31,10 +31,10 @@ pub fn data(dir: &Path) -> Result<Value> {
 }
 
 /// The identity of a base model: a scenes VLM's stored provenance, or, for a Hugging Face
-/// model directory (trained elsewhere), CRC-32 of its `config.json` and each weight file's
+/// model directory (an MLLM or a causal LM, trained elsewhere), CRC-32 of its `config.json` and each weight file's
 /// name and size (hashing gigabytes of weights on every run would cost minutes).
 pub fn base_model(dir: &Path) -> Result<Value> {
-    if !crate::model::mllm::is_model_dir(dir) {
+    if dir.join("vlm.json").is_file() || !dir.join("config.json").is_file() {
         return Ok(read(dir));
     }
     let config = dir.join("config.json");

@@ -233,6 +233,7 @@ impl Workspace {
             base: self.base_model(base),
             networks: dir.clone(),
             counterfactual: dir.join("counterfactual"),
+            counterfactual_lm: dir.join("counterfactual-lm"),
             classifiers: self.out.clone(),
             pool: &self.pool,
             knowledge: self.knowledge.as_ref(),
@@ -289,8 +290,9 @@ impl Workspace {
                     .map(drop)
             })
         })?;
-        if self.model.is_none() {
-            self.base_models(Base::First, &clip_dir, &spec.vlm, &spec.counterfactual)?;
+        match &self.model {
+            None => self.base_models(Base::First, &clip_dir, &spec.vlm, &spec.counterfactual)?,
+            Some(model) => self.counterfactual_beside(model)?,
         }
         self.networks(needs, false, &spec.networks)?;
         if needs.transfer {
@@ -358,6 +360,36 @@ impl Workspace {
             },
             &self.train_device,
         )
+    }
+
+    /// The counterfactual model beside the given MLLM, trained (in `counterfactual/`) with the
+    /// preset's counterfactual training unless that is there already.
+    fn counterfactual_beside(&self, model: &Path) -> Result<()> {
+        let models = self.models(Base::First);
+        let dir = &models.counterfactual;
+        let train = &self.spec.counterfactual.train;
+        let wanted = serde_json::json!({
+            "kind": "counterfactual-mllm",
+            "train": train,
+            "base": provenance::base_model(model)?,
+            "lm": models.counterfactual_lm().map(provenance::base_model).transpose()?,
+            "data": provenance::data(&self.data_dir)?,
+        });
+        if provenance::reusable(dir, "language_model.bpk", &wanted)? {
+            return Ok(());
+        }
+        let mllm = crate::model::mllm::Mllm::load(model, &self.train_device)?;
+        let base = Speaker::from_mllm(mllm, crate::edit::method::MLLM_MAX_TOKENS)?;
+        let lm = models.counterfactual_lm();
+        let mut speaker = Speaker::counterfactual(&base, lm, &self.train_device)?;
+        let loss = crate::train::counterfactual::train(
+            &mut speaker,
+            &self.pool,
+            train,
+            &self.train_device,
+        )?;
+        eprintln!("counterfactual model: answer loss {loss:.4} over the last steps");
+        crate::train::counterfactual::save(&speaker.model, dir)
     }
 
     fn networks(

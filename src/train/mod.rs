@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod counterfactual;
 pub mod knowledge;
 pub mod meta;
 pub mod scope;
