@@ -702,7 +702,8 @@ fn methods_build_from_a_real_mllm_directory() {
 #[test]
 fn the_counterfactual_model_trains_saves_and_loads() {
     use mmke::data::lm::counterfactual_examples;
-    use mmke::train::counterfactual::{is_trained, load, save, train};
+    use mmke::model::mllm::counterfactual::{is_trained, load, save};
+    use mmke::train::counterfactual::train;
     use mmke::train::vlm::VlmTrainConfig;
     let device = Device::flex().autodiff();
     let data = fgvedit_dir();

@@ -178,9 +178,11 @@ impl Method {
             };
             let counterfactual = |base: &Speaker<MllmNet>, device: &Device| {
                 let mut speaker = Speaker::counterfactual(base, lm, device)?;
-                if crate::train::counterfactual::is_trained(&models.counterfactual) {
-                    speaker.model =
-                        crate::train::counterfactual::load(speaker.model, &models.counterfactual)?;
+                if crate::model::mllm::counterfactual::is_trained(&models.counterfactual) {
+                    speaker.model = crate::model::mllm::counterfactual::load(
+                        speaker.model,
+                        &models.counterfactual,
+                    )?;
                 }
                 Ok(speaker)
             };

@@ -389,7 +389,7 @@ impl Workspace {
             &self.train_device,
         )?;
         eprintln!("counterfactual model: answer loss {loss:.4} over the last steps");
-        crate::train::counterfactual::save(&speaker.model, dir)
+        crate::model::mllm::counterfactual::save(&speaker.model, dir)
     }
 
     fn networks(

@@ -4,9 +4,6 @@
 //! then a query, answered as the world after the edit answers it). The base model's image path
 //! stays frozen. The scenes VLM's counterfactual model trains with [`super::vlm`] instead.
 
-use std::path::Path;
-
-use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use rand::Rng;
@@ -76,36 +73,4 @@ pub fn train(
     }
     progress.finish();
     Ok(recent.iter().sum::<f64>() / recent.len().max(1) as f64)
-}
-
-/// Writes what trains (`projection.bpk`, `language_model.bpk`) into `out`; the base model is
-/// the user's and stays where it is.
-pub fn save(model: &CounterfactualMllm, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    crate::error::save_module(&model.projection, &out.join("projection.bpk"))?;
-    crate::error::save_module(&model.language_model, &out.join("language_model.bpk"))
-}
-
-/// Whether `dir` holds a trained counterfactual model ([`save`]).
-pub fn is_trained(dir: &Path) -> bool {
-    dir.join("projection.bpk").is_file() && dir.join("language_model.bpk").is_file()
-}
-
-/// `model` with the projection and LM trained into `dir`.
-pub fn load(mut model: CounterfactualMllm, dir: &Path) -> Result<CounterfactualMllm> {
-    let weights_error = |path: &Path, e: &dyn std::fmt::Display| Error::Weights {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let path = dir.join("projection.bpk");
-    model.projection = model
-        .projection
-        .try_load_file(&path)
-        .map_err(|e| weights_error(&path, &e))?;
-    let path = dir.join("language_model.bpk");
-    model.language_model = model
-        .language_model
-        .try_load_file(&path)
-        .map_err(|e| weights_error(&path, &e))?;
-    Ok(model)
 }

@@ -5,6 +5,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
+use std::path::Path;
+
 use burn::tensor::{Device, Int, Tensor};
 
 use super::text::TextModel;
@@ -162,4 +164,36 @@ impl EditableModel for CounterfactualMllm {
             language_model: language_model.no_grad(),
         }
     }
+}
+
+/// Writes what trains (`projection.bpk`, `language_model.bpk`) into `out`; the base model is
+/// the user's and stays where it is.
+pub fn save(model: &CounterfactualMllm, out: &Path) -> crate::Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    crate::error::save_module(&model.projection, &out.join("projection.bpk"))?;
+    crate::error::save_module(&model.language_model, &out.join("language_model.bpk"))
+}
+
+/// Whether `dir` holds a trained counterfactual model ([`save`]).
+pub fn is_trained(dir: &Path) -> bool {
+    dir.join("projection.bpk").is_file() && dir.join("language_model.bpk").is_file()
+}
+
+/// `model` with the projection and LM trained into `dir`.
+pub fn load(mut model: CounterfactualMllm, dir: &Path) -> crate::Result<CounterfactualMllm> {
+    let weights_error = |path: &Path, e: &dyn std::fmt::Display| crate::Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let path = dir.join("projection.bpk");
+    model.projection = model
+        .projection
+        .try_load_file(&path)
+        .map_err(|e| weights_error(&path, &e))?;
+    let path = dir.join("language_model.bpk");
+    model.language_model = model
+        .language_model
+        .try_load_file(&path)
+        .map_err(|e| weights_error(&path, &e))?;
+    Ok(model)
 }
