@@ -172,9 +172,17 @@ impl Method {
     pub fn build(&self, models: &Models, device: &Device) -> Result<Box<dyn Editor>> {
         if models.real_mllm() {
             let lm = models.counterfactual_lm();
+            // Loaded once per device; each editor's copy shares the weights until it changes
+            // them (MSCKE-MEND holds the model twice: a checkpoint's size, not twice it).
+            let loaded = std::cell::RefCell::new(Vec::<(Device, Speaker<MllmNet>)>::new());
             let base = |device: &Device| {
+                if let Some((_, speaker)) = loaded.borrow().iter().find(|(d, _)| d == device) {
+                    return Ok(speaker.clone());
+                }
                 let mllm = crate::model::mllm::Mllm::load(&models.base, device)?;
-                Speaker::from_mllm(mllm, MLLM_MAX_TOKENS)
+                let speaker = Speaker::from_mllm(mllm, MLLM_MAX_TOKENS)?;
+                loaded.borrow_mut().push((device.clone(), speaker.clone()));
+                Ok(speaker)
             };
             let counterfactual = |base: &Speaker<MllmNet>, device: &Device| {
                 let mut speaker = Speaker::counterfactual(base, lm, device)?;

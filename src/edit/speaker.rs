@@ -33,7 +33,9 @@ pub struct Prediction {
 }
 
 /// The edited model (the scenes [`Vlm`] or a real MLLM, [`crate::model::mllm::MllmNet`])
-/// with its tokenizer and preprocessing.
+/// with its tokenizer and preprocessing. A clone shares the weights until one side changes
+/// them.
+#[derive(Clone)]
 pub struct Speaker<M = Vlm> {
     pub model: M,
     pub batcher: LmBatcher,
