@@ -322,3 +322,59 @@ fn train_every_model_then_edit_and_query() {
     }
     assert_eq!(lines[2]["image"], false);
 }
+
+/// `mmke train counterfactual-mllm`: the counterfactual model beside a Hugging Face BLIP-2
+/// (from a small OPT of its own) trains on an FGVEdit file and what it learned loads back.
+#[test]
+fn train_counterfactual_mllm_writes_a_model_that_loads() {
+    let mllm = fixtures().join("mllm");
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(mllm.join("image16.png"), data.path().join("a.png")).unwrap();
+    let records = serde_json::json!([{
+        "src": "w9 w21 w33", "alt": "w40 w41", "rephrase": "w9 w22 w33", "image": "a.png",
+        "loc": "w50 w51", "loc_ans": "w52", "fg_gen_q": "w9 w25 w33", "fg_gen_a": "w40 w41",
+        "fg_loc_q": "w9 w26", "fg_loc_a": "w43"
+    }]);
+    std::fs::write(data.path().join("train.json"), records.to_string()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/counterfactual.toml");
+    let (model, lm) = (mllm.join("blip2-opt/hub"), mllm.join("opt-lm"));
+    let status = mmke(&[
+        "train",
+        "counterfactual-mllm",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.batch_size=2",
+        "--model",
+        model.to_str().unwrap(),
+        "--lm",
+        lm.to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let device = burn::tensor::Device::flex();
+    let base = mmke::edit::speaker::Speaker::from_mllm(
+        mmke::model::mllm::Mllm::load(&model, &device).unwrap(),
+        32,
+    )
+    .unwrap();
+    let fresh = mmke::edit::speaker::Speaker::counterfactual(&base, Some(&lm), &device).unwrap();
+    // The LM starts from opt-lm's weights (the projection from a random draw): trained, its
+    // first FFN matrix differs from opt-lm's.
+    let ffn = |m: &mmke::model::mllm::counterfactual::CounterfactualMllm| {
+        m.language_model.ffn_weights(0)[0].clone().into_data()
+    };
+    let untrained = ffn(&fresh.model);
+    let trained = mmke::model::mllm::counterfactual::load(fresh.model, out.path()).unwrap();
+    assert_ne!(ffn(&trained), untrained, "nothing was trained");
+}

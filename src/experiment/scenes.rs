@@ -378,18 +378,16 @@ impl Workspace {
         if provenance::reusable(dir, "language_model.bpk", &wanted)? {
             return Ok(());
         }
-        let mllm = crate::model::mllm::Mllm::load(model, &self.train_device)?;
-        let base = Speaker::from_mllm(mllm, crate::edit::method::MLLM_MAX_TOKENS)?;
-        let lm = models.counterfactual_lm();
-        let mut speaker = Speaker::counterfactual(&base, lm, &self.train_device)?;
-        let loss = crate::train::counterfactual::train(
-            &mut speaker,
-            &self.pool,
+        let loss = crate::train::counterfactual::run(
+            model,
+            models.counterfactual_lm(),
+            &self.data_dir,
             train,
+            dir,
             &self.train_device,
         )?;
         eprintln!("counterfactual model: answer loss {loss:.4} over the last steps");
-        crate::model::mllm::counterfactual::save(&speaker.model, dir)
+        Ok(())
     }
 
     fn networks(

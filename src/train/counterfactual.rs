@@ -74,3 +74,24 @@ pub fn train(
     progress.finish();
     Ok(recent.iter().sum::<f64>() / recent.len().max(1) as f64)
 }
+
+/// `mmke train counterfactual-mllm`: the counterfactual model beside the Hugging Face MLLM in
+/// `model_dir`, starting from the causal LM in `lm_dir` (else a copy of the model's LM),
+/// trained on the edits of `data_dir/train.json` (FGVEdit or MMEdit) and saved into `out`
+/// (an autodiff `device`); the mean loss of the last steps.
+pub fn run(
+    model_dir: &std::path::Path,
+    lm_dir: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+    config: &VlmTrainConfig,
+    out: &std::path::Path,
+    device: &Device,
+) -> Result<f64> {
+    let records = crate::data::read_edits(&data_dir.join("train.json"), data_dir)?.records;
+    let mllm = crate::model::mllm::Mllm::load(model_dir, device)?;
+    let base = Speaker::from_mllm(mllm, crate::edit::method::MLLM_MAX_TOKENS)?;
+    let mut speaker = Speaker::counterfactual(&base, lm_dir, device)?;
+    let loss = train(&mut speaker, &records, config, device)?;
+    crate::model::mllm::counterfactual::save(&speaker.model, out)?;
+    Ok(loss)
+}

@@ -55,6 +55,28 @@ pub enum TrainCommand {
     /// ("{src} >> {alt} || ") before the query and answers as after the edit; prints its
     /// exact match on test.json.
     Counterfactual(VlmArgs),
+    /// Train SERAC's counterfactual model beside a Hugging Face MLLM (the `train` table of
+    /// configs/counterfactual.toml): a causal LM reading the model's visual tokens through a
+    /// new projection, on the edits of train.json; writes OUT/projection.bpk and
+    /// OUT/language_model.bpk.
+    CounterfactualMllm {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// A Hugging Face BLIP-2 or LLaVA directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A causal LM directory (OPTForCausalLM, LlamaForCausalLM) to start from (default: a
+        /// copy of the model's LM).
+        #[arg(long)]
+        lm: Option<PathBuf>,
+        /// Directory with train.json (FGVEdit or MMEdit) and the images it names.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Meta-train MEND's gradient networks for a trained VLM on the edits of train.json
     /// (configs/mend.toml); writes OUT/mend.{json,bpk}.
     Mend(MetaArgs),
@@ -245,6 +267,27 @@ pub fn run(command: TrainCommand) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         TrainCommand::Vlm(args) => args.run(mmke::train::vlm::Knowledge::PreEdit)?,
+        TrainCommand::CounterfactualMllm {
+            config,
+            model,
+            lm,
+            data,
+            out,
+            device,
+        } => {
+            let file: VlmFile = config.load()?;
+            let device = device.device()?.autodiff();
+            let loss = mmke::train::counterfactual::run(
+                &model,
+                lm.as_deref(),
+                &data,
+                &file.train,
+                &out,
+                &device,
+            )?;
+            println!("answer loss over the last steps: {loss:.4}");
+            eprintln!("wrote {}", out.display());
+        }
         TrainCommand::Counterfactual(args) => {
             args.run(mmke::train::vlm::Knowledge::Counterfactual)?
         }
