@@ -132,15 +132,21 @@ impl<'a> Models<'a> {
     }
 }
 
+/// Loads a base model `M` on a device.
+type LoadBase<'a, M> = &'a dyn Fn(&Device) -> Result<Speaker<M>>;
+
+/// Makes the counterfactual model `C` beside a base model `M`.
+type LoadCounterfactual<'a, M, C> = &'a dyn Fn(&Speaker<M>, &Device) -> Result<Speaker<C>>;
+
 /// How one kind of base model (`M`) and its counterfactual model (`C`) load.
 struct Loaders<'a, M, C> {
-    base: &'a dyn Fn(&Device) -> Result<Speaker<M>>,
-    counterfactual: &'a dyn Fn(&Speaker<M>, &Device) -> Result<Speaker<C>>,
+    base: LoadBase<'a, M>,
+    counterfactual: LoadCounterfactual<'a, M, C>,
 }
 
 fn hypernet<N: Hypernetwork, M: EditableModel>(
     models: &Models,
-    base: &dyn Fn(&Device) -> Result<Speaker<M>>,
+    base: LoadBase<M>,
     network: &str,
     device: &Device,
 ) -> Result<HypernetEditor<N, M>> {
@@ -253,7 +259,7 @@ impl Method {
                     classifier,
                     batcher,
                     base,
-                    InScope::<M, C>::Counterfactual(counterfactual),
+                    InScope::<M, C>::Counterfactual(Box::new(counterfactual)),
                     &plain,
                 ))
             }

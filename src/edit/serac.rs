@@ -32,7 +32,7 @@ pub struct Answer {
 /// What answers an in-scope query (`B`: the base model, `C`: the counterfactual model).
 pub enum InScope<B = Vlm, C = Vlm> {
     /// A counterfactual model reading the routed edit as context (SERAC, MSCKE).
-    Counterfactual(Speaker<C>),
+    Counterfactual(Box<Speaker<C>>),
     /// The base model edited by MEND with the routed edit alone (MSCKE-MEND); `applied` is
     /// the edit its weights hold now.
     Mend {
@@ -65,7 +65,7 @@ impl<B: EditableModel, C: EditableModel> MemoryEditor<B, C> {
             classifier,
             batcher,
             base,
-            InScope::Counterfactual(counterfactual),
+            InScope::Counterfactual(Box::new(counterfactual)),
             device,
         )
     }
