@@ -114,11 +114,9 @@ fn fine_tuning_edits_and_resets_on_every_architecture() {
     }
 }
 
-#[test]
-fn t_patcher_edits_stays_silent_on_its_memory_and_resets() {
-    let device = Device::flex().autodiff();
-    let record = record();
-    let config = TPatcherConfig {
+/// Two patch neurons trained 30 steps, kept silent on 4 memory queries.
+fn t_patcher_config() -> TPatcherConfig {
+    TPatcherConfig {
         neurons: 2,
         steps: 30,
         lr: 5e-2,
@@ -126,7 +124,14 @@ fn t_patcher_edits_stays_silent_on_its_memory_and_resets() {
         memory_weight: 1.0,
         margin: 0.5,
         memory_queries: 4,
-    };
+    }
+}
+
+#[test]
+fn t_patcher_edits_stays_silent_on_its_memory_and_resets() {
+    let device = Device::flex().autodiff();
+    let record = record();
+    let config = t_patcher_config();
     for model in MODELS {
         let pool = [record.clone()];
         let mut editor =
@@ -607,7 +612,6 @@ fn unike_edits_and_resets_on_every_architecture() {
 #[test]
 fn methods_build_from_a_real_mllm_directory() {
     use mmke::edit::method::{Method, Models};
-    use mmke::edit::tpatcher::TPatcherConfig;
     use mmke::train::meta::run;
     let record = record();
     let mut other = record.clone();
@@ -667,15 +671,7 @@ fn methods_build_from_a_real_mllm_directory() {
         Method::Ke {
             network: "ke".into(),
         },
-        Method::TPatcher(TPatcherConfig {
-            neurons: 2,
-            steps: 30,
-            lr: 5e-2,
-            activation_weight: 1.0,
-            memory_weight: 1.0,
-            margin: 0.5,
-            memory_queries: 4,
-        }),
+        Method::TPatcher(t_patcher_config()),
     ];
     let q = query(&record);
     for method in methods {

@@ -155,9 +155,6 @@ fn hypernet<N: Hypernetwork, M: EditableModel>(
     Ok(HypernetEditor::new(speaker, net, device))
 }
 
-/// The most tokens of a text on a real MLLM's tokenizer.
-pub const MLLM_MAX_TOKENS: usize = 256;
-
 impl Method {
     /// Whether the method trains or differentiates when it edits (it then runs on the
     /// autodiff version of the device it is built for).
@@ -185,8 +182,7 @@ impl Method {
                 if let Some((_, speaker)) = loaded.borrow().iter().find(|(d, _)| d == device) {
                     return Ok(speaker.clone());
                 }
-                let mllm = crate::model::mllm::Mllm::load(&models.base, device)?;
-                let speaker = Speaker::from_mllm(mllm, MLLM_MAX_TOKENS)?;
+                let speaker = Speaker::load_mllm(&models.base, device)?;
                 loaded.borrow_mut().push((device.clone(), speaker.clone()));
                 Ok(speaker)
             };

@@ -64,6 +64,18 @@ impl Speaker<Vlm> {
 }
 
 impl Speaker<crate::model::mllm::MllmNet> {
+    /// The most tokens of a text on a real MLLM's tokenizer, as editors and training read it.
+    pub const MAX_TOKENS: usize = 256;
+
+    /// The Hugging Face MLLM in `dir` (f32) as editors use it ([`Self::from_mllm`], at most
+    /// [`Self::MAX_TOKENS`] tokens a text).
+    pub fn load_mllm(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_mllm(
+            crate::model::mllm::Mllm::load(dir, device)?,
+            Self::MAX_TOKENS,
+        )
+    }
+
     /// A real MLLM ([`crate::model::mllm::Mllm`]) as editors use it: its tokenizer (at most
     /// `max_len` tokens a text), preprocessing and BOS/EOS; the image goes where the model's
     /// processor puts it.

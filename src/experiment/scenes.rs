@@ -468,8 +468,7 @@ impl Workspace {
             .ok_or_else(|| self.undefined("knowledge", "knowledge"))?;
         let base = self.base_model(Base::First);
         if crate::model::mllm::is_model_dir(&base) {
-            let mllm = crate::model::mllm::Mllm::load(&base, &self.device)?;
-            let speaker = Speaker::from_mllm(mllm, crate::edit::method::MLLM_MAX_TOKENS)?;
+            let speaker = Speaker::load_mllm(&base, &self.device)?;
             self.knowledge = Some(self.knowledge_of(speaker, &base, layers, &config)?);
         } else {
             let speaker = Speaker::load(&base, &self.device)?;

@@ -88,8 +88,7 @@ pub fn run(
     device: &Device,
 ) -> Result<f64> {
     let records = crate::data::read_edits(&data_dir.join("train.json"), data_dir)?.records;
-    let mllm = crate::model::mllm::Mllm::load(model_dir, device)?;
-    let base = Speaker::from_mllm(mllm, crate::edit::method::MLLM_MAX_TOKENS)?;
+    let base = Speaker::load_mllm(model_dir, device)?;
     let mut speaker = Speaker::counterfactual(&base, lm_dir, device)?;
     let loss = train(&mut speaker, &records, config, device)?;
     crate::model::mllm::counterfactual::save(&speaker.model, out)?;

@@ -180,17 +180,13 @@ pub fn run<N: Hypernetwork>(
     device: &Device,
 ) -> Result<MetaLosses> {
     if crate::model::mllm::is_model_dir(model_dir) {
-        let mllm = crate::model::mllm::Mllm::load(model_dir, device)?;
-        let speaker = Speaker::from_mllm(mllm, MAX_TOKENS)?;
+        let speaker = Speaker::load_mllm(model_dir, device)?;
         run_with::<N, _>(speaker, data_dir, net_config, config, out, resume, device)
     } else {
         let speaker = Speaker::load(model_dir, device)?;
         run_with::<N, _>(speaker, data_dir, net_config, config, out, resume, device)
     }
 }
-
-/// The most tokens of a text on a real MLLM's tokenizer.
-const MAX_TOKENS: usize = 256;
 
 fn run_with<N: Hypernetwork, M: EditableModel>(
     mut speaker: Speaker<M>,
