@@ -245,17 +245,23 @@ fn editing_tables_run_on_a_real_mllm_directory() {
     write("test.json", 4, 6);
     let out = tempfile::tempdir().unwrap();
     let device = Device::flex();
-    let run = |name: &str| {
+    let run_in = |name: &str, dtype: burn::tensor::DType| {
         let experiment = Experiment::named(name).unwrap();
         mmke::experiment::run(
             experiment,
             "tiny",
             Some(&file),
             Some(data.path()),
-            Some(&model),
+            Some(&mmke::edit::speaker::ModelDir::new(&model, dtype)),
             out.path(),
             &device,
         )
+    };
+    let run = |name: &str| run_in(name, burn::tensor::DType::F32);
+    let provenance = |artifact: &str| -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(out.path().join(artifact).join("provenance.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
     };
     for name in ["mscke-table1", "unike-table1"] {
         let outcome = run(name).unwrap();
@@ -283,14 +289,21 @@ fn editing_tables_run_on_a_real_mllm_directory() {
             .is_file()
     );
     for artifact in ["mend", "knowledge"] {
-        let text =
-            std::fs::read_to_string(out.path().join(artifact).join("provenance.json")).unwrap();
-        let provenance: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let provenance = provenance(artifact);
         assert_eq!(
             provenance["vlm"]["kind"], "mllm",
             "{artifact}: {provenance}"
         );
+        assert_eq!(
+            provenance["vlm"]["dtype"], "F32",
+            "{artifact}: {provenance}"
+        );
     }
+    // The same table on the model held in bf16: what was trained for it in f32 is not
+    // reused.
+    let outcome = run_in("mscke-table1", burn::tensor::DType::BF16).unwrap();
+    assert_eq!(outcome.tables[0].1.rows.len(), 7);
+    assert_eq!(provenance("mend")["vlm"]["dtype"], "BF16");
     for name in ["mscke-table3", "mscke-table4"] {
         let error = run(name).err().expect("needs the scenes VLMs").to_string();
         assert!(error.contains("--model"), "{name}: {error}");

@@ -9,14 +9,14 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use mmke::data::record::{EditRecord, ImageQuery, TextQuery};
 use mmke::edit::Editor;
 use mmke::edit::finetune::{FineTuneConfig, FineTuneEditor, Part};
 use mmke::edit::ike::IkeEditor;
 use mmke::edit::ke::{Ke, KeConfig};
 use mmke::edit::mend::{HypernetEditor, Hypernetwork, Mend, MendConfig};
-use mmke::edit::speaker::{Query, Speaker};
+use mmke::edit::speaker::{ModelDir, Query, Speaker};
 use mmke::edit::tpatcher::{TPatcherConfig, TPatcherEditor};
 use mmke::model::mllm::{Mllm, MllmNet};
 
@@ -26,8 +26,9 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm")
 }
 
-fn speaker(model: &str, device: &Device) -> Speaker<MllmNet> {
-    let mllm = Mllm::load(&fixtures().join(model).join("hub"), device).unwrap();
+fn speaker(model: &str, dtype: DType, device: &Device) -> Speaker<MllmNet> {
+    let mllm = Mllm::load_in(&fixtures().join(model).join("hub"), device, dtype).unwrap();
+    assert_eq!(mllm.dtype(), dtype, "{model}: held in {dtype:?}");
     Speaker::from_mllm(mllm, 32).unwrap()
 }
 
@@ -59,12 +60,13 @@ fn edit_loss(speaker: &mut Speaker<MllmNet>, record: &EditRecord, device: &Devic
 
 /// The vision tower's output (before the bridge to the LM) on a fixed image.
 fn vision_features(net: &MllmNet, device: &Device) -> Vec<f32> {
-    let pixels = burn::tensor::Tensor::<4>::ones([1, 3, 16, 16], device) * 0.5;
+    let dtype = net.language_model().dtype();
+    let pixels = (burn::tensor::Tensor::<4>::ones([1, 3, 16, 16], device) * 0.5).cast(dtype);
     let vision = match net {
         MllmNet::Blip2(m) => m.image_features(pixels).vision,
         MllmNet::Llava(m) => m.image_features(pixels).vision,
     };
-    vision.into_data().try_to_vec().unwrap()
+    vision.cast(DType::F32).into_data().try_to_vec().unwrap()
 }
 
 fn query(record: &EditRecord) -> Query {
@@ -74,8 +76,7 @@ fn query(record: &EditRecord) -> Query {
     }
 }
 
-#[test]
-fn fine_tuning_edits_and_resets_on_every_architecture() {
+fn fine_tuning_edits_and_resets_on_every_architecture(dtype: DType) {
     let device = Device::flex().autodiff();
     let record = record();
     for model in MODELS {
@@ -85,7 +86,7 @@ fn fine_tuning_edits_and_resets_on_every_architecture() {
                 steps: 10,
                 lr: 1e-2,
             };
-            let mut editor = FineTuneEditor::new(speaker(model, &device), config, &device);
+            let mut editor = FineTuneEditor::new(speaker(model, dtype, &device), config, &device);
             let before = edit_loss(&mut editor.speaker, &record, &device);
             let prediction = editor.predict(&query(&record), &record.target, 3).unwrap();
             let vision = vision_features(&editor.speaker.model, &device);
@@ -127,15 +128,19 @@ fn t_patcher_config() -> TPatcherConfig {
     }
 }
 
-#[test]
-fn t_patcher_edits_stays_silent_on_its_memory_and_resets() {
+fn t_patcher_edits_stays_silent_on_its_memory_and_resets(dtype: DType) {
     let device = Device::flex().autodiff();
     let record = record();
     let config = t_patcher_config();
     for model in MODELS {
         let pool = [record.clone()];
-        let mut editor =
-            TPatcherEditor::new(speaker(model, &device), &pool, config.clone(), &device).unwrap();
+        let mut editor = TPatcherEditor::new(
+            speaker(model, dtype, &device),
+            &pool,
+            config.clone(),
+            &device,
+        )
+        .unwrap();
         let before = edit_loss(&mut editor.speaker, &record, &device);
         editor.edit(&record).unwrap();
         let after = edit_loss(&mut editor.speaker, &record, &device);
@@ -171,14 +176,13 @@ fn t_patcher_edits_stays_silent_on_its_memory_and_resets() {
     }
 }
 
-#[test]
-fn ike_answers_from_its_context_and_forgets_it_on_reset() {
+fn ike_answers_from_its_context_and_forgets_it_on_reset(dtype: DType) {
     let device = Device::flex();
     let record = record();
     for model in MODELS {
         let mut other = record.clone();
         other.prompt = "w11 w12".into();
-        let mut editor = IkeEditor::new(speaker(model, &device), &[other], 1, &device);
+        let mut editor = IkeEditor::new(speaker(model, dtype, &device), &[other], 1, &device);
         let q = query(&record);
         let before = editor.predict(&q, &record.target, 3).unwrap();
         editor.edit(&record).unwrap();
@@ -200,11 +204,15 @@ fn ike_answers_from_its_context_and_forgets_it_on_reset() {
 
 /// A hypernetwork editor at initialisation on every architecture: the edit lowers its loss,
 /// only the edited layers' FFN weights move, `reset` restores them.
-fn check_hypernetwork<N: Hypernetwork>(make: impl Fn(&MllmNet, &Device) -> N, name: &str) {
+fn check_hypernetwork<N: Hypernetwork>(
+    make: impl Fn(&MllmNet, &Device) -> N,
+    name: &str,
+    dtype: DType,
+) {
     let device = Device::flex().autodiff();
     let record = record();
     for model in MODELS {
-        let base = speaker(model, &device);
+        let base = speaker(model, dtype, &device);
         let net = make(&base.model, &device);
         let layers = net.layers().to_vec();
         let mut editor = HypernetEditor::new(base, net, &device);
@@ -247,21 +255,24 @@ fn check_hypernetwork<N: Hypernetwork>(make: impl Fn(&MllmNet, &Device) -> N, na
     }
 }
 
-#[test]
-fn mend_and_ke_edit_and_reset_on_every_architecture() {
+fn mend_and_ke_edit_and_reset_on_every_architecture(dtype: DType) {
     let mend = MendConfig {
         layers: 1,
         rank: 4,
         blocks: 1,
         edit_lr: 0.5,
     };
-    check_hypernetwork(|model, device| Mend::new(&mend, model, device), "MEND");
+    check_hypernetwork(
+        |model, device| Mend::new(&mend, model, device),
+        "MEND",
+        dtype,
+    );
     let ke = KeConfig {
         layers: 1,
         hidden: 8,
         edit_lr: 1.0,
     };
-    check_hypernetwork(|model, device| Ke::new(&ke, model, device), "KE");
+    check_hypernetwork(|model, device| Ke::new(&ke, model, device), "KE", dtype);
 }
 
 /// A scope classifier (untrained tiny CLIP) that calls every query in scope (scale 0: rho =
@@ -332,8 +343,7 @@ fn check_routing<C: mmke::model::editable::EditableModel>(
     }
 }
 
-#[test]
-fn serac_and_mscke_route_to_the_counterfactual_model_on_every_architecture() {
+fn serac_and_mscke_route_to_the_counterfactual_model_on_every_architecture(dtype: DType) {
     use mmke::edit::serac::MemoryEditor;
     let device = Device::flex();
     let record = record();
@@ -350,7 +360,7 @@ fn serac_and_mscke_route_to_the_counterfactual_model_on_every_architecture() {
                 &name,
                 |scale| {
                     let (classifier, batcher) = router(&record, scale, &device);
-                    let base = speaker(model, &device);
+                    let base = speaker(model, dtype, &device);
                     let counterfactual =
                         Speaker::counterfactual(&base, lm.as_deref(), &device).unwrap();
                     MemoryEditor::new(classifier, batcher, base, counterfactual, &device)
@@ -361,12 +371,11 @@ fn serac_and_mscke_route_to_the_counterfactual_model_on_every_architecture() {
     }
 }
 
-#[test]
-fn the_counterfactual_model_reads_the_image_through_a_projection_that_trains() {
+fn the_counterfactual_model_reads_the_image_through_a_projection_that_trains(dtype: DType) {
     let device = Device::flex().autodiff();
     let record = record();
     for model in MODELS {
-        let base = speaker(model, &device);
+        let base = speaker(model, dtype, &device);
         let vision = vision_features(&base.model, &device);
         let counterfactual = Speaker::counterfactual(&base, None, &device).unwrap();
         // FT-Visual on the counterfactual model trains the projection alone.
@@ -394,8 +403,7 @@ fn the_counterfactual_model_reads_the_image_through_a_projection_that_trains() {
     }
 }
 
-#[test]
-fn mscke_mend_routes_to_the_base_model_edited_by_mend() {
+fn mscke_mend_routes_to_the_base_model_edited_by_mend(dtype: DType) {
     use mmke::edit::serac::{InScope, MemoryEditor};
     let device = Device::flex().autodiff();
     let record = record();
@@ -410,7 +418,7 @@ fn mscke_mend_routes_to_the_base_model_edited_by_mend() {
             model,
             |scale| {
                 let (classifier, batcher) = router(&record, scale, &device);
-                let edited = speaker(model, &device);
+                let edited = speaker(model, dtype, &device);
                 let net = Mend::new(&config, &edited.model, &device);
                 let in_scope = InScope::<MllmNet, MllmNet>::Mend {
                     editor: Box::new(HypernetEditor::new(edited, net, &device)),
@@ -419,7 +427,7 @@ fn mscke_mend_routes_to_the_base_model_edited_by_mend() {
                 MemoryEditor::with(
                     classifier,
                     batcher,
-                    speaker(model, &device),
+                    speaker(model, dtype, &device),
                     in_scope,
                     &device,
                 )
@@ -432,10 +440,9 @@ fn mscke_mend_routes_to_the_base_model_edited_by_mend() {
 /// `mmke train mend|ke --model HF_DIR`: meta-training on a real MLLM (an FGVEdit file)
 /// learns: after training, the update lowers the edit's loss more than the first step's did;
 /// the trained network loads back for editing.
-#[test]
-fn mend_and_ke_meta_train_on_a_real_mllm() {
+fn mend_and_ke_meta_train_on_a_real_mllm(dtype: DType) {
     let data = fgvedit_dir();
-    let model = fixtures().join("blip2-opt/hub");
+    let model = ModelDir::new(fixtures().join("blip2-opt/hub"), dtype);
     let out = tempfile::tempdir().unwrap();
     let mend = MendConfig {
         layers: 1,
@@ -483,7 +490,7 @@ fn meta_config(steps: usize) -> mmke::train::meta::MetaTrainConfig {
 /// Meta-training `N` for 40 steps: the update then lowers the edit's loss more than after one
 /// step; the network loads back for the model.
 fn check_meta_training<N: Hypernetwork>(
-    model: &std::path::Path,
+    model: &ModelDir,
     data: &std::path::Path,
     config: &N::Config,
     out: &std::path::Path,
@@ -505,6 +512,7 @@ fn check_meta_training<N: Hypernetwork>(
     };
     let (first, _) = train(1);
     let (trained, dir) = train(40);
+    let dtype = model.dtype;
     assert!(
         trained.after < first.after,
         "{}: after the update {} (step 1) -> {} (steps 31-40)",
@@ -512,7 +520,7 @@ fn check_meta_training<N: Hypernetwork>(
         first.after,
         trained.after
     );
-    let base = speaker("blip2-opt", &device);
+    let base = speaker("blip2-opt", dtype, &device);
     mmke::edit::mend::load::<N>(&dir, &base.model, &device).unwrap();
 }
 
@@ -520,8 +528,7 @@ fn check_meta_training<N: Hypernetwork>(
 /// memory and encoders build from the model's hidden states; latent in-context editing at
 /// alpha = 1 changes nothing and below it does; the full editor (extra key-value pairs with
 /// zeta, latent IKE with the dynamic alpha) lowers the edit's loss and `reset` restores it.
-#[test]
-fn unike_edits_and_resets_on_every_architecture() {
+fn unike_edits_and_resets_on_every_architecture(dtype: DType) {
     use mmke::edit::unike::{
         Alpha, InContext, Prepared, Triplet, UniKeConfig, UniKeEditor, ZetaKind, edited_layers,
     };
@@ -563,7 +570,7 @@ fn unike_edits_and_resets_on_every_architecture() {
         seed: 0,
     };
     for model in MODELS {
-        let mut base = speaker(model, &device);
+        let mut base = speaker(model, dtype, &device);
         let layers = edited_layers(&base.model, 1);
         let memory = build_memory(&mut base, &triplets, &layers, 4, &device).unwrap();
         assert_eq!(memory.len(), triplets.len(), "{model}");
@@ -575,8 +582,13 @@ fn unike_edits_and_resets_on_every_architecture() {
         let plain = edit_loss(&mut base, &record, &device);
         let latent = |alpha| {
             let config = config(0, InContext::Latent, alpha, ZetaKind::None);
-            let mut editor =
-                UniKeEditor::new(speaker(model, &device), prepared(), &[], config, &device);
+            let mut editor = UniKeEditor::new(
+                speaker(model, dtype, &device),
+                prepared(),
+                &[],
+                config,
+                &device,
+            );
             edit_loss(&mut editor.speaker, &record, &device)
         };
         assert_eq!(latent(Alpha::Fixed(1.0)), plain, "{model}: alpha 1");
@@ -587,8 +599,13 @@ fn unike_edits_and_resets_on_every_architecture() {
         );
 
         let config = config(2, InContext::Latent, Alpha::Dynamic, ZetaKind::Truthfulness);
-        let mut editor =
-            UniKeEditor::new(speaker(model, &device), prepared(), &[], config, &device);
+        let mut editor = UniKeEditor::new(
+            speaker(model, dtype, &device),
+            prepared(),
+            &[],
+            config,
+            &device,
+        );
         let before = edit_loss(&mut editor.speaker, &record, &device);
         editor.edit(&record).unwrap();
         let after = edit_loss(&mut editor.speaker, &record, &device);
@@ -609,15 +626,14 @@ fn unike_edits_and_resets_on_every_architecture() {
 /// `Method::build` on a Hugging Face MLLM directory: every method that needs no scope
 /// classifier run (those are tested above, routed by hand) builds from the directory, edits
 /// (the prediction moves) and resets (it comes back).
-#[test]
-fn methods_build_from_a_real_mllm_directory() {
+fn methods_build_from_a_real_mllm_directory(dtype: DType) {
     use mmke::edit::method::{Method, Models};
     use mmke::train::meta::run;
     let record = record();
     let mut other = record.clone();
     other.prompt = "w11 w12".into();
     let pool = [other];
-    let base = fixtures().join("llava/hub");
+    let base = ModelDir::new(fixtures().join("llava/hub"), dtype);
     let dir = tempfile::tempdir().unwrap();
     let data = fgvedit_dir();
     let train = meta_config(2);
@@ -695,8 +711,7 @@ fn methods_build_from_a_real_mllm_directory() {
 
 /// The counterfactual model beside a real MLLM trains on the edits' counterfactual examples
 /// (its answer loss falls), and what it learned saves and loads back exactly.
-#[test]
-fn the_counterfactual_model_trains_saves_and_loads() {
+fn the_counterfactual_model_trains_saves_and_loads(dtype: DType) {
     use mmke::data::lm::counterfactual_examples;
     use mmke::model::mllm::counterfactual::{is_trained, load, save};
     use mmke::train::counterfactual::train;
@@ -707,7 +722,7 @@ fn the_counterfactual_model_trains_saves_and_loads() {
         .unwrap()
         .records;
     for model in MODELS {
-        let base = speaker(model, &device);
+        let base = speaker(model, dtype, &device);
         let mut counterfactual = Speaker::counterfactual(&base, None, &device).unwrap();
         let example = counterfactual_examples(&records[0])
             .into_iter()
@@ -740,3 +755,143 @@ fn the_counterfactual_model_trains_saves_and_loads() {
         assert_eq!(loss(&mut fresh), after, "{model}: the loaded model differs");
     }
 }
+
+/// LLaVA reads editing prompts inside its chat template (LLaVA-1.5's by default, a model
+/// directory's `prompt_template.json` else), the image where the template's `{image}` is:
+/// the editors' text ids with the image placed after `image_at` of them give the logits the
+/// processor's layout (`<image>` expanded in the templated text) gives.
+#[test]
+fn llava_edits_in_its_prompt_template_with_the_image_where_the_processor_puts_it() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use mmke::data::template::{PromptTemplate, TEMPLATE_FILE};
+    use mmke::model::editable::EditableModel;
+    let device = Device::flex();
+    let hub = fixtures().join("llava/hub");
+    let default = speaker("llava", DType::F32, &device);
+    assert_eq!(
+        default.batcher.template(),
+        Some(&PromptTemplate::llava_1_5())
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&hub).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let template = PromptTemplate {
+        with_image: "w4 w5 {image} {prompt} w6".into(),
+        text_only: "w4 {prompt} w6".into(),
+    };
+    std::fs::write(
+        dir.path().join(TEMPLATE_FILE),
+        serde_json::to_string(&template).unwrap(),
+    )
+    .unwrap();
+    let mllm = Mllm::load(dir.path(), &device).unwrap();
+    let speaker = Speaker::from_mllm(Mllm::load(dir.path(), &device).unwrap(), 32).unwrap();
+    assert_eq!(
+        speaker.batcher.image_at(),
+        Some(3),
+        "BOS w4 w5, then the image"
+    );
+    let word = |w: &str| mllm.tokenizer.as_ref().unwrap().token_to_id(w).unwrap() as i64;
+    let bos = speaker.batcher.bos() as i64;
+    let text = speaker.batcher.prompt_ids("w9 w21", true).unwrap();
+    assert_eq!(
+        text,
+        [
+            bos,
+            word("w4"),
+            word("w5"),
+            word("w9"),
+            word("w21"),
+            word("w6")
+        ]
+    );
+    assert_eq!(
+        speaker.batcher.prompt_ids("w9 w21", false).unwrap(),
+        [bos, word("w4"), word("w9"), word("w21"), word("w6")]
+    );
+    assert!(speaker.batcher.prompt_ids("w9 <image>", true).is_err());
+
+    let processor: Vec<i64> = mllm
+        .prompt_ids("w4 w5 <image> w9 w21 w6")
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let n = mllm.config.image_tokens();
+    assert_eq!(processor.len(), text.len() + n);
+    let pixels = Tensor::<4>::from_data(
+        TensorData::new(
+            (0..3 * 16 * 16)
+                .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
+                .collect(),
+            [1, 3, 16, 16],
+        ),
+        &device,
+    );
+    let ids =
+        |v: &[i64]| Tensor::<2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &device);
+    let ones = |len: usize| Tensor::<2, Int>::ones([1, len], &device);
+    let reference: Vec<f32> = mllm
+        .forward(pixels.clone(), ids(&processor), ones(processor.len()))
+        .unwrap()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    let editors: Vec<f32> = speaker
+        .model
+        .forward(
+            Some(pixels),
+            ids(&text),
+            ones(text.len()),
+            &Default::default(),
+        )
+        .logits
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    let vocab = editors.len() / text.len();
+    for t in 0..text.len() {
+        let s = speaker.model.sequence_position(t, true);
+        assert_eq!(processor[s], text[t]);
+        let diff = (0..vocab)
+            .map(|v| (editors[t * vocab + v] - reference[s * vocab + v]).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "text position {t}: logits differ by {diff}");
+    }
+}
+
+/// Every test above on the models held in f32 and in bf16 (half the memory; the editors read
+/// f32 outputs and cast what they add to the model's dtype).
+macro_rules! in_each_dtype {
+    ($($test:ident),* $(,)?) => {
+        mod f32 {
+            $(#[test]
+            fn $test() {
+                super::$test(burn::tensor::DType::F32)
+            })*
+        }
+        mod bf16 {
+            $(#[test]
+            fn $test() {
+                super::$test(burn::tensor::DType::BF16)
+            })*
+        }
+    };
+}
+
+in_each_dtype!(
+    fine_tuning_edits_and_resets_on_every_architecture,
+    t_patcher_edits_stays_silent_on_its_memory_and_resets,
+    ike_answers_from_its_context_and_forgets_it_on_reset,
+    mend_and_ke_edit_and_reset_on_every_architecture,
+    serac_and_mscke_route_to_the_counterfactual_model_on_every_architecture,
+    the_counterfactual_model_reads_the_image_through_a_projection_that_trains,
+    mscke_mend_routes_to_the_base_model_edited_by_mend,
+    mend_and_ke_meta_train_on_a_real_mllm,
+    unike_edits_and_resets_on_every_architecture,
+    methods_build_from_a_real_mllm_directory,
+    the_counterfactual_model_trains_saves_and_loads,
+);

@@ -10,6 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::data::image::ImagePreprocessor;
 use crate::data::pairs::PairKind;
 use crate::data::record::EditRecord;
+use crate::data::template::PromptTemplate;
 use crate::data::text::TextTokenizer;
 use crate::error::Result;
 
@@ -253,6 +254,19 @@ pub struct LmBatcher {
     /// Mark the BOS and prompt tokens as the bidirectional prefix (mask value 2) for a
     /// prefix-LM VLM.
     prefix_lm: bool,
+    /// The model's chat format around each prompt (LLaVA's), if it has one.
+    template: Option<Templated>,
+}
+
+/// A prompt template with what its tokenization needs.
+#[derive(Clone)]
+struct Templated {
+    template: PromptTemplate,
+    /// The tokenizer's image marker (`<image>`) and its id, when it has one: the templated
+    /// text is then tokenized in one piece, as the model's processor does.
+    marker: Option<(String, i64)>,
+    /// How many text tokens (BOS first) come before the image.
+    image_at: usize,
 }
 
 impl LmBatcher {
@@ -269,7 +283,87 @@ impl LmBatcher {
             bos: bos as i64,
             eos: eos as i64,
             prefix_lm: false,
+            template: None,
         }
+    }
+
+    /// Batches whose prompts are wrapped in `template`, the image where its `{image}` is.
+    /// `marker` is the tokenizer's image token (`<image>`, with its id) if it has one: the
+    /// text around the image is then tokenized in one piece, as the model's processor does
+    /// (a SentencePiece vocabulary tokenizes a piece differently at the start of a text);
+    /// else the two sides are tokenized apart.
+    pub fn with_template(
+        mut self,
+        template: PromptTemplate,
+        marker: Option<(String, u32)>,
+    ) -> Result<Self> {
+        template.check().map_err(crate::Error::Input)?;
+        let marker = marker.map(|(text, id)| (text, id as i64));
+        let (before, _) = template.around_image("");
+        let image_at = match &marker {
+            Some((text, id)) => {
+                let ids = self.tokenizer.encode(&format!("{before}{text}"), false)?;
+                1 + ids.iter().position(|t| t == id).ok_or_else(|| {
+                    crate::Error::Input(format!(
+                        "the tokenizer does not keep the image marker {text:?} as one token"
+                    ))
+                })?
+            }
+            None => 1 + self.tokenizer.encode(&before, false)?.len(),
+        };
+        self.template = Some(Templated {
+            template,
+            marker,
+            image_at,
+        });
+        Ok(self)
+    }
+
+    /// The prompt template, if the model has one.
+    pub fn template(&self) -> Option<&PromptTemplate> {
+        self.template.as_ref().map(|t| &t.template)
+    }
+
+    /// How many text tokens (BOS first) come before the image: `None` without a template
+    /// (the model's own placement).
+    pub fn image_at(&self) -> Option<usize> {
+        self.template.as_ref().map(|t| t.image_at)
+    }
+
+    /// The ids of BOS and `prompt` in the model's template (the image left out: the model
+    /// places it after [`Self::image_at`] of them).
+    pub fn prompt_ids(&self, prompt: &str, with_image: bool) -> Result<Vec<i64>> {
+        let mut ids = vec![self.bos];
+        let Some(t) = &self.template else {
+            ids.extend(self.tokenizer.encode(prompt, false)?);
+            return Ok(ids);
+        };
+        if !with_image {
+            ids.extend(self.tokenizer.encode(&t.template.text(prompt), false)?);
+            return Ok(ids);
+        }
+        let (before, after) = t.template.around_image(prompt);
+        match &t.marker {
+            Some((text, id)) => {
+                let whole = self
+                    .tokenizer
+                    .encode(&format!("{before}{text}{after}"), false)?;
+                let at = whole.iter().position(|t| t == id);
+                if at.map(|p| p + 1) != Some(t.image_at)
+                    || whole.iter().filter(|&t| t == id).count() != 1
+                {
+                    return Err(crate::Error::Input(format!(
+                        "the prompt must not hold the image marker {text:?} itself: {prompt:?}"
+                    )));
+                }
+                ids.extend(whole.into_iter().filter(|t| t != id));
+            }
+            None => {
+                ids.extend(self.tokenizer.encode(&before, false)?);
+                ids.extend(self.tokenizer.encode(&after, false)?);
+            }
+        }
+        Ok(ids)
     }
 
     /// Batches for a prefix-LM model (`VlmConfig::prefix_lm`).
@@ -322,10 +416,8 @@ impl LmBatcher {
         let mut sequences = Vec::with_capacity(examples.len());
         let mut answer_spans = Vec::with_capacity(examples.len());
         for e in examples {
-            let prompt = self.tokenizer.encode(&e.prompt, false)?;
+            let mut ids = self.prompt_ids(&e.prompt, with_image)?;
             let answer = self.tokenizer.encode(&e.answer, false)?;
-            let mut ids = vec![self.bos];
-            ids.extend(prompt);
             let start = ids.len();
             ids.extend(answer);
             ids.push(self.eos);

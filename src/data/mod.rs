@@ -8,6 +8,7 @@ pub mod pairs;
 pub mod reader;
 pub mod record;
 pub mod scenes;
+pub mod template;
 pub mod text;
 
 pub use reader::{Dataset, Format, ImageCheck, ImageRoots};

@@ -14,7 +14,7 @@ use super::ike::IkeEditor;
 use super::ke::Ke;
 use super::mend::{HypernetEditor, Hypernetwork, Mend};
 use super::serac::{InScope, MemoryEditor};
-use super::speaker::Speaker;
+use super::speaker::{ModelDir, Speaker};
 use super::tpatcher::{TPatcherConfig, TPatcherEditor};
 use super::unike::{Prepared, UniKeConfig, UniKeEditor};
 use crate::data::record::EditRecord;
@@ -61,8 +61,8 @@ pub enum Method {
 
 /// What methods are built from: one base model and what was trained for it.
 pub struct Models<'a> {
-    /// The base model's directory: a scenes VLM (`mmke train vlm`) or a Hugging Face MLLM.
-    pub base: PathBuf,
+    /// The base model: a scenes VLM (`mmke train vlm`) or a Hugging Face MLLM, and its dtype.
+    pub base: ModelDir,
     /// Where MEND's and KE's networks (meta-trained for the base model) are found by name.
     pub networks: PathBuf,
     /// The counterfactual model SERAC and MSCKE route to (`mmke train counterfactual`; beside
@@ -84,7 +84,7 @@ impl<'a> Models<'a> {
     /// the networks side by side), as `mmke experiment` lays them out.
     pub fn in_dir(dir: &Path, pool: &'a [EditRecord]) -> Self {
         Self {
-            base: dir.join("vlm"),
+            base: ModelDir::f32(dir.join("vlm")),
             networks: dir.to_path_buf(),
             counterfactual: dir.join("counterfactual"),
             counterfactual_lm: dir.join("counterfactual-lm"),
@@ -97,9 +97,9 @@ impl<'a> Models<'a> {
     /// A base model from anywhere (a Hugging Face MLLM directory, say), what was trained for
     /// it in `dir` (the networks, the classifiers, the counterfactual model; its LM in
     /// `dir/counterfactual-lm` when there is one).
-    pub fn with_base(base: &Path, dir: &Path, pool: &'a [EditRecord]) -> Self {
+    pub fn with_base(base: &ModelDir, dir: &Path, pool: &'a [EditRecord]) -> Self {
         Self {
-            base: base.to_path_buf(),
+            base: base.clone(),
             ..Self::in_dir(dir, pool)
         }
     }
@@ -128,7 +128,7 @@ impl<'a> Models<'a> {
 
     /// Whether the base model is a Hugging Face MLLM (BLIP-2, LLaVA) rather than a scenes VLM.
     pub fn real_mllm(&self) -> bool {
-        crate::model::mllm::is_model_dir(&self.base)
+        self.base.is_mllm()
     }
 }
 
@@ -205,7 +205,7 @@ impl Method {
                 device,
             )
         } else {
-            let base = |device: &Device| Speaker::load(&models.base, device);
+            let base = |device: &Device| Speaker::load(&models.base.path, device);
             let counterfactual =
                 |_: &Speaker<Vlm>, device: &Device| Speaker::load(&models.counterfactual, device);
             self.build_with(
@@ -287,7 +287,7 @@ impl Method {
             )?),
             Method::UniKe(config) => {
                 let knowledge = models.knowledge.ok_or_else(|| Error::Config {
-                    path: models.base.clone(),
+                    path: models.base.path.clone(),
                     reason: "UniKE needs the knowledge memory and encoders built from this \
                              base model (Models::knowledge)"
                         .into(),

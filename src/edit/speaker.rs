@@ -8,11 +8,46 @@ use burn::tensor::{Device, Int, Tensor};
 
 use crate::data::image::ImagePreprocessor;
 use crate::data::lm::{LmBatch, LmBatcher, LmExample};
+use crate::data::template::PromptTemplate;
 use crate::error::Result;
 use crate::model::answer::answer_loss_with;
 use crate::model::editable::EditableModel;
 use crate::model::lm::Hooks;
 use crate::model::vlm::Vlm;
+
+/// The edited model's directory (a scenes VLM, or a Hugging Face MLLM) and the dtype a
+/// Hugging Face MLLM's weights are held and computed in (a scenes VLM is f32). Whatever the
+/// model's dtype, editors see f32: logits, hidden states and gradients come out in f32, and
+/// what an editor adds (patch neurons, weight changes, UniKE's memory) is cast where it is
+/// used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelDir {
+    pub path: PathBuf,
+    pub dtype: burn::tensor::DType,
+}
+
+impl ModelDir {
+    /// `path` held in f32.
+    pub fn f32(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            dtype: burn::tensor::DType::F32,
+        }
+    }
+
+    /// `path` held in `dtype` (a float dtype).
+    pub fn new(path: impl Into<PathBuf>, dtype: burn::tensor::DType) -> Self {
+        Self {
+            path: path.into(),
+            dtype,
+        }
+    }
+
+    /// Whether this is a Hugging Face MLLM (BLIP-2, LLaVA) rather than a scenes VLM.
+    pub fn is_mllm(&self) -> bool {
+        crate::model::mllm::is_model_dir(&self.path)
+    }
+}
 
 /// A query to the edited model: a prompt (templated) on an image, or on text alone.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,13 +102,11 @@ impl Speaker<crate::model::mllm::MllmNet> {
     /// The most tokens of a text on a real MLLM's tokenizer, as editors and training read it.
     pub const MAX_TOKENS: usize = 256;
 
-    /// The Hugging Face MLLM in `dir` (f32) as editors use it ([`Self::from_mllm`], at most
+    /// The Hugging Face MLLM `model` as editors use it ([`Self::from_mllm`], at most
     /// [`Self::MAX_TOKENS`] tokens a text).
-    pub fn load_mllm(dir: &Path, device: &Device) -> Result<Self> {
-        Self::from_mllm(
-            crate::model::mllm::Mllm::load(dir, device)?,
-            Self::MAX_TOKENS,
-        )
+    pub fn load_mllm(model: &ModelDir, device: &Device) -> Result<Self> {
+        let mllm = crate::model::mllm::Mllm::load_in(&model.path, device, model.dtype)?;
+        Self::from_mllm(mllm, Self::MAX_TOKENS)
     }
 
     /// A real MLLM ([`crate::model::mllm::Mllm`]) as editors use it: its tokenizer (at most
@@ -91,9 +124,22 @@ impl Speaker<crate::model::mllm::MllmNet> {
         };
         let pad = text.pad_token_id().unwrap_or(0);
         let tokenizer = crate::data::text::TextTokenizer::from_file(&path, max_len, pad)?;
+        let mut batcher = LmBatcher::new(tokenizer, mllm.preprocessor, bos, eos);
+        let mut model = mllm.net;
+        if let crate::model::mllm::MllmConfig::Llava(_) = mllm.config {
+            let template = PromptTemplate::for_model(&mllm.dir, PromptTemplate::llava_1_5())?;
+            let image = mllm.config.image_token();
+            let marker = batcher
+                .tokenizer()
+                .inner()
+                .id_to_token(image)
+                .map(|text| (text, image));
+            batcher = batcher.with_template(template, marker)?;
+            model = model.with_image_at(batcher.image_at().expect("a template"))?;
+        }
         Ok(Self {
-            model: mllm.net,
-            batcher: LmBatcher::new(tokenizer, mllm.preprocessor, bos, eos),
+            model,
+            batcher,
             hooks: Hooks::default(),
         })
     }
@@ -135,12 +181,22 @@ impl Speaker<crate::model::mllm::counterfactual::CounterfactualMllm> {
             let pad = config.pad_token_id().unwrap_or(0);
             let tokenizer =
                 crate::data::text::TextTokenizer::from_file(&tokenizer_path, max_len, pad)?;
-            LmBatcher::new(tokenizer, base.batcher.preprocessor().clone(), bos, eos)
+            let batcher = LmBatcher::new(tokenizer, base.batcher.preprocessor().clone(), bos, eos);
+            // The base model's template, its sides tokenized apart (this vocabulary has no
+            // image marker).
+            match base.batcher.template() {
+                Some(template) => batcher.with_template(template.clone(), None)?,
+                None => batcher,
+            }
         } else {
             base.batcher.clone()
         };
+        let mut model = CounterfactualMllm::new(&base.model, lm, device);
+        if let Some(at) = batcher.image_at() {
+            model.image_at = at;
+        }
         Ok(Self {
-            model: CounterfactualMllm::new(&base.model, lm, device),
+            model,
             batcher,
             hooks: Hooks::default(),
         })
@@ -179,7 +235,8 @@ impl<M: EditableModel> Speaker<M> {
         let count = |text: &str| -> Result<usize> {
             Ok(self.batcher.tokenizer().encode(text, false)?.len())
         };
-        let fixed = 2 + count(prompt)? + reserved;
+        // BOS, the prompt in the model's template, the answer and EOS.
+        let fixed = self.batcher.prompt_ids(prompt, with_image)?.len() + reserved + 1;
         let mut words: Vec<&str> = context.split(' ').collect();
         while !words.is_empty() && fixed + count(&words.join(" "))? > capacity {
             words.remove(0);
@@ -291,14 +348,12 @@ impl<M: EditableModel> Speaker<M> {
         device: &Device,
     ) -> Result<String> {
         let eos = self.batcher.eos();
-        let mut ids = vec![self.batcher.bos()];
-        ids.extend(
-            self.batcher
-                .tokenizer()
-                .encode(prompt, false)?
-                .into_iter()
-                .map(|id| id as u32),
-        );
+        let ids: Vec<u32> = self
+            .batcher
+            .prompt_ids(prompt, image.is_some())?
+            .into_iter()
+            .map(|id| id as u32)
+            .collect();
         let pixels = image
             .map(|path| self.batcher.pixels(&[path], device))
             .transpose()?;

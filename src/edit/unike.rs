@@ -247,6 +247,9 @@ impl AttentionMix for LatentInContext {
         if self.memory.is_empty() {
             return None;
         }
+        // The memory, the encoders and `layer`'s memory attention work in f32.
+        let x = x.clone().cast(burn::tensor::DType::F32);
+        let h_input = h_input.clone().cast(burn::tensor::DType::F32);
         let [batch, seq, hidden] = x.dims();
         let n = batch * seq;
         let query = x.clone().reshape([n, hidden]);
@@ -272,7 +275,7 @@ impl AttentionMix for LatentInContext {
             (Alpha::Dynamic, None) => panic!("a dynamic alpha needs the semantic encoders"),
         };
         let h_know = h_know.reshape([batch, seq, hidden]);
-        Some(h_input.clone() * alpha.clone() + h_know * (alpha.neg() + 1.0))
+        Some(h_input * alpha.clone() + h_know * (alpha.neg() + 1.0))
     }
 }
 

@@ -90,7 +90,7 @@ pub fn run(
     preset: &str,
     file: Option<&Path>,
     data: Option<&Path>,
-    model: Option<&Path>,
+    model: Option<&crate::edit::speaker::ModelDir>,
     out: &Path,
     device: &burn::tensor::Device,
 ) -> Result<Outcome> {
@@ -99,7 +99,7 @@ pub fn run(
         Experiment::FusionAblation => {
             if let Some(model) = model {
                 return Err(Error::Config {
-                    path: model.to_path_buf(),
+                    path: model.path.clone(),
                     reason: "fusion-ablation compares scope classifiers: it has no base model \
                              to replace (leave out --model)"
                         .into(),
@@ -404,7 +404,7 @@ pub fn scenes_data(cache: &Path, config: &ScenesConfig) -> Result<PathBuf> {
 /// edits of `data_dir`'s train split, unless it is already there (an interrupted run resumes).
 pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
     models: &Path,
-    base: &Path,
+    base: &crate::edit::speaker::ModelDir,
     name: &str,
     config: &N::Config,
     train: &crate::train::meta::MetaTrainConfig,
@@ -416,7 +416,7 @@ pub fn trained_hypernet<N: crate::edit::mend::Hypernetwork>(
         "kind": N::NAME,
         "config": config,
         "train": train,
-        "vlm": provenance::base_model(base)?,
+        "vlm": provenance::edited_model(base)?,
         "data": provenance::data(data_dir)?,
     });
     if !provenance::reusable(&dir, &format!("{}.bpk", N::NAME), &wanted)? {

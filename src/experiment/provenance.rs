@@ -30,6 +30,18 @@ pub fn data(dir: &Path) -> Result<Value> {
     Ok(Value::Object(sums))
 }
 
+/// The identity of the edited model: [`base_model`] of its directory, and for a Hugging Face
+/// MLLM the dtype it is held in (what was trained against f32 weights is not reused for bf16).
+pub fn edited_model(model: &crate::edit::speaker::ModelDir) -> Result<Value> {
+    let mut identity = base_model(&model.path)?;
+    if model.is_mllm()
+        && let Value::Object(map) = &mut identity
+    {
+        map.insert("dtype".into(), json!(format!("{:?}", model.dtype)));
+    }
+    Ok(identity)
+}
+
 /// The identity of a base model: a scenes VLM's stored provenance, or, for a Hugging Face
 /// model directory (an MLLM or a causal LM, trained elsewhere), CRC-32 of its `config.json` and each weight file's
 /// name and size (hashing gigabytes of weights on every run would cost minutes).

@@ -14,7 +14,7 @@ use crate::data::scenes::ScenesConfig;
 use crate::edit::ke::{Ke, KeConfig};
 use crate::edit::mend::{Mend, MendConfig};
 use crate::edit::method::{Method, Models};
-use crate::edit::speaker::Speaker;
+use crate::edit::speaker::{ModelDir, Speaker};
 use crate::edit::unike::{Prepared, edited_layers};
 use crate::error::{Error, Result};
 use crate::train::clip::ClipTrainConfig;
@@ -171,7 +171,7 @@ pub struct Workspace {
     user_data: Option<PathBuf>,
     /// A Hugging Face MLLM directory that replaces the first base model (and its
     /// counterfactual VLM) when given.
-    model: Option<PathBuf>,
+    model: Option<ModelDir>,
     /// Every test edit, in order.
     pub test: Vec<EditRecord>,
     /// The training edits (IKE's demonstrations, T-Patcher's and UniKE's pools).
@@ -187,7 +187,7 @@ impl Workspace {
     pub fn new(
         spec: &ModelsSpec,
         data: Option<&Path>,
-        model: Option<&Path>,
+        model: Option<&ModelDir>,
         out: &Path,
         device: &Device,
     ) -> Result<Self> {
@@ -200,7 +200,7 @@ impl Workspace {
             data_dir,
             spec: spec.clone(),
             user_data: data.map(Path::to_path_buf),
-            model: model.map(Path::to_path_buf),
+            model: model.cloned(),
             test,
             pool,
             knowledge: None,
@@ -218,10 +218,10 @@ impl Workspace {
     }
 
     /// The base model `base`: the scenes VLM trained in its directory, or the model given.
-    pub fn base_model(&self, base: Base) -> PathBuf {
+    pub fn base_model(&self, base: Base) -> ModelDir {
         match (&self.model, base) {
             (Some(model), Base::First) => model.clone(),
-            _ => self.base_dir(base).join("vlm"),
+            _ => ModelDir::f32(self.base_dir(base).join("vlm")),
         }
     }
 
@@ -248,7 +248,7 @@ impl Workspace {
             && let Some(model) = &self.model
         {
             return Err(Error::Config {
-                path: model.clone(),
+                path: model.path.clone(),
                 reason: "MSCKE Table 3 transfers the classifier to a second scenes VLM; with \
                          --model run the one-base-model tables"
                     .into(),
@@ -364,14 +364,14 @@ impl Workspace {
 
     /// The counterfactual model beside the given MLLM, trained (in `counterfactual/`) with the
     /// preset's counterfactual training unless that is there already.
-    fn counterfactual_beside(&self, model: &Path) -> Result<()> {
+    fn counterfactual_beside(&self, model: &ModelDir) -> Result<()> {
         let models = self.models(Base::First);
         let dir = &models.counterfactual;
         let train = &self.spec.counterfactual.train;
         let wanted = serde_json::json!({
             "kind": "counterfactual-mllm",
             "train": train,
-            "base": provenance::base_model(model)?,
+            "base": provenance::edited_model(model)?,
             "lm": models.counterfactual_lm().map(provenance::base_model).transpose()?,
             "data": provenance::data(&self.data_dir)?,
         });
@@ -436,7 +436,7 @@ impl Workspace {
     fn knowledge_of<M: crate::model::editable::EditableModel>(
         &self,
         mut speaker: Speaker<M>,
-        base: &Path,
+        base: &ModelDir,
         layers: usize,
         config: &crate::train::knowledge::KnowledgeConfig,
     ) -> Result<Prepared> {
@@ -446,7 +446,7 @@ impl Workspace {
             "kind": "knowledge",
             "config": config,
             "layers": layers,
-            "vlm": provenance::base_model(base)?,
+            "vlm": provenance::edited_model(base)?,
             "data": provenance::data(&self.data_dir)?,
         });
         provenance::reusable(&dir, "encoders.bpk", &wanted)?;
@@ -467,11 +467,11 @@ impl Workspace {
             .clone()
             .ok_or_else(|| self.undefined("knowledge", "knowledge"))?;
         let base = self.base_model(Base::First);
-        if crate::model::mllm::is_model_dir(&base) {
+        if base.is_mllm() {
             let speaker = Speaker::load_mllm(&base, &self.device)?;
             self.knowledge = Some(self.knowledge_of(speaker, &base, layers, &config)?);
         } else {
-            let speaker = Speaker::load(&base, &self.device)?;
+            let speaker = Speaker::load(&base.path, &self.device)?;
             self.knowledge = Some(self.knowledge_of(speaker, &base, layers, &config)?);
         }
         Ok(())

@@ -277,7 +277,7 @@ pub fn run(
     name: &str,
     preset: &Preset,
     data: Option<&Path>,
-    model: Option<&Path>,
+    model: Option<&crate::edit::speaker::ModelDir>,
     out: &Path,
     device: &burn::tensor::Device,
 ) -> Result<Produced> {
@@ -584,7 +584,7 @@ fn cost_table(
     }
     if models.real_mllm() {
         return Err(crate::Error::Config {
-            path: models.base.clone(),
+            path: models.base.path.clone(),
             reason: "the cost table times the scenes VLMs beside the classifier; with --model \
                      run the editing tables"
                 .into(),
@@ -593,7 +593,7 @@ fn cost_table(
     let mut scope = ScopeRun::load(&models.classifiers.join(classifier), device)?;
     let batcher = scope.batcher(&[])?;
     let classifier_params = scope.model.num_params();
-    let mut base = Speaker::load(&models.base, device)?;
+    let mut base = Speaker::load(&models.base.path, device)?;
     let mut counterfactual = Speaker::load(&models.counterfactual, device)?;
     let sizes = [
         classifier_params,
@@ -603,7 +603,7 @@ fn cost_table(
     let mut router = MemoryEditor::new(
         scope.model,
         batcher,
-        Speaker::load(&models.base, device)?,
+        Speaker::load(&models.base.path, device)?,
         Speaker::load(&models.counterfactual, device)?,
         device,
     );

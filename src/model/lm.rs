@@ -14,7 +14,7 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::{Bool, Device, Gradients, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Gradients, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::clip::encoder::{SelfAttention, layer_norm};
@@ -214,6 +214,15 @@ impl ExtraNeurons {
     pub fn activations(&self, x: Tensor<2>) -> Tensor<2> {
         relu(self.pre_activations(x))
     }
+
+    /// What the neurons add to the FFN's output for `x`, `[rows, hidden]`: computed in the
+    /// neurons' dtype (f32), returned in `x`'s (the model's).
+    pub fn output(&self, x: Tensor<2>) -> Tensor<2> {
+        let dtype = x.dtype();
+        self.activations(x.cast(self.keys.val().dtype()))
+            .matmul(self.value_vectors())
+            .cast(dtype)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -268,7 +277,10 @@ impl FfnProbe {
                 let delta = output
                     .grad(grads)
                     .unwrap_or_else(|| output.clone().detach().zeros_like());
-                (input.clone().detach(), delta)
+                (
+                    input.clone().detach().cast(DType::F32),
+                    delta.cast(DType::F32),
+                )
             })
             .collect()
     }
@@ -304,7 +316,7 @@ impl<'a> FfnHook<'a> {
     pub(crate) fn apply(&mut self, m: usize, linear: &Linear, input: Tensor<2>) -> Tensor<2> {
         let mut out = linear.forward(input.clone());
         if let Some(delta) = self.delta {
-            out = out + input.clone().matmul(delta[m].clone());
+            out = out + input.clone().matmul(delta[m].clone().cast(input.dtype()));
         }
         if self.probe {
             let zero = out.clone().detach().zeros_like().require_grad();
@@ -340,7 +352,8 @@ pub trait AttentionMix: std::fmt::Debug + Send + Sync {
 
 /// A decoder layer's self-attention as UniKE's latent in-context editing reads it (OPT and
 /// LLaMA alike): its pre-attention norm, and attention over memory states instead of the
-/// sequence.
+/// sequence. Tensors go in and come out in f32 (the editors' dtype); the layer computes in
+/// its own.
 pub trait MemoryAttention {
     /// The layer's normalisation of its input before self-attention (`[.., hidden]`).
     fn attention_norm(&self, x: Tensor<3>) -> Tensor<3>;
@@ -359,11 +372,17 @@ pub trait MemoryAttention {
 
 impl MemoryAttention for OptDecoderLayer {
     fn attention_norm(&self, x: Tensor<3>) -> Tensor<3> {
-        self.self_attn_layer_norm.forward(x)
+        let dtype = self.fc1.weight.val().dtype();
+        self.self_attn_layer_norm
+            .forward(x.cast(dtype))
+            .cast(DType::F32)
     }
 
     fn project_memory(&self, memory: Tensor<2>) -> [Tensor<2>; 2] {
-        self.self_attn.project_memory(memory)
+        let dtype = self.fc1.weight.val().dtype();
+        self.self_attn
+            .project_memory(memory.cast(dtype))
+            .map(|t| t.cast(DType::F32))
     }
 
     fn attend(
@@ -373,7 +392,15 @@ impl MemoryAttention for OptDecoderLayer {
         values: Tensor<2>,
         ids: Tensor<2, Int>,
     ) -> Tensor<2> {
-        self.self_attn.attend(queries, keys, values, ids)
+        let dtype = self.fc1.weight.val().dtype();
+        self.self_attn
+            .attend(
+                queries.cast(dtype),
+                keys.cast(dtype),
+                values.cast(dtype),
+                ids,
+            )
+            .cast(DType::F32)
     }
 }
 
@@ -404,9 +431,9 @@ impl OptDecoderLayer {
     /// The FFN on normalised `x`, `[rows, hidden]`: `fc2(relu(fc1 x))` plus the extra pairs.
     pub fn ffn(&self, x: Tensor<2>) -> Tensor<2> {
         let out = self.fc2.forward(relu(self.fc1.forward(x.clone())));
-        self.extra.iter().fold(out, |out, extra| {
-            out + extra.activations(x.clone()).matmul(extra.value_vectors())
-        })
+        self.extra
+            .iter()
+            .fold(out, |out, extra| out + extra.output(x.clone()))
     }
 
     /// [`Self::ffn`] with the hooks' weight changes and probes for layer `index`.
@@ -422,9 +449,10 @@ impl OptDecoderLayer {
         }
         let hidden = relu(hook.apply(0, &self.fc1, x.clone()));
         let out = hook.apply(1, &self.fc2, hidden);
-        let out = self.extra.iter().fold(out, |out, extra| {
-            out + extra.activations(x.clone()).matmul(extra.value_vectors())
-        });
+        let out = self
+            .extra
+            .iter()
+            .fold(out, |out, extra| out + extra.output(x.clone()));
         (out, hook.finish())
     }
 
@@ -448,10 +476,10 @@ impl OptDecoderLayer {
             .as_ref()
             .and_then(|mix| mix.mix(index, self, &x, &attn))
         {
-            attn = mixed;
+            attn = mixed.cast(attn.dtype());
         }
         if let Some(shift) = hooks.attention_shift.get(index).and_then(Option::as_ref) {
-            attn = attn + shift.clone();
+            attn = attn.clone() + shift.clone().cast(attn.dtype());
         }
         let x = x + attn;
         let normed = self
@@ -546,8 +574,9 @@ impl OptForCausalLM {
     pub fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>) {
         let l = &mut self.model.decoder.layers[layer];
         let [fc1, fc2]: [Tensor<2>; 2] = deltas.try_into().expect("fc1's and fc2's changes");
-        l.fc1.weight = l.fc1.weight.clone().map(|w| (w + fc1).detach());
-        l.fc2.weight = l.fc2.weight.clone().map(|w| (w + fc2).detach());
+        let add = |w: Tensor<2>, d: Tensor<2>| (w.clone() + d.cast(w.dtype())).detach();
+        l.fc1.weight = l.fc1.weight.clone().map(|w| add(w, fc1));
+        l.fc2.weight = l.fc2.weight.clone().map(|w| add(w, fc2));
     }
 
     /// Only the given layers train; every other parameter (embeddings included) is frozen.

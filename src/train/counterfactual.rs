@@ -80,7 +80,7 @@ pub fn train(
 /// trained on the edits of `data_dir/train.json` (FGVEdit or MMEdit) and saved into `out`
 /// (an autodiff `device`); the mean loss of the last steps.
 pub fn run(
-    model_dir: &std::path::Path,
+    model: &crate::edit::speaker::ModelDir,
     lm_dir: Option<&std::path::Path>,
     data_dir: &std::path::Path,
     config: &VlmTrainConfig,
@@ -88,7 +88,7 @@ pub fn run(
     device: &Device,
 ) -> Result<f64> {
     let records = crate::data::read_edits(&data_dir.join("train.json"), data_dir)?.records;
-    let base = Speaker::load_mllm(model_dir, device)?;
+    let base = Speaker::load_mllm(model, device)?;
     let mut speaker = Speaker::counterfactual(&base, lm_dir, device)?;
     let loss = train(&mut speaker, &records, config, device)?;
     crate::model::mllm::counterfactual::save(&speaker.model, out)?;

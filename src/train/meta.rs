@@ -166,12 +166,12 @@ pub fn meta_train<N: Hypernetwork, M: EditableModel>(
     Ok((net, last))
 }
 
-/// `mmke train mend|ke`: meta-trains the hypernetwork for the model in `model_dir` (a scenes
+/// `mmke train mend|ke`: meta-trains the hypernetwork for `model` (a scenes
 /// VLM written by `mmke train vlm`, or a Hugging Face MLLM directory: BLIP-2, LLaVA) on the
 /// edits of `data_dir/train.json`; writes `out/NAME.{json,bpk}`. `device` must be an autodiff
 /// device.
 pub fn run<N: Hypernetwork>(
-    model_dir: &Path,
+    model: &crate::edit::speaker::ModelDir,
     data_dir: &Path,
     net_config: &N::Config,
     config: &MetaTrainConfig,
@@ -179,11 +179,11 @@ pub fn run<N: Hypernetwork>(
     resume: bool,
     device: &Device,
 ) -> Result<MetaLosses> {
-    if crate::model::mllm::is_model_dir(model_dir) {
-        let speaker = Speaker::load_mllm(model_dir, device)?;
+    if model.is_mllm() {
+        let speaker = Speaker::load_mllm(model, device)?;
         run_with::<N, _>(speaker, data_dir, net_config, config, out, resume, device)
     } else {
-        let speaker = Speaker::load(model_dir, device)?;
+        let speaker = Speaker::load(&model.path, device)?;
         run_with::<N, _>(speaker, data_dir, net_config, config, out, resume, device)
     }
 }

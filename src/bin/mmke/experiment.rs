@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use mmke::edit::speaker::ModelDir;
 
 use crate::DeviceArgs;
 
@@ -26,6 +27,10 @@ pub struct ExperimentArgs {
     /// knowledge are trained for it on the data).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// The dtype --model is held and computed in: bf16 or f16 take half f32's memory (the
+    /// editors still read f32 logits and train f32 parameters of their own).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::mllm::Precision,
     /// Output directory; what it already holds is reused (default: runs/FILE/PRESET, FILE
     /// being `scenes` for every editing experiment: they share their models; with --model,
     /// runs/MODEL/PRESET, MODEL being the model directory's name).
@@ -115,6 +120,10 @@ pub fn run(command: ExperimentCommand) -> Result<()> {
     let (experiment, args) = command.split();
     let out = args.out(experiment.file());
     let device = args.device.device()?;
+    if args.model.is_none() && args.dtype.dtype() != burn::tensor::DType::F32 {
+        anyhow::bail!("--dtype sets the dtype of --model: the scenes VLMs are f32");
+    }
+    let model = (args.model.as_ref()).map(|m| ModelDir::new(m, args.dtype.dtype()));
     let commit = mmke::experiment::record::commit();
     let (started, clock) = (std::time::SystemTime::now(), std::time::Instant::now());
     let outcome = mmke::experiment::run(
@@ -122,7 +131,7 @@ pub fn run(command: ExperimentCommand) -> Result<()> {
         &args.preset,
         args.file.as_deref(),
         args.data.as_deref(),
-        args.model.as_deref(),
+        model.as_ref(),
         &out,
         &device,
     )?;

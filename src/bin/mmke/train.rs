@@ -65,6 +65,9 @@ pub enum TrainCommand {
         /// A Hugging Face BLIP-2 or LLaVA directory.
         #[arg(long)]
         model: PathBuf,
+        /// The dtype the model (and the counterfactual LM, which trains in it) is held in.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::mllm::Precision,
         /// A causal LM directory (OPTForCausalLM, LlamaForCausalLM) to start from (default: a
         /// copy of the model's LM).
         #[arg(long)]
@@ -158,6 +161,9 @@ pub struct MetaArgs {
     /// LLaVA).
     #[arg(long)]
     model: PathBuf,
+    /// The dtype a Hugging Face --model is held and computed in (the network trains in f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::mllm::Precision,
     /// Directory with train.json and the images it names.
     #[arg(long)]
     data: PathBuf,
@@ -177,7 +183,7 @@ impl MetaArgs {
         let file: NetworkFile<N::Config> = self.config.load()?;
         let device = self.device.device()?.autodiff();
         let losses = mmke::train::meta::run::<N>(
-            &self.model,
+            &mmke::edit::speaker::ModelDir::new(&self.model, self.dtype.dtype()),
             &self.data,
             &file.config,
             &file.train,
@@ -270,6 +276,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
         TrainCommand::CounterfactualMllm {
             config,
             model,
+            dtype,
             lm,
             data,
             out,
@@ -278,7 +285,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
             let file: VlmFile = config.load()?;
             let device = device.device()?.autodiff();
             let loss = mmke::train::counterfactual::run(
-                &model,
+                &mmke::edit::speaker::ModelDir::new(model, dtype.dtype()),
                 lm.as_deref(),
                 &data,
                 &file.train,

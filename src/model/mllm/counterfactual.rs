@@ -21,6 +21,9 @@ pub struct CounterfactualMllm {
     /// The base LM's width -> this LM's width.
     pub projection: Linear,
     pub language_model: TextModel,
+    /// After how many text tokens (BOS first) the image goes: the base model's placement
+    /// unless the counterfactual LM's own tokenizer counts the template differently.
+    pub image_at: usize,
 }
 
 impl CounterfactualMllm {
@@ -40,6 +43,7 @@ impl CounterfactualMllm {
             base: base.clone().no_grad(),
             projection,
             language_model,
+            image_at: base.image_at(),
         }
     }
 
@@ -66,7 +70,8 @@ impl CounterfactualMllm {
 }
 
 impl EditableModel for CounterfactualMllm {
-    /// The image's tokens come first, then the text (BOS first), as in BLIP-2.
+    /// The image's tokens go after the first [`Self::image_at`] text tokens (first of all, as
+    /// in BLIP-2, when that is 0).
     fn forward(
         &self,
         pixels: Option<Tensor<4>>,
@@ -74,9 +79,10 @@ impl EditableModel for CounterfactualMllm {
         attention_mask: Tensor<2, Int>,
         hooks: &Hooks,
     ) -> LmOutput {
+        let at = self.image_at.min(ids.dims()[1]);
         let text = self.language_model.embed_tokens(ids);
         let image = pixels.map(|p| self.image_embeddings(p));
-        forward_with_image(&self.language_model, text, attention_mask, image, 0, hooks)
+        forward_with_image(&self.language_model, text, attention_mask, image, at, hooks)
     }
 
     fn generate(
@@ -99,7 +105,7 @@ impl EditableModel for CounterfactualMllm {
     }
 
     fn sequence_position(&self, t: usize, with_image: bool) -> usize {
-        if with_image {
+        if with_image && t >= self.image_at {
             self.image_tokens() + t
         } else {
             t
@@ -143,11 +149,13 @@ impl EditableModel for CounterfactualMllm {
             base,
             projection,
             language_model,
+            image_at,
         } = self;
         Self {
             base,
             projection: projection.no_grad(),
             language_model: language_model.train_only_layers(layers),
+            image_at,
         }
     }
 
@@ -157,11 +165,13 @@ impl EditableModel for CounterfactualMllm {
             base,
             projection,
             language_model,
+            image_at,
         } = self;
         Self {
             base,
             projection: projection.set_require_grad(true),
             language_model: language_model.no_grad(),
+            image_at,
         }
     }
 }

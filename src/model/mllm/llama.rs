@@ -7,7 +7,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::model::clip::encoder::{apply, extend_cache, linear_with_bias as linear};
@@ -253,14 +253,17 @@ impl LlamaAttention {
 
 impl crate::model::lm::MemoryAttention for LlamaDecoderLayer {
     fn attention_norm(&self, x: Tensor<3>) -> Tensor<3> {
-        self.input_layernorm.forward(x)
+        let dtype = self.self_attn.k_proj.weight.val().dtype();
+        self.input_layernorm.forward(x.cast(dtype)).cast(DType::F32)
     }
 
     fn project_memory(&self, memory: Tensor<2>) -> [Tensor<2>; 2] {
+        let memory = memory.cast(self.self_attn.k_proj.weight.val().dtype());
         [
             self.self_attn.k_proj.forward(memory.clone()),
             self.self_attn.v_proj.forward(memory),
         ]
+        .map(|t| t.cast(DType::F32))
     }
 
     fn attend(
@@ -270,7 +273,15 @@ impl crate::model::lm::MemoryAttention for LlamaDecoderLayer {
         values: Tensor<2>,
         ids: Tensor<2, Int>,
     ) -> Tensor<2> {
-        self.self_attn.attend_memory(queries, keys, values, ids)
+        let dtype = self.self_attn.k_proj.weight.val().dtype();
+        self.self_attn
+            .attend_memory(
+                queries.cast(dtype),
+                keys.cast(dtype),
+                values.cast(dtype),
+                ids,
+            )
+            .cast(DType::F32)
     }
 }
 
@@ -406,10 +417,10 @@ impl LlamaDecoderLayer {
             .as_ref()
             .and_then(|mix| mix.mix(index, self, &x, &attn))
         {
-            attn = mixed;
+            attn = mixed.cast(attn.dtype());
         }
         if let Some(shift) = shift {
-            attn = attn + shift.clone();
+            attn = attn.clone() + shift.clone().cast(attn.dtype());
         }
         let x = x + attn;
         let normed = self.post_attention_layernorm.forward(x.clone());
@@ -425,10 +436,7 @@ impl LlamaDecoderLayer {
             (self.mlp.forward(normed.clone()), None)
         };
         let mlp = self.extra.iter().fold(mlp, |out, extra| {
-            let side = extra
-                .activations(rows.clone())
-                .matmul(extra.value_vectors())
-                .reshape([batch, seq, d]);
+            let side = extra.output(rows.clone()).reshape([batch, seq, d]);
             out + side
         });
         (x + mlp, normed, probe)
@@ -497,9 +505,10 @@ impl LlamaForCausalLM {
         let m = &mut self.model.layers[layer].mlp;
         let [gate, up, down]: [Tensor<2>; 3] =
             deltas.try_into().expect("gate's, up's and down's changes");
-        m.gate_proj.weight = m.gate_proj.weight.clone().map(|w| (w + gate).detach());
-        m.up_proj.weight = m.up_proj.weight.clone().map(|w| (w + up).detach());
-        m.down_proj.weight = m.down_proj.weight.clone().map(|w| (w + down).detach());
+        let add = |w: Tensor<2>, d: Tensor<2>| (w.clone() + d.cast(w.dtype())).detach();
+        m.gate_proj.weight = m.gate_proj.weight.clone().map(|w| add(w, gate));
+        m.up_proj.weight = m.up_proj.weight.clone().map(|w| add(w, up));
+        m.down_proj.weight = m.down_proj.weight.clone().map(|w| add(w, down));
     }
 
     /// Only the given layers train; every other parameter (embeddings included) is frozen.

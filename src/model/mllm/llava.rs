@@ -135,6 +135,9 @@ pub struct LlavaForConditionalGeneration {
     pub vision_tower: ClipVisionModel,
     pub multi_modal_projector: LlavaMultiModalProjector,
     pub language_model: TextModel,
+    /// How many text tokens (BOS first) the image follows in the editors' layout: 1 (right
+    /// after BOS) unless a prompt template puts it later (`LmBatcher::with_template`).
+    pub image_at: usize,
     #[module(skip)]
     layers: Vec<usize>,
     #[module(skip)]
@@ -167,6 +170,7 @@ impl LlavaForConditionalGeneration {
                 linear_2: linear(d, d),
             },
             language_model: TextModel::new(&config.text_config, device),
+            image_at: 1,
             layers,
             keep_class: config.vision_feature_select_strategy == FeatureSelect::Full,
         }

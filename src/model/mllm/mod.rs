@@ -165,12 +165,32 @@ impl MllmNet {
         let seq = ids.dims()[1];
         let text = lm.embed_tokens(ids);
         let image = pixels.map(|p| self.image_embeddings(p.cast(lm.dtype())));
-        // Where the image goes: after `at` text tokens.
-        let at = match self {
-            Self::Blip2(_) => 0,
-            Self::Llava(_) => 1.min(seq),
-        };
+        let at = self.image_at().min(seq);
         forward_with_image(lm, text, attention_mask, image, at, hooks)
+    }
+
+    /// After how many text tokens the image goes in [`Self::forward_text`]: BLIP-2's before
+    /// BOS, LLaVA's where its prompt template puts it (right after BOS without one).
+    pub fn image_at(&self) -> usize {
+        match self {
+            Self::Blip2(_) => 0,
+            Self::Llava(m) => m.image_at,
+        }
+    }
+
+    /// The model with its image after `at` text tokens (a prompt template's placement,
+    /// `LmBatcher::image_at`); BLIP-2's image always comes first.
+    pub fn with_image_at(mut self, at: usize) -> Result<Self> {
+        match &mut self {
+            Self::Blip2(_) if at != 0 => Err(Error::Input(format!(
+                "BLIP-2's image comes before BOS: it cannot follow {at} text tokens"
+            ))),
+            Self::Blip2(_) => Ok(self),
+            Self::Llava(m) => {
+                m.image_at = at;
+                Ok(self)
+            }
+        }
     }
 
     /// Greedy decoding with [`Self::forward_text`]'s contract (the scenes VLM's `generate`):
@@ -222,7 +242,7 @@ pub(crate) fn forward_with_image(
 ) -> crate::model::lm::LmOutput {
     let attention_mask = attention_mask.clamp_max(1);
     let Some(image) = image else {
-        return lm.forward_hooked(text, attention_mask, hooks);
+        return in_f32(lm.forward_hooked(text, attention_mask, hooks));
     };
     let [batch, seq, _] = text.dims();
     let n = image.dims()[1];
@@ -256,7 +276,20 @@ pub(crate) fn forward_with_image(
         parts.push(logits.narrow(1, at + n, seq - at));
     }
     out.logits = Tensor::cat(parts, 1);
-    out
+    in_f32(out)
+}
+
+/// The editors' view of a forward pass: every output in f32, whatever dtype the model
+/// computes in (losses, gradients and edit memories are f32).
+fn in_f32(out: crate::model::lm::LmOutput) -> crate::model::lm::LmOutput {
+    let f32 = |t: Tensor<3>| t.cast(DType::F32);
+    crate::model::lm::LmOutput {
+        logits: f32(out.logits),
+        hidden_states: out.hidden_states.into_iter().map(f32).collect(),
+        ffn_inputs: out.ffn_inputs.into_iter().map(f32).collect(),
+        last_hidden_state: f32(out.last_hidden_state),
+        ..out
+    }
 }
 
 /// The key renamings of each architecture: the hub's (4.x) layout is the module tree; 5.x's
@@ -644,17 +677,7 @@ impl crate::model::editable::EditableModel for MllmNet {
 
     fn sequence_position(&self, t: usize, with_image: bool) -> usize {
         let n = if with_image { self.image_tokens() } else { 0 };
-        match self {
-            Self::Blip2(_) => n + t,
-            // The features follow BOS.
-            Self::Llava(_) => {
-                if t == 0 {
-                    0
-                } else {
-                    n + t
-                }
-            }
-        }
+        if t < self.image_at() { t } else { n + t }
     }
 
     fn num_layers(&self) -> usize {
@@ -666,11 +689,12 @@ impl crate::model::editable::EditableModel for MllmNet {
     }
 
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.language_model().embed_tokens(ids)
+        self.language_model().embed_tokens(ids).cast(DType::F32)
     }
 
     fn ffn_weights(&self, layer: usize) -> Vec<Tensor<2>> {
-        self.language_model().ffn_weights(layer)
+        let weights = self.language_model().ffn_weights(layer);
+        weights.into_iter().map(|w| w.cast(DType::F32)).collect()
     }
 
     fn add_to_ffn_weights(&mut self, layer: usize, deltas: Vec<Tensor<2>>) {
