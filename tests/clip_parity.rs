@@ -7,10 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
 use mmke::model::clip::pretrained::rows;
 use mmke::model::clip::{Clip, ClipConfig, ClipModel, Embeddings, l2_normalize};
 use serde::Deserialize;
+
+#[path = "common/device.rs"]
+mod common_device;
+use common_device::device;
 
 const EXACT_TOL: f32 = 1e-4;
 const RESIZED_TOL: f32 = 2e-2;
@@ -44,13 +47,6 @@ fn image_paths(e: &Expected) -> Vec<PathBuf> {
         .iter()
         .map(|n| fixtures().join("images").join(n))
         .collect()
-}
-
-/// The device under test: flex unless `MMKE_TEST_BACKEND` names another (e.g. `wgpu` on
-/// lavapipe in CI), with the same tolerances everywhere.
-fn device() -> Device {
-    let backend = std::env::var("MMKE_TEST_BACKEND").unwrap_or_else(|_| "flex".into());
-    mmke::backend::device(backend.parse().unwrap(), None).unwrap()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {

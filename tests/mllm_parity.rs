@@ -14,15 +14,14 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mmke::model::mllm::{Mllm, MllmNet};
 
+#[path = "common/device.rs"]
+mod common_device;
+use common_device::device;
+
 const TOL: f32 = 1e-4;
 const RESIZE_TOL: f32 = 2e-2;
 const MODELS: [&str; 3] = ["blip2-opt", "blip2-llama", "llava"];
 const LAYOUTS: [&str; 2] = ["hub", "v5"];
-
-fn device() -> Device {
-    let backend = std::env::var("MMKE_TEST_BACKEND").unwrap_or_else(|_| "flex".into());
-    mmke::backend::device(backend.parse().unwrap(), None).unwrap()
-}
 
 fn fixture(model: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mmke::model::lm::{ExtraNeurons, Hooks, OptConfig, OptForCausalLM};
 
+#[path = "common/device.rs"]
+mod common_device;
+use common_device::device;
+
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/opt-tiny")
 }
@@ -65,7 +69,7 @@ fn max_diff(got: &Tensor<3>, want: &[Vec<Vec<f32>>], mask: &[Vec<i64>]) -> f32 {
 
 #[test]
 fn logits_and_hidden_states_match_transformers() {
-    let device = Device::flex();
+    let device = device();
     let r = reference();
     let (config, model) = load(&device);
     assert_eq!(model.num_layers(), config.num_hidden_layers);
@@ -86,7 +90,7 @@ fn logits_and_hidden_states_match_transformers() {
 
 #[test]
 fn zero_extra_neurons_and_a_zero_shift_leave_the_outputs_unchanged() {
-    let device = Device::flex();
+    let device = device();
     let r = reference();
     let (config, model) = load(&device);
     let ids = int2(&r.ids, &device);
@@ -144,7 +148,7 @@ fn zero_extra_neurons_and_a_zero_shift_leave_the_outputs_unchanged() {
 
 #[test]
 fn training_can_be_restricted_to_chosen_layers() {
-    let device = Device::flex().autodiff();
+    let device = device().autodiff();
     let (_, model) = load(&device);
     let model = model.train_only_layers(&[2]);
     let r = reference();

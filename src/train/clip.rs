@@ -214,6 +214,18 @@ fn batch(
     })
 }
 
+/// One pre-training step's losses.
+struct StepLosses {
+    /// What the step minimises.
+    loss: burn::tensor::Tensor<1>,
+    /// InfoNCE's value.
+    contrastive: f64,
+    /// The attribute loss and the accuracies (all, shape, color, size), when it is trained.
+    attributes: Option<(f64, [f64; 4])>,
+    /// The grounding loss and the pointing accuracy, when it is trained.
+    grounding: Option<(f64, f64)>,
+}
+
 /// Trains `model` (on an autodiff device); with `resume`, continues from `dir`'s checkpoint.
 pub fn train(
     mut model: ClipPretraining,
@@ -251,8 +263,9 @@ pub fn train(
     let progress = super::progress_bar(config.steps, state.step);
     let (mut grounding_value, mut pointing) = (f64::NAN, f64::NAN);
     let (mut attribute_value, mut attribute_accuracy) = (f64::NAN, [f64::NAN; 4]);
-    while state.step < config.steps {
-        let b = batch(state.step, config, tokenizer, preprocessor, grid, device)?;
+    // Step `step`'s loss and what it is made of.
+    let loss_at = |model: &ClipPretraining, step: usize, device: &Device| -> Result<StepLosses> {
+        let b = batch(step, config, tokenizer, preprocessor, grid, device)?;
         let n = config.batch_size;
         let mut tokens = model.clip.image_tokens(b.pixels);
         if let Some(cells) = config.cells {
@@ -265,26 +278,46 @@ pub fn train(
             tokens.clone().narrow(1, 0, 1).reshape([n, p]),
             texts.clone().narrow(0, 0, n),
         );
-        let value = contrastive.clone().into_scalar::<f32>() as f64;
-        let mut loss = contrastive;
+        let mut out = StepLosses {
+            contrastive: contrastive.clone().into_scalar::<f32>() as f64,
+            loss: contrastive,
+            attributes: None,
+            grounding: None,
+        };
         if let Some(probe) = &model.attributes {
             let logits = probe.logits(tokens.clone().narrow(1, 1, t - 1));
             let (attributes, accuracy) = attribute_loss(logits, &b.attributes);
-            attribute_value = attributes.clone().into_scalar::<f32>() as f64;
-            attribute_accuracy = accuracy;
-            loss = loss + attributes * config.attribute_weight;
+            let value = attributes.clone().into_scalar::<f32>() as f64;
+            out.attributes = Some((value, accuracy));
+            out.loss = out.loss + attributes * config.attribute_weight;
         }
         if config.grounding_weight > 0.0 {
             let questions = texts.narrow(0, n, n);
             debug_assert_eq!(t, 1 + grid * grid);
-            pointing = pointing_accuracy(
+            let pointing = pointing_accuracy(
                 questions.clone().detach(),
                 tokens.clone().detach(),
                 b.target.clone(),
             );
             let grounding = grounding_loss(questions, tokens, b.target);
-            grounding_value = grounding.clone().into_scalar::<f32>() as f64;
-            loss = loss + grounding * config.grounding_weight;
+            out.grounding = Some((grounding.clone().into_scalar::<f32>() as f64, pointing));
+            out.loss = out.loss + grounding * config.grounding_weight;
+        }
+        Ok(out)
+    };
+    if state.step == 0 && config.steps > 0 {
+        model = super::draw_as_on_flex(model, device, |model, host| {
+            loss_at(model, 0, host).map(drop)
+        })?;
+    }
+    while state.step < config.steps {
+        let step = loss_at(&model, state.step, device)?;
+        let (value, loss) = (step.contrastive, step.loss);
+        if let Some((value, accuracy)) = step.attributes {
+            (attribute_value, attribute_accuracy) = (value, accuracy);
+        }
+        if let Some((value, share)) = step.grounding {
+            (grounding_value, pointing) = (value, share);
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = config.optim.lr(config.lr, state.step, config.steps);

@@ -22,7 +22,53 @@ pub(crate) fn seeded(
 ) -> std::sync::MutexGuard<'static, ()> {
     let guard = INITIALISING.lock().unwrap_or_else(|e| e.into_inner());
     device.seed(seed);
+    if let Some(host) = flex_host(device) {
+        host.seed(seed);
+    }
     guard
+}
+
+/// The flex device parameters draw their initial values on when training runs on another
+/// backend (`None` on flex itself, or in a binary built without flex): every backend has a
+/// generator of its own, so one seed would otherwise start a different model on each.
+fn flex_host(device: &burn::tensor::Device) -> Option<burn::tensor::Device> {
+    #[cfg(feature = "flex")]
+    {
+        let flex = burn::tensor::Device::flex();
+        if device.clone().without_autodiff() == flex {
+            return None;
+        }
+        Some(if device.is_autodiff() {
+            flex.autodiff()
+        } else {
+            flex
+        })
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// Gives `model`'s parameters the initial values training on flex draws for them, on any
+/// `device`: on flex they draw in the first step anyway (in the order its forward pass uses
+/// them, then the rest, [`Materialise`]). On another backend the parameters not drawn yet move
+/// to flex (seeded by [`seeded`]), `first_forward` runs the first step's forward pass there,
+/// the rest draw, and the model moves back to `device`. So one seed trains the same model on
+/// every backend, up to the backends' arithmetic.
+pub(crate) fn draw_as_on_flex<M: burn::module::Module>(
+    model: M,
+    device: &burn::tensor::Device,
+    first_forward: impl FnOnce(&M, &burn::tensor::Device) -> crate::Result<()>,
+) -> crate::Result<M> {
+    let Some(host) = flex_host(device) else {
+        return Ok(model);
+    };
+    let model = model.fork(&host);
+    first_forward(&model, &host)?;
+    model.visit(&mut Materialise);
+    Ok(model.fork(device))
 }
 
 /// Makes every parameter hold its values (Burn draws a parameter's initial values lazily, at

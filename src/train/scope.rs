@@ -185,13 +185,16 @@ fn train_initialising(
     let progress = super::progress_bar(config.steps, state.step);
     let mut recent_loss = Vec::new();
     let mut last_report = None;
-    while state.step < config.steps {
+    // Step `step`'s pairs and the loss on them.
+    let batch_of = |step: usize| {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        rng.set_stream(state.step as u64);
-        let batch = strata.sample(config.batch_size, &mut rng);
-        let edits = batcher.edits(&batch, device)?;
-        let queries = batcher.queries(&batch, device)?;
-        let labels = ScopeBatcher::labels(&batch, device);
+        rng.set_stream(step as u64);
+        strata.sample(config.batch_size, &mut rng)
+    };
+    let loss_of = |model: &ScopeClassifier, batch: &[&ScopePair], device: &Device| {
+        let edits = batcher.edits(batch, device)?;
+        let queries = batcher.queries(batch, device)?;
+        let labels = ScopeBatcher::labels(batch, device);
         let (z_e, edit_attention) = model.encode_with_attention(&edits);
         let (z, query_attention) = model.encode_with_attention(&queries);
         let log_rho = model.log_similarity(z_e, z);
@@ -208,6 +211,17 @@ fn train_initialising(
                 }
             }
         }
+        Ok::<_, crate::Error>(loss)
+    };
+    if initialising.is_some() && state.step < config.steps {
+        let first = batch_of(state.step);
+        model = super::draw_as_on_flex(model, device, |model, host| {
+            loss_of(model, &first, host).map(drop)
+        })?;
+    }
+    while state.step < config.steps {
+        let batch = batch_of(state.step);
+        let loss = loss_of(&model, &batch, device)?;
         recent_loss.push(loss.clone().into_scalar::<f32>() as f64);
         let mut grads = loss.backward();
         if let Some(clip_lr) = config.clip_lr.filter(|_| !config.freeze_clip) {

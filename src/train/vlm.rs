@@ -182,16 +182,20 @@ pub fn train(
         examples.iter().partition(|e| e.image.is_some());
     let progress = super::progress_bar(config.steps, state.step);
     let mut referent_right = f64::NAN;
-    while state.step < config.steps {
+    // Step `step`'s examples.
+    let chosen_at = |step: usize| -> Vec<&LmExample> {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        rng.set_stream(state.step as u64);
-        let text_turn = !text.is_empty()
-            && (visual.is_empty() || (state.step + 1) % config.text_every.max(1) == 0);
+        rng.set_stream(step as u64);
+        let text_turn =
+            !text.is_empty() && (visual.is_empty() || (step + 1) % config.text_every.max(1) == 0);
         let pool = if text_turn { &text } else { &visual };
-        let chosen: Vec<&LmExample> = (0..config.batch_size)
+        (0..config.batch_size)
             .filter_map(|_| pool.choose(&mut rng).copied())
-            .collect();
-        let batch = batcher.batch(&chosen, device)?;
+            .collect()
+    };
+    // The loss on `chosen`, the answers' scores and the referent readout's accuracy.
+    let mut loss_of = |model: &Vlm, chosen: &[&LmExample], device: &Device| -> Result<_> {
+        let batch = batcher.batch(chosen, device)?;
         let hooks = Hooks::default();
         let out = model.forward(
             batch.pixels.clone(),
@@ -200,14 +204,30 @@ pub fn train(
             &hooks,
         );
         let mut loss = answer_nll(out.logits.clone(), &batch);
-        let value = loss.clone().into_scalar::<f32>();
+        let answer_loss = loss.clone();
         let right = answer_scores_of(out.logits, &batch);
+        let mut referent_share = None;
         if config.referent_weight > 0.0
             && let (Some(logits), Some(readout)) = (&out.referent_logits, &model.referent)
             && let Some((referent, share)) =
                 referent_loss(logits.clone(), readout.match_logits(logits.clone()), &batch)
         {
             loss = loss + referent * config.referent_weight;
+            referent_share = Some(share);
+        }
+        Ok((loss, answer_loss, right, referent_share))
+    };
+    if initialising.is_some() && state.step < config.steps {
+        let first = chosen_at(state.step);
+        model = super::draw_as_on_flex(model, device, |model, host| {
+            loss_of(model, &first, host).map(drop)
+        })?;
+    }
+    while state.step < config.steps {
+        let chosen = chosen_at(state.step);
+        let (loss, answer_loss, right, referent_share) = loss_of(&model, &chosen, device)?;
+        let value = answer_loss.into_scalar::<f32>();
+        if let Some(share) = referent_share {
             referent_right = share;
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
