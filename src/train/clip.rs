@@ -236,14 +236,9 @@ pub fn train(
     resume: bool,
     device: &Device,
 ) -> Result<ClipPretraining> {
-    let patches = model
-        .clip
-        .vision_model
-        .embeddings
-        .position_embedding
-        .weight
-        .dims()[0]
-        - 1;
+    // Its shape gives the grid; it draws its initial values first (see below).
+    let position = &model.clip.vision_model.embeddings.position_embedding.weight;
+    let patches = position.lazy_shape()[0] - 1;
     let grid = config.cells.unwrap_or_else(|| grid_side(patches));
     if config.attribute_weight > 0.0 && grid != 3 {
         return Err(Error::Config {
@@ -307,6 +302,7 @@ pub fn train(
     };
     if state.step == 0 && config.steps > 0 {
         model = super::draw_as_on_flex(model, device, |model, host| {
+            drop(model.clip.vision_model.embeddings.position_embedding.weight.val());
             loss_at(model, 0, host).map(drop)
         })?;
     }

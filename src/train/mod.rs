@@ -51,18 +51,20 @@ fn flex_host(device: &burn::tensor::Device) -> Option<burn::tensor::Device> {
     }
 }
 
-/// Gives `model`'s parameters the initial values training on flex draws for them, on any
-/// `device`: on flex they draw in the first step anyway (in the order its forward pass uses
-/// them, then the rest, [`Materialise`]). On another backend the parameters not drawn yet move
-/// to flex (seeded by [`seeded`]), `first_forward` runs the first step's forward pass there,
-/// the rest draw, and the model moves back to `device`. So one seed trains the same model on
-/// every backend, up to the backends' arithmetic.
+/// Draws every initial value of `model` that it has not drawn yet, as training on flex draws
+/// it, on any `device`: `first_forward` (the first step's forward pass) draws the parameters
+/// it uses, in the order it uses them, then the rest draw ([`Materialise`]). On another
+/// backend this happens on flex (seeded by [`seeded`]) and the model then moves to `device`:
+/// every backend has a generator of its own, so one seed would otherwise start a different
+/// model on each. Call it once the device is seeded, before anything else reads a parameter.
 pub(crate) fn draw_as_on_flex<M: burn::module::Module>(
     model: M,
     device: &burn::tensor::Device,
     first_forward: impl FnOnce(&M, &burn::tensor::Device) -> crate::Result<()>,
 ) -> crate::Result<M> {
     let Some(host) = flex_host(device) else {
+        first_forward(&model, device)?;
+        model.visit(&mut Materialise);
         return Ok(model);
     };
     let model = model.fork(&host);

@@ -164,7 +164,7 @@ fn train_initialising(
     config: &ScopeTrainConfig,
     dir: &Path,
     resume: bool,
-    mut initialising: Option<std::sync::MutexGuard<'static, ()>>,
+    initialising: Option<std::sync::MutexGuard<'static, ()>>,
     device: &Device,
 ) -> Result<(ScopeClassifier, Option<ScopeReport>)> {
     if config.freeze_clip {
@@ -219,6 +219,8 @@ fn train_initialising(
             loss_of(model, &first, host).map(drop)
         })?;
     }
+    // Every parameter has its initial values: trainings beside may draw theirs.
+    drop(initialising);
     while state.step < config.steps {
         let batch = batch_of(state.step);
         let loss = loss_of(&model, &batch, device)?;
@@ -231,10 +233,6 @@ fn train_initialising(
         let grads = GradientsParams::from_grads(grads, &model);
         model = optim.step(config.lr, model, grads);
         state.step += 1;
-        if initialising.is_some() {
-            model.visit(&mut super::Materialise);
-            initialising = None;
-        }
         progress.inc(1);
 
         let validate = state.step % config.validate_every == 0 || state.step == config.steps;

@@ -171,7 +171,7 @@ pub fn train(
     // parameter's first use, here in the first step. From seeding until every parameter has
     // its values the lock is held, so trainings on parallel threads draw exactly what each
     // draws alone.
-    let mut initialising = Some(super::seeded(device, config.seed));
+    let initialising = Some(super::seeded(device, config.seed));
     let mut optim = config.optim.init();
     let mut state = TrainState::default();
     if resume && let Some((m, o, s)) = checkpoint::load(dir, model.clone(), optim.clone())? {
@@ -223,6 +223,8 @@ pub fn train(
             loss_of(model, &first, host).map(drop)
         })?;
     }
+    // Every parameter has its initial values: trainings beside may draw theirs.
+    drop(initialising);
     while state.step < config.steps {
         let chosen = chosen_at(state.step);
         let (loss, answer_loss, right, referent_share) = loss_of(&model, &chosen, device)?;
@@ -234,10 +236,6 @@ pub fn train(
         let lr = config.optim.lr(config.lr, state.step, config.steps);
         model = optim.step(lr, model, grads);
         state.step += 1;
-        if initialising.is_some() {
-            model.visit(&mut super::Materialise);
-            initialising = None;
-        }
         progress.inc(1);
         let share = right.iter().filter(|s| s.exact()).count() as f64 / right.len().max(1) as f64;
         let message =
