@@ -23,7 +23,7 @@ mod common_device;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor};
 use burn::tensor::{Device, Tensor};
 use common_device::device;
 use mmke::data::fgvedit;
@@ -44,21 +44,26 @@ const IMAGE: usize = 32;
 /// Initial values drawn from another generator differ by the weights' own scale (0.02 to 1).
 const TRAINED_TOL: f32 = 5e-2;
 
-/// Every float parameter value of a module, in visiting order.
+/// Every float parameter of a module with its path, in visiting order.
 #[derive(Default)]
-struct Values(Vec<f32>);
+struct Values(Vec<(String, Vec<f32>)>);
 
 impl ModuleVisitor for Values {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let data = param.val().into_data().convert::<f32>();
-        self.0.extend(data.iter::<f32>());
+    fn visit_float_with_path<const D: usize>(
+        &mut self,
+        path: &[String],
+        _: burn::module::ParamId,
+        tensor: &Tensor<D>,
+    ) {
+        let data = tensor.clone().into_data().convert::<f32>();
+        self.0.push((path.join("."), data.iter::<f32>().collect()));
     }
 }
 
-fn values(module: &impl Module) -> Vec<f32> {
+fn values(module: &impl Module) -> Values {
     let mut values = Values::default();
     module.visit(&mut values);
-    values.0
+    values
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -67,6 +72,18 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// The largest difference between two modules' parameters, and the parameter it is in.
+fn param_diff(a: &Values, b: &Values) -> (f32, String) {
+    assert_eq!(a.0.len(), b.0.len(), "as many parameters");
+    a.0.iter()
+        .zip(&b.0)
+        .map(|((name, x), (_, y))| (max_diff(x, y), name.clone()))
+        .fold(
+            (0.0, String::new()),
+            |worst, d| if d.0 > worst.0 { d } else { worst },
+        )
 }
 
 /// The backend under test, as `--backend` names it.
@@ -200,13 +217,15 @@ fn models_trained_on_this_backend_match_flex_and_load_on_either() {
     let classifier =
         |side: &Path| values(&ScopeRun::load(&side.join("scope"), &plain).unwrap().model);
     let vlm = |side: &Path| values(&mmke::model::vlm::load(&side.join("vlm"), &plain).unwrap().0);
-    let diffs = [
-        ("CLIP weights", max_diff(&clip(&tested), &clip(&flex))),
+    let weights = [
+        ("CLIP", param_diff(&clip(&tested), &clip(&flex))),
         (
-            "classifier weights",
-            max_diff(&classifier(&tested), &classifier(&flex)),
+            "classifier",
+            param_diff(&classifier(&tested), &classifier(&flex)),
         ),
-        ("VLM weights", max_diff(&vlm(&tested), &vlm(&flex))),
+        ("VLM", param_diff(&vlm(&tested), &vlm(&flex))),
+    ];
+    let outputs = [
         (
             "classifier scores",
             max_diff(
@@ -221,8 +240,17 @@ fn models_trained_on_this_backend_match_flex_and_load_on_either() {
             .abs(),
         ),
     ];
-    eprintln!("trained on {} vs flex: {diffs:?}", backend());
-    for (what, diff) in diffs {
+    eprintln!(
+        "trained on {} vs flex: weights {weights:?}, outputs {outputs:?}",
+        backend()
+    );
+    for (model, (diff, param)) in weights {
+        assert!(
+            diff <= TRAINED_TOL,
+            "{model} weights differ by {diff} in {param}"
+        );
+    }
+    for (what, diff) in outputs {
         assert!(diff <= TRAINED_TOL, "{what} differ by {diff}");
     }
 

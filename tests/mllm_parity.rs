@@ -490,7 +490,10 @@ fn the_weight_summary_counts_every_parameter_the_model_loads() {
 /// Half precision: the weights stay in the file's f16/bf16 and the forward pass runs in it.
 /// Tolerance: 1.5x the error transformers itself makes in that dtype against its f32 logits
 /// (recorded by the fixture script; BLIP-2 there keeps its Q-Former in f32, mmke does not),
-/// and the same argmax at nearly every position.
+/// and the same argmax at nearly every position. On a GPU backend 3x: its half-precision
+/// kernels may accumulate in half precision (measured on lavapipe: 2.1x transformers' error
+/// for BLIP-2 OPT in f16, 0.35% of the largest logit). A dtype the device cannot compute in
+/// (bf16 on wgpu) is refused when loading.
 #[test]
 fn half_precision_keeps_the_stored_dtype_and_close_logits() {
     use burn::tensor::DType;
@@ -501,7 +504,20 @@ fn half_precision_keeps_the_stored_dtype_and_close_logits() {
         ("llava", DType::BF16),
     ] {
         let r = reference(model);
-        let mllm = Mllm::load_in(&fixture(model).join("v5"), &device, dtype).unwrap();
+        let loaded = Mllm::load_in(&fixture(model).join("v5"), &device, dtype);
+        if !device.supports_dtype(dtype) {
+            // Refused up front (wgpu has no bf16), not computed as garbage.
+            let error = loaded
+                .err()
+                .expect("an unsupported dtype is refused")
+                .to_string();
+            assert!(
+                error.contains("not supported"),
+                "{model} {dtype:?}: {error}"
+            );
+            continue;
+        }
+        let mllm = loaded.unwrap();
         assert_eq!(mllm.dtype(), dtype, "{model}");
         let logits = mllm
             .forward(
@@ -537,8 +553,13 @@ fn half_precision_keeps_the_stored_dtype_and_close_logits() {
             "{model} {dtype:?}: max |diff| {worst} (transformers' own {torch_error}, logits up \
              to {range}), argmax {same}/{positions}"
         );
+        let factor = if device.clone().without_autodiff() == Device::flex() {
+            1.5
+        } else {
+            3.0
+        };
         assert!(
-            worst <= 1.5 * torch_error,
+            worst <= factor * torch_error,
             "{model}: {worst} (transformers' own {torch_error})"
         );
         assert!(
@@ -573,7 +594,10 @@ fn editing_hooks_work_on_opt_and_llama() {
         let plain = lm.forward_hooked(embeds.clone(), mask.clone(), &hooks);
         assert_eq!(plain.hidden_states.len(), layers + 1, "{model}");
         assert_eq!(plain.ffn_inputs.len(), layers, "{model}");
-        let logits = values(plain.logits.clone());
+        let logits = values(
+            lm.forward_hooked(embeds.clone(), mask.clone(), &Hooks::default())
+                .logits,
+        );
 
         // Neurons with zero values: the same logits.
         let width = embeds.dims()[2];
@@ -586,9 +610,12 @@ fn editing_hooks_work_on_opt_and_llama() {
                 .forward_hooked(embeds.clone(), mask.clone(), &Hooks::default())
                 .logits,
         );
-        assert_eq!(
-            quiet, logits,
-            "{model}: zero-valued neurons changed the output"
+        // Exactly on flex; a fusing backend (wgpu) may fuse the layer's ops differently with
+        // the neurons' (zero) term beside them, which rounds at about 1e-7 of a value.
+        let moved = max_diff(&quiet, &logits);
+        assert!(
+            moved <= 1e-5,
+            "{model}: zero-valued neurons changed the output by {moved}"
         );
 
         // Values and a bias that fires: the output moves.

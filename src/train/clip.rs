@@ -302,7 +302,15 @@ pub fn train(
     };
     if state.step == 0 && config.steps > 0 {
         model = super::draw_as_on_flex(model, device, |model, host| {
-            drop(model.clip.vision_model.embeddings.position_embedding.weight.val());
+            drop(
+                model
+                    .clip
+                    .vision_model
+                    .embeddings
+                    .position_embedding
+                    .weight
+                    .val(),
+            );
             loss_at(model, 0, host).map(drop)
         })?;
     }

@@ -349,6 +349,21 @@ pub fn is_model_dir(dir: &Path) -> bool {
         .is_ok_and(|json| matches!(json["model_type"].as_str(), Some("blip-2") | Some("llava")))
 }
 
+/// Refuses to hold weights in `dtype` on a device that cannot compute in it (wgpu's WGSL has
+/// no bf16: its kernels would compute garbage), or in a dtype that is not a float.
+pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
+    if !dtype.is_float() {
+        return Err(Error::Input(format!("{dtype:?} is not a float dtype")));
+    }
+    if !device.supports_dtype(dtype) {
+        return Err(Error::Input(format!(
+            "{dtype:?} is not supported on {device:?} (its kernels cannot compute in it): \
+             use f32, or a half precision the device supports"
+        )));
+    }
+    Ok(())
+}
+
 /// A multimodal LLM loaded from a Hugging Face model directory.
 #[derive(Debug)]
 pub struct Mllm {
@@ -376,9 +391,7 @@ impl Mllm {
 
     /// [`Self::load_in`], reading the weight files in groups of about `group_bytes`.
     fn load_grouped(dir: &Path, device: &Device, dtype: DType, group_bytes: u64) -> Result<Self> {
-        if !dtype.is_float() {
-            return Err(Error::Input(format!("{dtype:?} is not a float dtype")));
-        }
+        check_dtype(dtype, device)?;
         let config = MllmConfig::from_file(&dir.join("config.json"))?;
         let (renames, unused) = key_map(&config);
         let net = weights::load_dir(

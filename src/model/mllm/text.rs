@@ -85,6 +85,7 @@ impl TextModel {
         device: &Device,
         dtype: burn::tensor::DType,
     ) -> crate::Result<Self> {
+        super::check_dtype(dtype, device)?;
         let path = dir.join("config.json");
         let config: TextConfig = crate::error::read_json_config(&path, |c: &TextConfig| c.check())?;
         let tied = match &config {
