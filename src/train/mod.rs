@@ -51,6 +51,14 @@ fn flex_host(device: &burn::tensor::Device) -> Option<burn::tensor::Device> {
     }
 }
 
+/// The device a model is built on for training on `device`: flex when `device` is another
+/// backend (see [`draw_as_on_flex`]; a constructor that draws values at once, such as an
+/// identity-initialised layer's discarded bias, then draws them from flex's generator, as on
+/// flex), else `device` itself.
+pub(crate) fn init_device(device: &burn::tensor::Device) -> burn::tensor::Device {
+    flex_host(device).unwrap_or_else(|| device.clone())
+}
+
 /// Draws every initial value of `model` that it has not drawn yet, as training on flex draws
 /// it, on any `device`: `first_forward` (the first step's forward pass) draws the parameters
 /// it uses, in the order it uses them, then the rest draw ([`Materialise`]). On another

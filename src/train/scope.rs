@@ -305,11 +305,13 @@ pub fn run(
     let words = object_words(&config.model, &clip.tokenizer, clip_dir)?;
     let batcher = ScopeBatcher::new(clip.tokenizer, clip.preprocessor.clone(), &all)?;
     let initialising = super::seeded(device, config.train.seed);
-    let mut model = ScopeClassifier::new(&config.model, clip.model, &clip.config, device)
+    let init = super::init_device(device);
+    let clip_model = clip.model.fork(&init);
+    let mut model = ScopeClassifier::new(&config.model, clip_model, &clip.config, &init)
         .with_object_words(words);
     if model.attribute_probe.is_some() {
         let path = clip_dir.join(crate::model::objects::PROBE_FILE);
-        let probe = AttributeProbe::new(clip.config.projection_dim, device)
+        let probe = AttributeProbe::new(clip.config.projection_dim, &init)
             .try_load_file(&path)
             .map_err(|e| Error::Weights {
                 path: path.clone(),
