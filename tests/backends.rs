@@ -17,20 +17,20 @@ mod mllm_parity;
 #[path = "opt_parity.rs"]
 mod opt_parity;
 
-#[path = "common/device.rs"]
-mod common_device;
+#[path = "common/env.rs"]
+mod test_env;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::module::{Module, ModuleVisitor};
 use burn::tensor::{Device, Tensor};
-use common_device::device;
 use mmke::data::fgvedit;
 use mmke::data::lm::{LmExample, pre_edit_examples};
 use mmke::data::pairs::read_pairs;
 use mmke::data::scenes::{self, ScenesConfig};
 use mmke::model::scope::ScopeRun;
+use test_env::device;
 
 /// The scenes' size and the models' input size: small, so that lavapipe trains in seconds.
 const IMAGE: usize = 32;
@@ -102,8 +102,8 @@ fn backend() -> String {
 
 /// `mmke train KIND --config configs/CONFIG --backend BACKEND ARGS... --set SETS...`.
 fn train(kind: &str, config: &str, backend: &str, args: &[&Path], sets: &[&str]) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mmke"));
+    let root = test_env::root();
+    let mut command = Command::new(test_env::mmke_bin());
     command
         .args(["train", kind, "--config"])
         .arg(root.join("configs").join(config))

@@ -11,9 +11,9 @@ use mmke::model::clip::pretrained::rows;
 use mmke::model::clip::{Clip, ClipConfig, ClipModel, Embeddings, l2_normalize};
 use serde::Deserialize;
 
-#[path = "common/device.rs"]
-mod common_device;
-use common_device::device;
+#[path = "common/env.rs"]
+mod test_env;
+use test_env::device;
 
 const EXACT_TOL: f32 = 1e-4;
 const RESIZED_TOL: f32 = 2e-2;
@@ -34,7 +34,7 @@ struct Expected {
 }
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    test_env::root().join("tests/fixtures")
 }
 
 fn expected(model: &str) -> Expected {

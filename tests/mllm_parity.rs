@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mmke::model::mllm::{Mllm, MllmNet};
 
-#[path = "common/device.rs"]
-mod common_device;
-use common_device::device;
+#[path = "common/env.rs"]
+mod test_env;
+use test_env::device;
 
 const TOL: f32 = 1e-4;
 const RESIZE_TOL: f32 = 2e-2;
@@ -24,9 +24,7 @@ const MODELS: [&str; 3] = ["blip2-opt", "blip2-llama", "llava"];
 const LAYOUTS: [&str; 2] = ["hub", "v5"];
 
 fn fixture(model: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/mllm")
-        .join(model)
+    test_env::root().join("tests/fixtures/mllm").join(model)
 }
 
 /// One reference tensor: its shape and values (floats, or integers as i64).
@@ -222,7 +220,7 @@ fn prompts_and_greedy_answers_match_the_processor_and_generate() {
 
 #[test]
 fn images_preprocess_as_each_models_processor_does() {
-    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let images = test_env::root().join("tests/fixtures/images");
     for model in MODELS {
         let r = reference(model);
         let mllm = load(model, "hub");
@@ -373,7 +371,7 @@ fn a_prompt_without_its_image_tokens_is_an_error() {
 }
 
 fn mmke(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmke"))
+    let out = std::process::Command::new(test_env::mmke_bin())
         .args(args)
         .output()
         .unwrap();
@@ -426,7 +424,7 @@ fn the_forward_command_writes_the_reference_logits() {
 
 #[test]
 fn the_generate_command_answers_as_transformers_does() {
-    let image = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mllm/image16.png");
+    let image = test_env::root().join("tests/fixtures/mllm/image16.png");
     for model in MODELS {
         let r = reference(model);
         let mllm = load(model, "hub");
@@ -737,7 +735,7 @@ fn half_precision_loading_needs_less_than_twice_the_file() {
     let file = std::fs::metadata(dir.path().join("model.safetensors"))
         .unwrap()
         .len();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmke"))
+    let out = std::process::Command::new(test_env::mmke_bin())
         .args(["mllm", "forward", "--dtype", "bf16", "--model"])
         .arg(dir.path())
         .arg("--inputs")

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mmke::model::lm::{ExtraNeurons, Hooks, OptConfig, OptForCausalLM};
 
-#[path = "common/device.rs"]
-mod common_device;
-use common_device::device;
+#[path = "common/env.rs"]
+mod test_env;
+use test_env::device;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/opt-tiny")
+    test_env::root().join("tests/fixtures/opt-tiny")
 }
 
 struct Reference {
