@@ -17,8 +17,27 @@ pub struct ClipBenchResult {
     pub batch: usize,
     pub iters: usize,
     pub images_per_second: f64,
+    /// The matrix products' floating-point operations per image ([`vision_gflop_per_image`]).
+    pub gflop_per_image: f64,
+    /// `images_per_second * gflop_per_image`.
+    pub gflops: f64,
     /// Seconds of each timed iteration.
     pub seconds: Vec<f64>,
+}
+
+/// GFLOP of one image through a CLIP vision tower and its projection, counting the matrix
+/// products (2 per multiply-add: the patch embedding, each layer's q/k/v/out projections,
+/// attention scores and mix, the MLP, the projection of the class token); the element-wise
+/// ops are a few percent more. `tools/bench_clip_torch.py` counts the same.
+pub fn vision_gflop_per_image(config: &crate::model::clip::ClipVisionConfig) -> f64 {
+    let (d, f) = (config.hidden_size as f64, config.intermediate_size as f64);
+    let grid = (config.image_size / config.patch_size) as f64;
+    let patch = (config.num_channels * config.patch_size * config.patch_size) as f64;
+    let t = grid * grid + 1.0;
+    let embed = (t - 1.0) * patch * d;
+    let layer = 4.0 * t * d * d + 2.0 * t * t * d + 2.0 * t * d * f;
+    let projection = d * config.projection_dim as f64;
+    2.0 * (embed + config.num_hidden_layers as f64 * layer + projection) / 1e9
 }
 
 /// Encodes `iters` batches of random `image_size²` images with a random-weight CLIP vision
@@ -62,6 +81,8 @@ pub fn clip_images(
         batch,
         iters: seconds.len(),
         images_per_second: batch as f64 / median,
+        gflop_per_image: vision_gflop_per_image(&config.vision_config),
+        gflops: batch as f64 / median * vision_gflop_per_image(&config.vision_config),
         seconds,
     }
 }

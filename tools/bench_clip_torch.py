@@ -22,6 +22,16 @@ PRESETS = {
 }
 
 
+def gflop_per_image(c):
+    """The matrix products' GFLOP per image, counted as mmke's bench::vision_gflop_per_image."""
+    d, f = c.hidden_size, c.intermediate_size
+    grid = c.image_size // c.patch_size
+    t = grid * grid + 1
+    embed = (t - 1) * c.num_channels * c.patch_size ** 2 * d
+    layer = 4 * t * d * d + 2 * t * t * d + 2 * t * d * f
+    return 2 * (embed + c.num_hidden_layers * layer + d * c.projection_dim) / 1e9
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="clip-vit-base-patch32", choices=PRESETS)
@@ -44,6 +54,7 @@ def main():
         run()
         seconds.append(time.perf_counter() - start)
     median = sorted(seconds)[len(seconds) // 2]
+    gflop = gflop_per_image(config)
     print(json.dumps({
         "implementation": "pytorch",
         "model": args.preset,
@@ -53,6 +64,8 @@ def main():
         "batch": args.batch,
         "iters": len(seconds),
         "images_per_second": args.batch / median,
+        "gflop_per_image": gflop,
+        "gflops": args.batch / median * gflop,
         "seconds": seconds,
     }))
 
