@@ -211,3 +211,119 @@ pub fn peak_memory_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+#[derive(Debug, Serialize)]
+pub struct TrainBenchResult {
+    pub implementation: &'static str,
+    /// `scope-multimodal` (MSCKE's classifier) or `vlm` (the base VLM).
+    pub model: String,
+    pub backend: String,
+    pub threads: usize,
+    /// The training batch of the preset.
+    pub batch: usize,
+    /// Timed optimizer steps.
+    pub steps: usize,
+    pub steps_per_second: f64,
+}
+
+/// Optimizer steps per second of the scenes models the experiments train most, as `mmke
+/// experiment` trains them (the `quick` preset of experiments/scenes.toml: MSCKE's
+/// multimodal scope classifier and the base VLM, at their sizes and batch, through the real
+/// training loops): a CLIP pre-trained one step gives both their vision tower, then each
+/// model trains `1` and `1 + steps` steps on a small scenes split; the difference of the two
+/// wall times over `steps` is one step's (set-up, the first step's kernel compilation and
+/// the final evaluation cancel). `device` must be an autodiff device.
+pub fn train_steps(
+    steps: usize,
+    backend: &str,
+    device: &Device,
+) -> crate::Result<Vec<TrainBenchResult>> {
+    use crate::experiment::tables::Preset;
+    let preset: Preset = crate::experiment::load_preset("scenes", None, "quick")?;
+    let spec = &preset.models;
+    let temp = tempfile::tempdir().map_err(|e| crate::Error::io(&std::env::temp_dir(), e))?;
+    let dir = temp.path().to_path_buf();
+    let data = dir.join("scenes");
+    let scenes = crate::data::scenes::ScenesConfig {
+        train: 64,
+        test: 8,
+        ..spec.data.clone()
+    };
+    crate::data::scenes::write(&data, &scenes)?;
+    let clip_dir = dir.join("clip");
+    let clip_train = crate::train::clip::ClipTrainConfig {
+        steps: 1,
+        checkpoint_every: 1,
+        ..spec.clip.train.clone()
+    };
+    crate::train::clip::pretrain(
+        &spec.clip.preset,
+        spec.clip.image_size,
+        &clip_train,
+        &clip_dir,
+        false,
+        device,
+    )?;
+    let timed =
+        |run: &mut dyn FnMut(usize, &std::path::Path) -> crate::Result<()>| -> crate::Result<f64> {
+            let mut seconds = [0.0; 2];
+            for (i, n) in [1, 1 + steps].into_iter().enumerate() {
+                let start = Instant::now();
+                run(n, &dir.join(format!("run-{n}")))?;
+                seconds[i] = start.elapsed().as_secs_f64();
+            }
+            Ok(steps as f64 / (seconds[1] - seconds[0]).max(1e-9))
+        };
+    let mut results = Vec::new();
+    let scope = spec
+        .classifiers
+        .get("scope-multimodal")
+        .ok_or_else(|| crate::Error::Config {
+            path: "experiments/scenes.toml".into(),
+            reason: "the quick preset has no scope-multimodal classifier".into(),
+        })?;
+    let per_second = timed(&mut |n, out| {
+        let mut config = scope.clone();
+        config.train.steps = n;
+        config.train.validate_every = n;
+        config.train.checkpoint_every = n;
+        crate::train::scope::run(&config, &clip_dir, &data, out, false, device).map(drop)
+    })?;
+    results.push(TrainBenchResult {
+        implementation: "mmke",
+        model: "scope-multimodal".into(),
+        backend: backend.into(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        batch: scope.train.batch_size,
+        steps,
+        steps_per_second: per_second,
+    });
+    let vlm = &spec.vlm;
+    let per_second = timed(&mut |n, out| {
+        let mut train = vlm.train.clone();
+        train.steps = n;
+        train.checkpoint_every = n;
+        crate::train::vlm::run(
+            crate::train::vlm::Knowledge::PreEdit,
+            &vlm.preset,
+            spec.clip.image_size,
+            Some(&clip_dir),
+            &data,
+            &train,
+            out,
+            false,
+            device,
+        )
+        .map(drop)
+    })?;
+    results.push(TrainBenchResult {
+        implementation: "mmke",
+        model: "vlm".into(),
+        backend: backend.into(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        batch: vlm.train.batch_size,
+        steps,
+        steps_per_second: per_second,
+    });
+    Ok(results)
+}

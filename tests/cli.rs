@@ -378,3 +378,22 @@ fn train_counterfactual_mllm_writes_a_model_that_loads() {
     let trained = mmke::model::mllm::counterfactual::load(fresh.model, out.path()).unwrap();
     assert_ne!(ffn(&trained), untrained, "nothing was trained");
 }
+
+/// `mmke bench train`: one JSON line per model the quick preset trains most, each with its
+/// preset's batch and a positive steps/s.
+#[test]
+fn bench_train_times_the_scope_classifier_and_the_vlm() {
+    let out = mmke(&["bench", "train", "--iters", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let models: Vec<&str> = lines.iter().map(|l| l["model"].as_str().unwrap()).collect();
+    assert_eq!(models, ["scope-multimodal", "vlm"]);
+    for line in &lines {
+        assert_eq!(line["batch"], 32, "{line}");
+        assert!(line["steps_per_second"].as_f64().unwrap() > 0.0, "{line}");
+    }
+}

@@ -41,6 +41,15 @@ pub enum BenchCommand {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Optimizer steps/s of MSCKE's scope classifier and the base VLM as the quick preset
+    /// trains them (one JSON line each).
+    Train {
+        /// Timed steps per model.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -77,6 +86,13 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 &device.device()?,
             );
             println!("{}", serde_json::to_string(&result)?);
+        }
+        BenchCommand::Train { iters, device } => {
+            let backend = device.backend.name();
+            let device = device.device()?.autodiff();
+            for result in mmke::bench::train_steps(iters, backend, &device)? {
+                println!("{}", serde_json::to_string(&result)?);
+            }
         }
     }
     Ok(())
