@@ -384,7 +384,11 @@ fn train_counterfactual_mllm_writes_a_model_that_loads() {
 #[test]
 fn bench_train_times_the_scope_classifier_and_the_vlm() {
     let out = mmke(&["bench", "train", "--iters", "2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
