@@ -226,21 +226,32 @@ pub struct TrainBenchResult {
     pub steps_per_second: f64,
 }
 
+/// What [`train_steps`] trains: the quick preset's models (`mmke bench train` reads them
+/// from experiments/scenes.toml).
+pub struct TrainBenchSpec {
+    pub data: crate::data::scenes::ScenesConfig,
+    pub clip_preset: String,
+    pub clip_image_size: usize,
+    pub clip_train: crate::train::clip::ClipTrainConfig,
+    /// MSCKE's multimodal scope classifier.
+    pub scope: crate::train::scope::ScopeRunConfig,
+    pub vlm_preset: String,
+    pub vlm_train: crate::train::vlm::VlmTrainConfig,
+}
+
 /// Optimizer steps per second of the scenes models the experiments train most, as `mmke
-/// experiment` trains them (the `quick` preset of experiments/scenes.toml: MSCKE's
-/// multimodal scope classifier and the base VLM, at their sizes and batch, through the real
-/// training loops): a CLIP pre-trained one step gives both their vision tower, then each
-/// model trains `1` and `1 + steps` steps on a small scenes split; the difference of the two
-/// wall times over `steps` is one step's (set-up, the first step's kernel compilation and
-/// the final evaluation cancel). `device` must be an autodiff device.
+/// experiment` trains them (MSCKE's multimodal scope classifier and the base VLM, at their
+/// preset's sizes and batch, through the real training loops): a CLIP pre-trained one step
+/// gives both their vision tower, then each model trains `1` and `1 + steps` steps on a small
+/// scenes split; the difference of the two wall times over `steps` is one step's (set-up, the
+/// first step's kernel compilation and the final evaluation cancel). `device` must be an
+/// autodiff device.
 pub fn train_steps(
+    spec: &TrainBenchSpec,
     steps: usize,
     backend: &str,
     device: &Device,
 ) -> crate::Result<Vec<TrainBenchResult>> {
-    use crate::experiment::tables::Preset;
-    let preset: Preset = crate::experiment::load_preset("scenes", None, "quick")?;
-    let spec = &preset.models;
     let temp = tempfile::tempdir().map_err(|e| crate::Error::io(&std::env::temp_dir(), e))?;
     let dir = temp.path().to_path_buf();
     let data = dir.join("scenes");
@@ -254,11 +265,11 @@ pub fn train_steps(
     let clip_train = crate::train::clip::ClipTrainConfig {
         steps: 1,
         checkpoint_every: 1,
-        ..spec.clip.train.clone()
+        ..spec.clip_train.clone()
     };
     crate::train::clip::pretrain(
-        &spec.clip.preset,
-        spec.clip.image_size,
+        &spec.clip_preset,
+        spec.clip_image_size,
         &clip_train,
         &clip_dir,
         false,
@@ -275,13 +286,7 @@ pub fn train_steps(
             Ok(steps as f64 / (seconds[1] - seconds[0]).max(1e-9))
         };
     let mut results = Vec::new();
-    let scope = spec
-        .classifiers
-        .get("scope-multimodal")
-        .ok_or_else(|| crate::Error::Config {
-            path: "experiments/scenes.toml".into(),
-            reason: "the quick preset has no scope-multimodal classifier".into(),
-        })?;
+    let scope = &spec.scope;
     let per_second = timed(&mut |n, out| {
         let mut config = scope.clone();
         config.train.steps = n;
@@ -298,15 +303,14 @@ pub fn train_steps(
         steps,
         steps_per_second: per_second,
     });
-    let vlm = &spec.vlm;
     let per_second = timed(&mut |n, out| {
-        let mut train = vlm.train.clone();
+        let mut train = spec.vlm_train.clone();
         train.steps = n;
         train.checkpoint_every = n;
         crate::train::vlm::run(
             crate::train::vlm::Knowledge::PreEdit,
-            &vlm.preset,
-            spec.clip.image_size,
+            &spec.vlm_preset,
+            spec.clip_image_size,
             Some(&clip_dir),
             &data,
             &train,
@@ -321,7 +325,7 @@ pub fn train_steps(
         model: "vlm".into(),
         backend: backend.into(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        batch: vlm.train.batch_size,
+        batch: spec.vlm_train.batch_size,
         steps,
         steps_per_second: per_second,
     });

@@ -90,7 +90,23 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Train { iters, device } => {
             let backend = device.backend.name();
             let device = device.device()?.autodiff();
-            for result in mmke::bench::train_steps(iters, backend, &device)? {
+            let preset: mmke::experiment::tables::Preset =
+                mmke::experiment::load_preset("scenes", None, "quick")?;
+            let models = preset.models;
+            let scope = models
+                .classifiers
+                .get("scope-multimodal")
+                .context("experiments/scenes.toml's quick preset has no scope-multimodal")?;
+            let spec = mmke::bench::TrainBenchSpec {
+                data: models.data,
+                clip_preset: models.clip.preset,
+                clip_image_size: models.clip.image_size,
+                clip_train: models.clip.train,
+                scope: scope.clone(),
+                vlm_preset: models.vlm.preset,
+                vlm_train: models.vlm.train,
+            };
+            for result in mmke::bench::train_steps(&spec, iters, backend, &device)? {
                 println!("{}", serde_json::to_string(&result)?);
             }
         }
