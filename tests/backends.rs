@@ -20,7 +20,7 @@ mod opt_parity;
 #[path = "common/env.rs"]
 mod test_env;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use burn::module::{Module, ModuleVisitor};
