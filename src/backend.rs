@@ -18,16 +18,25 @@ pub enum Backend {
     Wgpu,
     /// NVIDIA CUDA.
     Cuda,
+    /// Burn's ndarray CPU backend (deprecated in Burn 0.22; the `ndarray` feature, with
+    /// OpenBLAS under `ndarray-openblas`): a candidate measured against flex, not a default.
+    Ndarray,
 }
 
 impl Backend {
-    pub const ALL: [Backend; 3] = [Backend::Flex, Backend::Wgpu, Backend::Cuda];
+    pub const ALL: [Backend; 4] = [
+        Backend::Flex,
+        Backend::Wgpu,
+        Backend::Cuda,
+        Backend::Ndarray,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Backend::Flex => "flex",
             Backend::Wgpu => "wgpu",
             Backend::Cuda => "cuda",
+            Backend::Ndarray => "ndarray",
         }
     }
 
@@ -37,6 +46,7 @@ impl Backend {
             Backend::Flex => cfg!(feature = "flex"),
             Backend::Wgpu => cfg!(feature = "wgpu"),
             Backend::Cuda => cfg!(feature = "cuda"),
+            Backend::Ndarray => cfg!(feature = "ndarray"),
         }
     }
 
@@ -69,7 +79,7 @@ impl FromStr for Backend {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("unknown backend '{0}': expected one of flex, wgpu, cuda")]
+    #[error("unknown backend '{0}': expected one of flex, wgpu, cuda, ndarray")]
     Unknown(String),
     #[error(
         "backend '{backend}' is not compiled into this binary (rebuild with `--features {backend}`); available: {}",
@@ -82,8 +92,8 @@ pub enum BackendError {
         index: usize,
         found: usize,
     },
-    #[error("backend 'flex' is the host CPU and has only device 0, got --device {0}")]
-    FlexIndex(usize),
+    #[error("backend '{backend}' is the host CPU and has only device 0, got --device {index}")]
+    CpuIndex { backend: Backend, index: usize },
 }
 
 /// Turns a backend and an optional device index into a Burn device.
@@ -98,6 +108,7 @@ pub fn device(backend: Backend, index: Option<usize>) -> Result<Device, BackendE
         Backend::Flex => flex(index),
         Backend::Wgpu => wgpu(index),
         Backend::Cuda => cuda(index),
+        Backend::Ndarray => ndarray(index),
     }
 }
 
@@ -105,7 +116,10 @@ pub fn device(backend: Backend, index: Option<usize>) -> Result<Device, BackendE
 fn flex(index: Option<usize>) -> Result<Device, BackendError> {
     match index {
         None | Some(0) => Ok(Device::flex()),
-        Some(i) => Err(BackendError::FlexIndex(i)),
+        Some(index) => Err(BackendError::CpuIndex {
+            backend: Backend::Flex,
+            index,
+        }),
     }
 }
 
@@ -133,6 +147,25 @@ fn wgpu(index: Option<usize>) -> Result<Device, BackendError> {
 fn wgpu(_: Option<usize>) -> Result<Device, BackendError> {
     Err(BackendError::NotCompiled {
         backend: Backend::Wgpu,
+    })
+}
+
+#[cfg(feature = "ndarray")]
+fn ndarray(index: Option<usize>) -> Result<Device, BackendError> {
+    match index {
+        #[allow(deprecated)]
+        None | Some(0) => Ok(Device::ndarray()),
+        Some(index) => Err(BackendError::CpuIndex {
+            backend: Backend::Ndarray,
+            index,
+        }),
+    }
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn ndarray(_: Option<usize>) -> Result<Device, BackendError> {
+    Err(BackendError::NotCompiled {
+        backend: Backend::Ndarray,
     })
 }
 

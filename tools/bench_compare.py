@@ -59,12 +59,22 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", default=os.path.join(ROOT, "docs/results/bench-clip-cpu.md"))
+    p.add_argument("--candidate", action="append", default=[], metavar="LABEL=BINARY:BACKEND",
+                   help="another mmke build and backend timed in the same alternation, e.g. "
+                        "'ndarray + OpenBLAS=/tmp/mmke-ndarray:ndarray'")
     args = p.parse_args()
 
     sizes = ["--batch", str(args.batch), "--iters", str(args.iters)]
+    candidates = []
+    for spec in args.candidate:
+        label, rest = spec.split("=", 1)
+        binary, backend = rest.rsplit(":", 1)
+        candidates.append((label, binary, backend, []))
     mmke, torch = [], []
     for _ in range(args.runs):
         mmke.append(run_json([args.mmke, "bench", "clip", *sizes]))
+        for _, binary, backend, results in candidates:
+            results.append(run_json([binary, "bench", "clip", "--backend", backend, *sizes]))
         torch.append(run_json([sys.executable, os.path.join(ROOT, "tools/bench_clip_torch.py"),
                                *sizes]))
     m = statistics.median(r["images_per_second"] for r in mmke)
@@ -73,9 +83,22 @@ def main():
     rows = "\n".join(
         f"| {i + 1} | {a['images_per_second']:.2f} | {b['images_per_second']:.2f} |"
         for i, (a, b) in enumerate(zip(mmke, torch)))
+    others = "".join(
+        f"| mmke, {label} (`--backend {backend}`) | "
+        + ", ".join(f"{r['images_per_second']:.2f}" for r in results)
+        + f" | {statistics.median(r['images_per_second'] for r in results):.2f} | "
+        + f"{statistics.median(r['images_per_second'] for r in results) * gflop:.0f} | "
+        + f"{statistics.median(r['images_per_second'] for r in results) / t:.2f}x |\n"
+        for label, _, backend, results in candidates)
+    candidates_table = "" if not candidates else f"""
+Other CPU candidates, timed in the same alternation:
+
+| candidate | images/s per run | median | GFLOP/s | vs PyTorch |
+| --- | --- | --- | --- | --- |
+{others}"""
     record = f"""# CLIP ViT-B/32 image encoding on the CPU: mmke vs PyTorch
 
-`{os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else 'python'} tools/bench_compare.py --runs {args.runs}`
+`python tools/bench_compare.py --runs {args.runs}{''.join(f" --candidate '{c}'" for c in args.candidate)}`
 (commit {commit()}): a random-weight CLIP vision tower plus projection encoding batches of
 {args.batch} random 224 x 224 images, one untimed warm-up batch, then the median of {args.iters}
 batches; `mmke bench clip` (flex) and `tools/bench_clip_torch.py` (PyTorch
@@ -91,7 +114,7 @@ batches; `mmke bench clip` (flex) and `tools/bench_clip_torch.py` (PyTorch
 | median images/s | {m:.2f} | {t:.2f} |
 | GFLOP/s (matrix products, {gflop:.2f} GFLOP per image) | {m * gflop:.0f} | {t * gflop:.0f} |
 | ratio | **{m / t:.2f}x** | 1.00x |
-
+{candidates_table}
 Machine: {cpu_model()}, {os.cpu_count()} threads, {cpu_simd()}. The matrix products are most
 of the time (gemm's AVX-512 kernels where the CPU has them, chosen at run time; AVX2 and FMA
 otherwise).
