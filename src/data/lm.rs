@@ -348,12 +348,17 @@ impl LmBatcher {
                 let whole = self
                     .tokenizer
                     .encode(&format!("{before}{text}{after}"), false)?;
-                let at = whole.iter().position(|t| t == id);
-                if at.map(|p| p + 1) != Some(t.image_at)
-                    || whole.iter().filter(|&t| t == id).count() != 1
-                {
+                if whole.iter().filter(|&t| t == id).count() != 1 {
                     return Err(crate::Error::Input(format!(
                         "the prompt must not hold the image marker {text:?} itself: {prompt:?}"
+                    )));
+                }
+                let at = whole.iter().position(|t| t == id).map(|p| p + 1);
+                if at != Some(t.image_at) {
+                    return Err(crate::Error::Input(format!(
+                        "the text before the image tokenizes to {at:?} tokens with {prompt:?}, \
+                         {} without: the model places the image after a fixed count",
+                        t.image_at
                     )));
                 }
                 ids.extend(whole.into_iter().filter(|t| t != id));
