@@ -224,6 +224,97 @@ pub struct TrainBenchResult {
     /// Timed optimizer steps.
     pub steps: usize,
     pub steps_per_second: f64,
+    /// What a step works on (`vocab`, and the mean padded token widths of the batches), for
+    /// `tools/bench_train_torch.py`'s replica: [`scope_shapes`], [`vlm_shapes`].
+    pub shapes: std::collections::BTreeMap<&'static str, usize>,
+}
+
+/// Batches [`train_steps`] samples to measure their widths (mean over them, rounded).
+const SHAPE_BATCHES: usize = 20;
+
+fn mean_width(widths: &[usize]) -> usize {
+    (widths.iter().sum::<usize>() as f64 / widths.len().max(1) as f64).round() as usize
+}
+
+/// The scope classifier's batch widths on `data_dir`'s training pairs, tokenized as its
+/// training loop does: `edit_tokens` ("question target"), `query_tokens`, and `vocab`.
+pub fn scope_shapes(
+    clip_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    batch: usize,
+) -> crate::Result<std::collections::BTreeMap<&'static str, usize>> {
+    use rand::SeedableRng;
+    use rand::seq::IndexedRandom;
+    let records = crate::data::read_edits(&data_dir.join("train.json"), data_dir)?.records;
+    let pairs: Vec<_> = records.iter().flat_map(crate::data::pairs::pairs).collect();
+    let clip = crate::model::clip::Clip::load(clip_dir, &Device::flex())?;
+    let vocab = clip.tokenizer.inner().get_vocab_size(true);
+    let batcher = crate::data::batch::ScopeBatcher::new(clip.tokenizer, clip.preprocessor, &pairs)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let (mut edits, mut queries) = (Vec::new(), Vec::new());
+    for _ in 0..SHAPE_BATCHES {
+        let chosen: Vec<_> = (0..batch).filter_map(|_| pairs.choose(&mut rng)).collect();
+        edits.push(batcher.edits(&chosen, &Device::flex())?.ids.dims()[1]);
+        queries.push(batcher.queries(&chosen, &Device::flex())?.ids.dims()[1]);
+    }
+    Ok([
+        ("vocab", vocab),
+        ("edit_tokens", mean_width(&edits)),
+        ("query_tokens", mean_width(&queries)),
+    ]
+    .into())
+}
+
+/// The base VLM's batch widths on `data_dir`'s pre-edit examples, batched as its training
+/// loop does: `tokens` (an image batch), `prompt_tokens` (its bidirectional prefix: BOS and
+/// prompt), `text_tokens` (a text-only batch), and `vocab`.
+pub fn vlm_shapes(
+    data_dir: &std::path::Path,
+    image_size: usize,
+    batch: usize,
+) -> crate::Result<std::collections::BTreeMap<&'static str, usize>> {
+    use rand::SeedableRng;
+    use rand::seq::IndexedRandom;
+    let tokenizer =
+        crate::data::text::TextTokenizer::from_file(&data_dir.join("tokenizer.json"), 256, 0)?;
+    let vocab = tokenizer.inner().get_vocab_size(true);
+    let examples: Vec<_> = crate::data::fgvedit::read(&data_dir.join("train.json"), data_dir)?
+        .records
+        .iter()
+        .flat_map(|r| crate::train::vlm::Knowledge::PreEdit.examples(r))
+        .collect();
+    let (visual, text): (Vec<_>, Vec<_>) = examples.iter().partition(|e| e.image.is_some());
+    let mut batcher = crate::data::lm::LmBatcher::new(
+        tokenizer,
+        crate::data::image::ImagePreprocessor::clip(image_size as u32),
+        2,
+        3,
+    )
+    .with_prefix_lm(true);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let (mut tokens, mut prompts, mut texts) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..SHAPE_BATCHES {
+        let chosen: Vec<_> = (0..batch)
+            .filter_map(|_| visual.choose(&mut rng).copied())
+            .collect();
+        let lm = batcher.batch(&chosen, &Device::flex())?;
+        tokens.push(lm.ids.dims()[1]);
+        let prefix = lm.mask.equal_elem(2).int().sum().into_scalar::<i64>() as usize;
+        prompts.push(prefix / chosen.len().max(1));
+        let chosen: Vec<_> = (0..batch)
+            .filter_map(|_| text.choose(&mut rng).copied())
+            .collect();
+        if !chosen.is_empty() {
+            texts.push(batcher.batch(&chosen, &Device::flex())?.ids.dims()[1]);
+        }
+    }
+    Ok([
+        ("vocab", vocab),
+        ("tokens", mean_width(&tokens)),
+        ("prompt_tokens", mean_width(&prompts)),
+        ("text_tokens", mean_width(&texts)),
+    ]
+    .into())
 }
 
 /// What [`train_steps`] trains: the quick preset's models (`mmke bench train` reads them
@@ -302,6 +393,7 @@ pub fn train_steps(
         batch: scope.train.batch_size,
         steps,
         steps_per_second: per_second,
+        shapes: scope_shapes(&clip_dir, &data, scope.train.batch_size)?,
     });
     let per_second = timed(&mut |n, out| {
         let mut train = spec.vlm_train.clone();
@@ -328,6 +420,130 @@ pub fn train_steps(
         batch: spec.vlm_train.batch_size,
         steps,
         steps_per_second: per_second,
+        shapes: vlm_shapes(&data, spec.clip_image_size, spec.vlm_train.batch_size)?,
     });
     Ok(results)
+}
+
+#[derive(Debug, Serialize)]
+pub struct FmaPeakResult {
+    /// The widest fused multiply-add the CPU has: `avx512f`, `avx2+fma`, or `scalar`.
+    pub instructions: &'static str,
+    /// f32 lanes per instruction.
+    pub lanes: usize,
+    pub threads: usize,
+    /// The best of the runs: the measured FMA limit of `threads` cores, in GFLOP/s (2 per
+    /// multiply-add).
+    pub gflops: f64,
+    /// GFLOP/s of each run.
+    pub runs: Vec<f64>,
+}
+
+/// Independent accumulators per thread: enough to cover the FMA latency (4 cycles) on two
+/// ports, and few enough to stay in registers (16 ymm with AVX2, two of them the operands).
+const ACCUMULATORS: usize = 12;
+
+/// The CPU's f32 multiply-add limit, measured: `threads` threads each run `iters` rounds of
+/// [`ACCUMULATORS`] independent fused multiply-adds on registers (nothing from memory), in
+/// the widest instructions the CPU has; the best of `runs`. What GFLOP/s a matrix product
+/// reaches is read against this.
+pub fn fma_peak(threads: usize, iters: u64, runs: usize) -> FmaPeakResult {
+    let (instructions, lanes, kernel) = fma_kernel();
+    let runs: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            let sums: Vec<f32> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads.max(1))
+                    .map(|_| s.spawn(move || kernel(iters)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("no panic"))
+                    .collect()
+            });
+            let seconds = start.elapsed().as_secs_f64();
+            // The sums are used, so the loops cannot be optimised away.
+            assert!(sums.iter().all(|x| x.is_finite()), "{sums:?}");
+            let flop = (threads.max(1) as u64 * iters * (ACCUMULATORS * lanes * 2) as u64) as f64;
+            flop / seconds / 1e9
+        })
+        .collect();
+    FmaPeakResult {
+        instructions,
+        lanes,
+        threads: threads.max(1),
+        gflops: runs.iter().copied().fold(0.0, f64::max),
+        runs,
+    }
+}
+
+type FmaKernel = fn(u64) -> f32;
+
+#[cfg(target_arch = "x86_64")]
+fn fma_kernel() -> (&'static str, usize, FmaKernel) {
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        ("avx512f", 16, |iters| unsafe { x86::fma_avx512(iters) })
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        ("avx2+fma", 8, |iters| unsafe { x86::fma_avx2(iters) })
+    } else {
+        ("scalar", 1, fma_scalar)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_kernel() -> (&'static str, usize, FmaKernel) {
+    ("scalar", 1, fma_scalar)
+}
+
+fn fma_scalar(iters: u64) -> f32 {
+    let mut acc = [1.0f32; ACCUMULATORS];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = std::hint::black_box(*x).mul_add(0.999_99, 1e-6);
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::ACCUMULATORS;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn fma_avx512(iters: u64) -> f32 {
+        let (a, b) = (_mm512_set1_ps(0.999_99), _mm512_set1_ps(1e-6));
+        let mut acc = [_mm512_set1_ps(1.0); ACCUMULATORS];
+        for _ in 0..iters {
+            for x in &mut acc {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        let total = acc
+            .into_iter()
+            .fold(_mm512_setzero_ps(), |t, x| _mm512_add_ps(t, x));
+        _mm512_reduce_add_ps(total)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn fma_avx2(iters: u64) -> f32 {
+        let (a, b) = (_mm256_set1_ps(0.999_99), _mm256_set1_ps(1e-6));
+        let mut acc = [_mm256_set1_ps(1.0); ACCUMULATORS];
+        for _ in 0..iters {
+            for x in &mut acc {
+                *x = _mm256_fmadd_ps(*x, a, b);
+            }
+        }
+        let total = acc
+            .into_iter()
+            .fold(_mm256_setzero_ps(), |t, x| _mm256_add_ps(t, x));
+        let half = _mm_add_ps(
+            _mm256_castps256_ps128(total),
+            _mm256_extractf128_ps::<1>(total),
+        );
+        let quarter = _mm_hadd_ps(half, half);
+        _mm_cvtss_f32(_mm_hadd_ps(quarter, quarter))
+    }
 }

@@ -400,4 +400,56 @@ fn bench_train_times_the_scope_classifier_and_the_vlm() {
         assert_eq!(line["batch"], 32, "{line}");
         assert!(line["steps_per_second"].as_f64().unwrap() > 0.0, "{line}");
     }
+    // The shapes tools/bench_train_torch.py replicates: the scenes vocabulary, and token
+    // widths a question (with its target, or the prompt's prefix) can have.
+    let width = |line: &serde_json::Value, key: &str| line["shapes"][key].as_u64().unwrap();
+    for (line, keys) in lines.iter().zip([
+        &["edit_tokens", "query_tokens"][..],
+        &["tokens", "prompt_tokens", "text_tokens"][..],
+    ]) {
+        assert!(width(line, "vocab") > 50, "{line}");
+        for key in keys {
+            assert!((4..64).contains(&width(line, key)), "{key}: {line}");
+        }
+    }
+    // A VLM batch holds the prompt's prefix, then the answer and the end token.
+    assert!(width(&lines[1], "tokens") > width(&lines[1], "prompt_tokens"));
+}
+
+#[test]
+fn bench_fma_measures_a_positive_limit_in_the_widest_instructions() {
+    let out = mmke(&[
+        "bench",
+        "fma",
+        "--threads",
+        "1",
+        "--iters",
+        "1000000",
+        "--runs",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["threads"], 1);
+    assert_eq!(line["runs"].as_array().unwrap().len(), 2);
+    let lanes = line["lanes"].as_u64().unwrap();
+    let expected = match line["instructions"].as_str().unwrap() {
+        "avx512f" => 16,
+        "avx2+fma" => 8,
+        "scalar" => 1,
+        other => panic!("unknown instructions {other}"),
+    };
+    assert_eq!(lanes, expected);
+    let best = line["gflops"].as_f64().unwrap();
+    let runs: Vec<f64> = line["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect();
+    assert!(best > 0.0 && runs.iter().all(|&r| r <= best) && runs.contains(&best));
 }

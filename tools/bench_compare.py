@@ -52,6 +52,15 @@ def commit():
         return "unknown"
 
 
+def write_atomic(path, text):
+    """Writes `text` to `path` through a temporary file in the same folder, then a rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mmke", default=os.path.join(ROOT, "target/release/mmke"))
@@ -77,6 +86,9 @@ def main():
             results.append(run_json([binary, "bench", "clip", "--backend", backend, *sizes]))
         torch.append(run_json([sys.executable, os.path.join(ROOT, "tools/bench_clip_torch.py"),
                                *sizes]))
+    # The cores' multiply-add limit, measured on the same threads the runs use.
+    fma = run_json([args.mmke, "bench", "fma", "--threads", str(mmke[0]["threads"])])
+    limit = fma["gflops"]
     m = statistics.median(r["images_per_second"] for r in mmke)
     t = statistics.median(r["images_per_second"] for r in torch)
     gflop = mmke[0]["gflop_per_image"]
@@ -87,13 +99,14 @@ def main():
         f"| mmke, {label} (`--backend {backend}`) | "
         + ", ".join(f"{r['images_per_second']:.2f}" for r in results)
         + f" | {statistics.median(r['images_per_second'] for r in results):.2f} | "
-        + f"{statistics.median(r['images_per_second'] for r in results) * gflop:.0f} | "
+        + f"{statistics.median(r['images_per_second'] for r in results) * gflop:.0f} "
+        + f"({statistics.median(r['images_per_second'] for r in results) * gflop / limit:.0%}) | "
         + f"{statistics.median(r['images_per_second'] for r in results) / t:.2f}x |\n"
         for label, _, backend, results in candidates)
     candidates_table = "" if not candidates else f"""
 Other CPU candidates, timed in the same alternation:
 
-| candidate | images/s per run | median | GFLOP/s | vs PyTorch |
+| candidate | images/s per run | median | GFLOP/s (of the FMA limit) | vs PyTorch |
 | --- | --- | --- | --- | --- |
 {others}"""
     record = f"""# CLIP ViT-B/32 image encoding on the CPU: mmke vs PyTorch
@@ -113,17 +126,18 @@ batches; `mmke bench clip` (flex) and `tools/bench_clip_torch.py` (PyTorch
 | --- | --- | --- |
 | median images/s | {m:.2f} | {t:.2f} |
 | GFLOP/s (matrix products, {gflop:.2f} GFLOP per image) | {m * gflop:.0f} | {t * gflop:.0f} |
+| share of the FMA limit ({limit:.0f} GFLOP/s) | {m * gflop / limit:.0%} | {t * gflop / limit:.0%} |
 | ratio | **{m / t:.2f}x** | 1.00x |
 {candidates_table}
+FMA limit: `mmke bench fma` measured {limit:.0f} GFLOP/s on {fma['threads']} threads
+({fma['instructions']}, {fma['lanes']} f32 lanes; independent multiply-adds on registers,
+best of {len(fma['runs'])} runs: {', '.join(f"{x:.0f}" for x in fma['runs'])}).
+
 Machine: {cpu_model()}, {os.cpu_count()} threads, {cpu_simd()}. The matrix products are most
 of the time (gemm's AVX-512 kernels where the CPU has them, chosen at run time; AVX2 and FMA
 otherwise).
 """
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(args.out), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(record)
-    os.replace(tmp, args.out)
+    write_atomic(args.out, record)
     print(record)
 
 

@@ -50,6 +50,17 @@ pub enum BenchCommand {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// The CPU's measured f32 fused multiply-add limit (GFLOP/s), for reading the others.
+    Fma {
+        /// Threads (default: all the machine has, as the other benchmarks use).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Rounds of multiply-adds per thread and run.
+        #[arg(long, default_value_t = 200_000_000)]
+        iters: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -109,6 +120,16 @@ pub fn run(command: BenchCommand) -> Result<()> {
             for result in mmke::bench::train_steps(&spec, iters, backend, &device)? {
                 println!("{}", serde_json::to_string(&result)?);
             }
+        }
+        BenchCommand::Fma {
+            threads,
+            iters,
+            runs,
+        } => {
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let result = mmke::bench::fma_peak(threads, iters, runs);
+            println!("{}", serde_json::to_string(&result)?);
         }
     }
     Ok(())
