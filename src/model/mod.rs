@@ -1,6 +1,7 @@
 pub mod answer;
 pub mod clip;
 pub mod editable;
+pub mod fused;
 pub mod fusion;
 pub mod knowledge;
 pub mod lm;

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor};
@@ -197,7 +197,7 @@ impl ClipMlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = apply(&self.fc1, x);
         let h = match self.activation {
-            Activation::QuickGelu => h.clone() * sigmoid(h * 1.702),
+            Activation::QuickGelu => crate::model::fused::quick_gelu(h),
             Activation::Gelu => gelu(h),
         };
         apply(&self.fc2, h)
